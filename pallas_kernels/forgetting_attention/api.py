@@ -1,0 +1,194 @@
+"""``forgetting_attention``: validation, dispatch and the custom_vjp glue shared by all kernels.
+
+Every blockwise implementation (module ``xla``, ``gpu``) exposes the same two functions on
+the cumulative gate ``c`` (a double-float pair, see ``common``):
+
+  forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale, block_sizes, interpret)
+      -> o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32
+  backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale, block_sizes,
+           interpret) -> dq, dk, dv, dc [B, S, Hq] f32
+
+with di = rowsum(o * do) - dlse [B, Hq, T]. The kernel's dc is minus the column sums of
+dS. Its row sums are sum_j dS_ij = dlse_i exactly (softmax rows are shift invariant), so
+they are added here rather than summed in the kernel, and dlog_f is the reverse cumsum of dc.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.forgetting_attention import common
+from pallas_kernels.forgetting_attention import pruning as pruning_lib
+from pallas_kernels.forgetting_attention.common import AttentionStats, BlockSizes
+from pallas_kernels.forgetting_attention.pruning import Pruning
+from pallas_kernels.forgetting_attention.reference import forgetting_attention_reference
+
+IMPLS = ("reference", "xla", "pallas_gpu")
+_MODULES = {"xla": "pallas_kernels.forgetting_attention.xla",
+            "pallas_gpu": "pallas_kernels.forgetting_attention.gpu"}
+_FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
+MAX_HEAD_DIM = 256
+
+
+class _Config(NamedTuple):
+  impl: str
+  sm_scale: float
+  block_sizes: BlockSizes
+  interpret: bool
+
+
+def _default_impl() -> str:
+  return "pallas_gpu" if jax.default_backend() == "gpu" else "xla"
+
+
+def _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning):
+  if impl not in IMPLS + ("auto",):
+    raise ValueError(f"impl must be one of {IMPLS + ('auto',)}, got {impl!r}")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"{name} must have shape [B, T, H, D], got {x.shape}")
+  B, T, Hq, D = q.shape
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+  Bk, S, Hkv, Dk = k.shape
+  if Bk != B:
+    raise ValueError(f"k has batch {Bk} but q has batch {B}")
+  if Dk != D:
+    raise ValueError(f"k has head dim {Dk} but q has head dim {D}")
+  if D > MAX_HEAD_DIM:
+    raise ValueError(f"q head dim must be <= {MAX_HEAD_DIM}, got {D}")
+  if Hq % Hkv != 0:
+    raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+  if S < T:
+    raise ValueError(f"k length S={S} must be >= q length T={T} (queries are the last T)")
+  if T < 1:
+    raise ValueError("q length must be >= 1")
+  allowed = _FLOAT_INPUTS + ((jnp.float64,) if impl == "reference" else ())
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.dtype not in allowed:
+      raise ValueError(f"{name} dtype must be one of {[np.dtype(d).name for d in allowed]}, got {x.dtype}")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if log_fgate.shape != (B, S, Hq):
+    raise ValueError(f"log_fgate must have shape [B, S, Hq] = {(B, S, Hq)}, got {log_fgate.shape}")
+  fg_allowed = (jnp.float32,) + ((jnp.float64,) if impl == "reference" else ())
+  if log_fgate.dtype not in fg_allowed:
+    raise ValueError(f"log_fgate must be float32, got {log_fgate.dtype}")
+  if not isinstance(log_fgate, jax.core.Tracer) and bool(jnp.any(log_fgate > 0)):
+    raise ValueError("log_fgate must be <= 0 everywhere (it is log of a forget gate in (0, 1])")
+  if segment_ids is not None:
+    if segment_ids.shape != (B, S):
+      raise ValueError(f"segment_ids must have shape [B, S] = {(B, S)}, got {segment_ids.shape}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise ValueError(f"segment_ids must be an integer array, got {segment_ids.dtype}")
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes)}")
+  if pruning is not None and not isinstance(pruning, Pruning):
+    raise ValueError(f"pruning must be a Pruning or None, got {type(pruning)}")
+
+
+def forgetting_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_fgate: jax.Array,
+    *,
+    segment_ids: Optional[jax.Array] = None,
+    sm_scale: Optional[float] = None,
+    pruning: Optional[Pruning] = None,
+    impl: str = "auto",
+    block_sizes: Optional[BlockSizes] = None,
+    interpret: bool = False,
+    return_stats: bool = False,
+) -> Union[jax.Array, tuple[jax.Array, AttentionStats]]:
+  """Causal softmax attention with the forget-gate decay bias D_ij = sum_{l=j+1..i} log f_l.
+
+  Args:
+    q: [B, T, Hq, D] queries: the last T of the S positions.
+    k, v: [B, S, Hkv, D], Hq a multiple of Hkv (GQA). One dtype for q, k, v: float32,
+      bfloat16 or float16 (float64 for ``impl="reference"``); accumulation is float32.
+    log_fgate: [B, S, Hq] float32 log forget gates (<= 0) at every key position.
+    segment_ids: [B, S] integer ids of packed documents; no attention across them.
+    sm_scale: logit scale (default D ** -0.5). The decay is not scaled.
+    pruning: a :class:`Pruning` to skip tiles whose weights are provably negligible.
+    impl: "reference" | "xla" | "pallas_gpu" | "auto" (pallas_gpu on GPU, else xla). An
+      implementation that cannot run here raises; nothing falls back silently.
+    block_sizes: tile sizes (:class:`BlockSizes`) for the blockwise implementations.
+    interpret: run Pallas kernels in interpret mode (for CPU tests).
+    return_stats: also return :class:`AttentionStats` (log-sum-exp, kept / total tiles).
+
+  Returns:
+    o: [B, T, Hq, D] in q.dtype, and the stats if ``return_stats``.
+  """
+  _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning)
+  impl = _default_impl() if impl == "auto" else impl
+  if impl == "pallas_gpu" and not interpret and jax.default_backend() != "gpu":
+    raise ValueError(
+        f"impl='pallas_gpu' needs a GPU backend (this one is {jax.default_backend()!r}); "
+        "pass interpret=True to run it on the CPU")
+  return _forgetting_attention(q, k, v, log_fgate, segment_ids=segment_ids, sm_scale=sm_scale,
+                               pruning=pruning, impl=impl, block_sizes=block_sizes,
+                               interpret=interpret, return_stats=return_stats)
+
+
+def _forgetting_attention(q, k, v, log_fgate, *, segment_ids, sm_scale, pruning, impl,
+                          block_sizes, interpret, return_stats):
+  """Dispatch without the backend check: lets tests lower pallas_gpu for cuda from a CPU."""
+  scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+  delta = None if pruning is None else pruning_lib.threshold(q, k, pruning, scale)
+  if impl == "reference":
+    o, lse = forgetting_attention_reference(q, k, v, log_fgate, segment_ids=segment_ids,
+                                            sm_scale=scale, prune_threshold=delta)
+    return (o, AttentionStats(lse.astype(jnp.float32))) if return_stats else o
+
+  cfg = _Config(impl, scale, block_sizes or BlockSizes(), bool(interpret))
+  if segment_ids is not None:
+    segment_ids = segment_ids.astype(jnp.int32)
+  o, lse, kept = _attention(q, k, v, log_fgate, segment_ids, delta, cfg)
+  if not return_stats:
+    return o
+  bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_k
+  total = pruning_lib.causal_tiles(q.shape[1], k.shape[1], bq, bk)
+  return o, AttentionStats(lse, kept, jnp.full(kept.shape, total, jnp.int32))
+
+
+def _module(impl: str):
+  return importlib.import_module(_MODULES[impl])
+
+
+def _kwargs(cfg: _Config):
+  return dict(sm_scale=cfg.sm_scale, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, log_fgate, segment_ids, delta, cfg):
+  return _attention_fwd(q, k, v, log_fgate, segment_ids, delta, cfg)[0]
+
+
+def _attention_fwd(q, k, v, log_fgate, segment_ids, delta, cfg):
+  c_hi, c_lo = common.compensated_cumsum(log_fgate, axis=1)
+  o, lse, kept = _module(cfg.impl).forward(q, k, v, c_hi, c_lo, segment_ids, delta, **_kwargs(cfg))
+  return (o, lse, kept), (q, k, v, c_hi, c_lo, segment_ids, delta, o, lse)
+
+
+def _attention_bwd(cfg, res, cotangents):
+  q, k, v, c_hi, c_lo, segment_ids, delta, o, lse = res
+  do, dlse, _ = cotangents
+  T, S = q.shape[1], k.shape[1]
+  di = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  di = di - dlse.astype(jnp.float32)
+  dq, dk, dv, dc = _module(cfg.impl).backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse,
+                                              do.astype(q.dtype), di, **_kwargs(cfg))
+  # Row sums of dS: exactly dlse at each query position.
+  dc = dc.at[:, S - T:, :].add(dlse.transpose(0, 2, 1).astype(jnp.float32))
+  dlog_f = common.reverse_cumsum(dc, axis=1)
+  return dq, dk, dv, dlog_f, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,90 @@
+"""Pieces shared by every implementation: the cumulative log forget gate, block sizes, stats.
+
+The decay bias D_ij = c_i - c_j is a difference of two cumulative sums that grow without
+bound (|c| ~ 1e5 at 64k tokens with strong forgetting), so a plain float32 ``c`` loses the
+digits that matter for nearby tokens. Every implementation therefore receives ``c`` as an
+unevaluated float32 pair ``(c_hi, c_lo)`` with ``c ~= c_hi + c_lo`` to about 2^-48 relative,
+and forms ``D_ij = (c_hi_i - c_hi_j) + (c_lo_i - c_lo_j)``: for nearby tokens the first
+difference is exact (Sterbenz), so D keeps full float32 relative precision where it matters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def _two_sum(a, b):
+  """Error-free transformation: a + b == s + e exactly (Knuth)."""
+  s = a + b
+  bb = s - a
+  e = (a - (s - bb)) + (b - bb)
+  return s, e
+
+
+def compensated_cumsum(x: jax.Array, axis: int = 1) -> tuple[jax.Array, jax.Array]:
+  """Inclusive cumulative sum of float32 ``x`` along ``axis`` as a double-float pair.
+
+  Returns ``(hi, lo)`` in float32 with ``hi + lo`` equal to the exact prefix sums up to a
+  relative error of a few 2^-48. Works on every backend (no float64 needed).
+  """
+  x = x.astype(jnp.float32)
+
+  def combine(left, right):
+    lh, ll = left
+    rh, rl = right
+    s, e = _two_sum(lh, rh)
+    e = e + (ll + rl)
+    hi, lo = _two_sum(s, e)
+    return hi, lo
+
+  return jax.lax.associative_scan(combine, (x, jnp.zeros_like(x)), axis=axis)
+
+
+def reverse_cumsum(x: jax.Array, axis: int = 1) -> jax.Array:
+  """sum_{s >= t} x_s along ``axis``, as a true reverse scan (no ``total - prefix``)."""
+  return jax.lax.cumsum(x, axis=axis, reverse=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of the blockwise implementations.
+
+  ``block_q`` x ``block_k`` is the forward tile; the backward passes use
+  ``block_q_bwd`` x ``block_k_bwd`` (defaulting to the forward sizes). ``num_warps`` and
+  ``num_stages`` are Triton launch parameters (GPU only; None = implementation default).
+  """
+
+  block_q: int = 128
+  block_k: int = 128
+  block_q_bwd: Optional[int] = None
+  block_k_bwd: Optional[int] = None
+  num_warps: Optional[int] = None
+  num_stages: Optional[int] = None
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+      val = getattr(self, name)
+      if val is not None and (val < 1 or (val & (val - 1)) != 0):
+        raise ValueError(f"block_sizes.{name} must be a positive power of two, got {val}")
+
+  @property
+  def bwd(self) -> tuple[int, int]:
+    return (self.block_q_bwd or self.block_q, self.block_k_bwd or self.block_k)
+
+
+class AttentionStats(NamedTuple):
+  """What ``return_stats=True`` gives beside the output.
+
+  lse: [B, Hq, T] float32 log-sum-exp of each query's (scaled, biased) logits.
+  kept_tiles: [B, Hq] int32 forward tiles computed, or None for the element-wise reference.
+  total_tiles: [B, Hq] int32 tiles the causal, unpruned, unsegmented kernel computes with
+    the same block sizes, or None for the reference.
+  """
+
+  lse: jax.Array
+  kept_tiles: Optional[jax.Array] = None
+  total_tiles: Optional[jax.Array] = None

@@ -1,0 +1,187 @@
+"""Tile skipping: causal structure, segment boundaries and Adaptive Computation Pruning (ACP).
+
+All three reasons to skip a (q block, kv block) tile go through one mechanism,
+:func:`tile_ranges`, so every implementation skips exactly the same tiles.
+
+ACP (arXiv 2504.06949): drop every (i, j) with D_ij < delta, where
+
+    delta = log_eps - 2 U - log(S),    U >= max_ij |scale * q_i . k_j|.
+
+The softmax denominator of query i is at least exp(s_ii) >= exp(-U) (D_ii = 0); each pruned
+numerator is at most exp(U + delta) and there are at most S of them, so the pruned weights
+of every query sum to at most eps and |o_pruned - o| <= 2 eps max|v| row-wise.
+
+Because c is non-increasing, the largest D inside a tile is at its corner (first query
+row, last key column), so a tile whose corner is below delta holds only prunable pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class QKNormBound:
+  """U from QK-norm scales: per-head RMSNorm gives |q_i| <= sqrt(d) max|gamma_q|.
+
+  q_scale, k_scale: the RMSNorm weights, shape [D] (shared across heads) or [H, D]
+  (per head; k_scale's H is the number of kv heads).
+  """
+
+  q_scale: jax.Array
+  k_scale: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruning:
+  """ACP settings. ``log_tolerance`` is log(eps): the pruned weights of each query sum to
+  at most exp(log_tolerance). ``qk_bound`` is "auto" (U from the inputs' norms), a
+  :class:`QKNormBound`, or a float U that the caller guarantees."""
+
+  log_tolerance: float = -10.0
+  qk_bound: Union[str, float, QKNormBound] = "auto"
+
+  def __post_init__(self):
+    if not (isinstance(self.log_tolerance, (int, float)) and self.log_tolerance < 0):
+      raise ValueError(f"pruning.log_tolerance must be a negative float, got {self.log_tolerance!r}")
+    b = self.qk_bound
+    if isinstance(b, str):
+      if b != "auto":
+        raise ValueError(f"pruning.qk_bound must be 'auto', a float or a QKNormBound, got {b!r}")
+    elif isinstance(b, (int, float)):
+      if not b >= 0:
+        raise ValueError(f"pruning.qk_bound must be >= 0, got {b!r}")
+    elif not isinstance(b, QKNormBound):
+      raise ValueError(f"pruning.qk_bound must be 'auto', a float or a QKNormBound, got {type(b)}")
+
+
+def qk_bound(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> jax.Array:
+  """U per batch x q head, [B, Hq] float32, with no gradient through it."""
+  B, _, Hq, Dh = q.shape
+  Hkv = k.shape[2]
+  b = pruning.qk_bound
+  if isinstance(b, str):
+    qn = jnp.max(jnp.linalg.norm(q.astype(jnp.float32), axis=-1), axis=1)  # [B, Hq]
+    kn = jnp.max(jnp.linalg.norm(k.astype(jnp.float32), axis=-1), axis=1)  # [B, Hkv]
+    u = sm_scale * qn * jnp.repeat(kn, Hq // Hkv, axis=1)
+  elif isinstance(b, QKNormBound):
+    gq = jnp.max(jnp.abs(b.q_scale.astype(jnp.float32)), axis=-1)
+    gk = jnp.max(jnp.abs(b.k_scale.astype(jnp.float32)), axis=-1)
+    gq = jnp.broadcast_to(gq, (Hq,)) if gq.ndim == 0 else gq
+    gk = jnp.broadcast_to(gk, (Hkv,)) if gk.ndim == 0 else gk
+    u = sm_scale * Dh * gq * jnp.repeat(gk, Hq // Hkv)
+    u = jnp.broadcast_to(u, (B, Hq))
+  else:
+    u = jnp.full((B, Hq), float(b), jnp.float32)
+  return jax.lax.stop_gradient(u)
+
+
+def threshold(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> jax.Array:
+  """delta = log_eps - 2U - log(S), [B, Hq] float32."""
+  S = k.shape[1]
+  u = qk_bound(q, k, pruning, sm_scale)
+  return (pruning.log_tolerance - 2.0 * u - math.log(S)).astype(jnp.float32)
+
+
+class TileRanges(NamedTuple):
+  """Kept tiles as ranges; every array is int32.
+
+  kv_start, kv_end: [B, H, nq]  kv blocks [kv_start, kv_end) for each q block (forward, dQ)
+  q_start, q_end:   [B, H, nk]  q blocks [q_start, q_end) for each kv block (dK/dV)
+  Tiles inside a range may still be partly masked element-wise (causal diagonal, segments).
+  An empty range has start >= end.
+  """
+
+  kv_start: jax.Array
+  kv_end: jax.Array
+  q_start: jax.Array
+  q_end: jax.Array
+
+  def kept_tiles(self) -> jax.Array:
+    """[B, H] number of tiles the forward (and dQ) pass computes."""
+    return jnp.sum(jnp.maximum(self.kv_end - self.kv_start, 0), axis=-1)
+
+
+def _block_min_max(x: jax.Array, block: int, fill) -> tuple[jax.Array, jax.Array]:
+  """Per-block min and max along the last axis of [..., N] (N padded with ``fill``)."""
+  n = x.shape[-1]
+  nb = -(-n // block)
+  lo = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nb * block - n)], constant_values=fill[0])
+  hi = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nb * block - n)], constant_values=fill[1])
+  lo = lo.reshape(*x.shape[:-1], nb, block).min(-1)
+  hi = hi.reshape(*x.shape[:-1], nb, block).max(-1)
+  return lo, hi
+
+
+def tile_ranges(
+    c_hi: jax.Array,
+    c_lo: jax.Array,
+    segment_ids: Optional[jax.Array],
+    num_queries: int,
+    block_q: int,
+    block_k: int,
+    delta: Optional[jax.Array] = None,
+) -> TileRanges:
+  """Kept-tile ranges from the causal diagonal, segment boundaries and the ACP threshold.
+
+  c_hi, c_lo: [B, S, H] the cumulative log forget gate as a double-float pair.
+  segment_ids: [B, S] or None (queries are the last ``num_queries`` positions).
+  delta: [B, H] ACP threshold, or None for no pruning.
+
+  A tile is kept when (1) some key in it is causally visible to some query in it,
+  (2) the segment-id ranges of its queries and keys overlap, and (3) its corner decay
+  D(first query, last key) = c[first query] - c[last key] is >= delta. The predicate is a
+  broadcast of per-block vectors that XLA fuses into the four reductions below.
+  """
+  B, S, H = c_hi.shape
+  T = num_queries
+  nq = -(-T // block_q)
+  nk = -(-S // block_k)
+  off = S - T
+  a = jnp.arange(nq)
+  b = jnp.arange(nk)
+  q_first = off + a * block_q  # absolute position of each q block's first row
+  q_last = off + jnp.minimum((a + 1) * block_q, T) - 1
+  k_first = b * block_k
+  k_last = jnp.minimum((b + 1) * block_k, S) - 1
+
+  causal = k_first[None, :] <= q_last[:, None]  # [nq, nk]
+  kept = jnp.broadcast_to(causal, (B, H, nq, nk))
+  if delta is not None:
+    hi = c_hi.transpose(0, 2, 1)  # [B, H, S]
+    lo = c_lo.transpose(0, 2, 1)
+    corner = (hi[:, :, q_first][..., None] - hi[:, :, k_last][:, :, None, :]) + (
+        lo[:, :, q_first][..., None] - lo[:, :, k_last][:, :, None, :])  # [B, H, nq, nk]
+    # A diagonal tile (last key after the first query) holds D_ii = 0 >= delta: always kept.
+    corner = jnp.where(k_last[None, :] >= q_first[:, None], 0.0, corner)
+    kept = kept & (corner >= delta[:, :, None, None])
+  if segment_ids is not None:
+    seg = segment_ids.astype(jnp.int32)
+    info = jnp.iinfo(jnp.int32)
+    kmin, kmax = _block_min_max(seg, block_k, (info.max, info.min))  # [B, nk]
+    qmin, qmax = _block_min_max(seg[:, off:], block_q, (info.max, info.min))  # [B, nq]
+    overlap = (qmin[:, :, None] <= kmax[:, None, :]) & (kmin[:, None, :] <= qmax[:, :, None])
+    kept = kept & overlap[:, None]
+
+  bb = jnp.arange(nk, dtype=jnp.int32)
+  aa = jnp.arange(nq, dtype=jnp.int32)
+  kv_start = jnp.min(jnp.where(kept, bb, nk), axis=-1).astype(jnp.int32)
+  kv_end = jnp.max(jnp.where(kept, bb + 1, 0), axis=-1).astype(jnp.int32)
+  q_start = jnp.min(jnp.where(kept, aa[:, None], nq), axis=-2).astype(jnp.int32)
+  q_end = jnp.max(jnp.where(kept, aa[:, None] + 1, 0), axis=-2).astype(jnp.int32)
+  return TileRanges(kv_start, kv_end, q_start, q_end)
+
+
+def causal_tiles(num_queries: int, num_keys: int, block_q: int, block_k: int) -> int:
+  """Tiles the plain causal kernel computes (no segments, no pruning)."""
+  T, S = num_queries, num_keys
+  total = 0
+  for a in range(-(-T // block_q)):
+    q_last = S - T + min((a + 1) * block_q, T) - 1
+    total += min(q_last // block_k + 1, -(-S // block_k))
+  return total
