@@ -88,3 +88,24 @@ class AttentionStats(NamedTuple):
   lse: jax.Array
   kept_tiles: Optional[jax.Array] = None
   total_tiles: Optional[jax.Array] = None
+
+  def kept_fraction(self, per_head: bool = False) -> jax.Array:
+    """Computed tiles over causal tiles: a scalar summed over batch and heads, or [B, Hq].
+
+    Every forward tile costs the same 4 * block_q * block_k * D FLOPs, so this is the
+    fraction of the causal kernel's attention FLOPs that were spent (1 - it was saved).
+    """
+    if self.kept_tiles is None or self.total_tiles is None:
+      raise ValueError("tile counts come from the blockwise implementations, not 'reference'")
+    kept = self.kept_tiles.astype(jnp.float32)
+    total = self.total_tiles.astype(jnp.float32)
+    if per_head:
+      return kept / total
+    return jnp.sum(kept) / jnp.sum(total)
+
+  def tile_summary(self) -> str:
+    """One line for logs, e.g. 'kept 1234 of 8192 tiles (15.1%)' (not under jit)."""
+    self.kept_fraction()
+    kept = int(jnp.sum(self.kept_tiles))
+    total = int(jnp.sum(self.total_tiles))
+    return f"kept {kept} of {total} tiles ({100.0 * kept / max(total, 1):.1f}%)"

@@ -61,20 +61,28 @@ class Pruning:
 
 
 def qk_bound(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> jax.Array:
-  """U per batch x q head, [B, Hq] float32, with no gradient through it."""
+  """U per batch x q head, [B, Hq] float32, with no gradient through it.
+
+  The computed bounds carry a small relative margin so that they stay bounds in floating
+  point: float32 rounding of the norms and of the kernels' length-D dot products (relative
+  error <= D * 2^-24 each), and for QK-norm also the rounding of the normalised q and k to
+  their dtype (each element within a relative eps of its exact value).
+  """
   B, _, Hq, Dh = q.shape
   Hkv = k.shape[2]
   b = pruning.qk_bound
+  f32_margin = 1.0 + Dh * 2.0 ** -22
   if isinstance(b, str):
     qn = jnp.max(jnp.linalg.norm(q.astype(jnp.float32), axis=-1), axis=1)  # [B, Hq]
     kn = jnp.max(jnp.linalg.norm(k.astype(jnp.float32), axis=-1), axis=1)  # [B, Hkv]
-    u = sm_scale * qn * jnp.repeat(kn, Hq // Hkv, axis=1)
+    u = (sm_scale * f32_margin) * qn * jnp.repeat(kn, Hq // Hkv, axis=1)
   elif isinstance(b, QKNormBound):
     gq = jnp.max(jnp.abs(b.q_scale.astype(jnp.float32)), axis=-1)
     gk = jnp.max(jnp.abs(b.k_scale.astype(jnp.float32)), axis=-1)
     gq = jnp.broadcast_to(gq, (Hq,)) if gq.ndim == 0 else gq
     gk = jnp.broadcast_to(gk, (Hkv,)) if gk.ndim == 0 else gk
-    u = sm_scale * Dh * gq * jnp.repeat(gk, Hq // Hkv)
+    dtype_margin = (1.0 + float(jnp.finfo(q.dtype).eps)) ** 2
+    u = (sm_scale * Dh * f32_margin * dtype_margin) * gq * jnp.repeat(gk, Hq // Hkv)
     u = jnp.broadcast_to(u, (B, Hq))
   else:
     u = jnp.full((B, Hq), float(b), jnp.float32)
