@@ -147,7 +147,8 @@ def _forgetting_attention(q, k, v, log_fgate, *, segment_ids, sm_scale, pruning,
                                             sm_scale=scale, prune_threshold=delta)
     return (o, AttentionStats(lse.astype(jnp.float32))) if return_stats else o
 
-  cfg = _Config(impl, scale, block_sizes or BlockSizes(), bool(interpret))
+  cfg = _Config(impl, scale, block_sizes or _default_block_sizes(impl, q.shape[-1]),
+                bool(interpret))
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
   o, lse, kept = _attention(q, k, v, log_fgate, segment_ids, delta, cfg)
@@ -160,6 +161,12 @@ def _forgetting_attention(q, k, v, log_fgate, *, segment_ids, sm_scale, pruning,
 
 def _module(impl: str):
   return importlib.import_module(_MODULES[impl])
+
+
+def _default_block_sizes(impl: str, head_dim: int) -> BlockSizes:
+  """The implementation's tuned tiles (its ``default_block_sizes(head_dim)``), else the generic ones."""
+  tuned = getattr(_module(impl), "default_block_sizes", None)
+  return BlockSizes() if tuned is None else tuned(head_dim)
 
 
 def _kwargs(cfg: _Config):

@@ -1,0 +1,385 @@
+"""Forgetting attention as Pallas kernels lowered to Triton (GPU; interpret mode on a CPU).
+
+Three kernels, none with atomics:
+
+  forward  grid (q blocks, B * Hq):  online softmax over the kept kv tiles of one q block.
+  dK/dV    grid (kv blocks, B * Hkv): one kv tile stays on chip while the kernel loops over
+           the q heads of its GQA group and, for each, over that head's kept q tiles; it
+           also writes dc = -(column sums of dS) per q head.
+  dQ       grid (q blocks, B * Hq):  loops over the kept kv tiles of one q block.
+
+Every loop runs over a dynamic tile range from ``pruning.tile_ranges`` (causal diagonal,
+segment boundaries, ACP), so skipped tiles are never loaded. Inside a range, tiles that lie
+fully below the diagonal skip the element-wise mask; the others mask causally and by segment.
+
+Logits are kept in base 2: s2 = log2(e) * (scale * q.k + D) with
+D_ij = (c_hi_i - c_hi_j) + (c_lo_i - c_lo_j) (see ``common``), so one exp2 per element.
+
+Padding happens here, not in the kernels: T and S are padded to whole tiles and D to a
+power of two (at least 16, the smallest Triton dot). Padded keys come after every real
+query, so the causal mask hides them; padded queries get do = 0, di = 0, lse = 0 and an
+edge-replicated c, which keeps their logits finite and their gradient contributions zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.forgetting_attention import pruning
+from pallas_kernels.forgetting_attention.common import BlockSizes
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+# A finite mask value: a fully masked tile gives exp2(0) = 1 weights that the first unmasked
+# tile's rescaling (exp2(_MASK - m) = 0) erases, where -inf would give NaN.
+_MASK = -0.7 * float(np.finfo(np.float32).max)
+_MIN_BLOCK = 16
+
+
+def default_block_sizes(head_dim: int) -> BlockSizes:
+  """Tiles and launch parameters tuned on an H100 (bf16) per head dim; see benchmarks/NOTES.md."""
+  if head_dim <= 64:
+    return BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+  return BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+
+
+def _launch(num_warps: int, num_stages: int):
+  """Triton launch parameters under the class name this JAX version uses."""
+  cls = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _warps(bs: BlockSizes, bq: int, bk: int, dp: int) -> int:
+  if bs.num_warps is not None:
+    return bs.num_warps
+  return 8 if bq * bk >= 128 * 128 or (dp >= 128 and bq * bk >= 128 * 64) else 4
+
+
+def _stages(bs: BlockSizes, dp: int) -> int:
+  if bs.num_stages is not None:
+    return bs.num_stages
+  return 3 if dp <= 64 else 2
+
+
+def _dot(a, b, ta=False, tb=False):
+  """a @ b with float32 accumulation; full float32 products (no tf32) for float32 inputs."""
+  ca = 0 if ta else 1
+  cb = 1 if tb else 0
+  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=prec,
+                         preferred_element_type=jnp.float32)
+
+
+def _logits(q, k, cq_hi, cq_lo, ck_hi, ck_lo, qk_scale):
+  """Base-2 logits of one tile: [bq, bk] float32."""
+  decay = (cq_hi[:, None] - ck_hi[None, :]) + (cq_lo[:, None] - ck_lo[None, :])
+  return _dot(q, k, tb=True) * qk_scale + decay * _LOG2E
+
+
+def _mask(s, q_pos, k_pos, seg_q, seg_k):
+  keep = k_pos[None, :] <= q_pos[:, None]
+  if seg_q is not None:
+    keep = keep & (seg_q[:, None] == seg_k[None, :])
+  return jnp.where(keep, s, _MASK)
+
+
+def _split(start, end, boundary):
+  """The boundary clipped into [start, end): the loop splits there into two parts."""
+  return jnp.minimum(jnp.maximum(boundary, start), end)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, *rest, scale, bq,
+                bk, off, has_seg):
+  seg_ref = rest[0] if has_seg else None
+  o_ref, lse_ref = rest[-2:]
+  i = pl.program_id(0)
+  start, end = kvs_ref[i], kve_ref[i]
+  q_first = off + i * bq
+  q = q_ref[...]  # [bq, Dp]
+  cq_hi = chi_ref[pl.ds(q_first, bq)]  # [bq]
+  cq_lo = clo_ref[pl.ds(q_first, bq)]
+  q_pos = q_first + jnp.arange(bq)
+  seg_q = seg_ref[pl.ds(q_first, bq)] if has_seg else None
+  qk_scale = scale * _LOG2E
+
+  def body(kb, carry, masked):
+    acc, m, l = carry
+    ks = pl.ds(kb * bk, bk)
+    k = k_ref[ks, :]  # [bk, Dp]
+    v = v_ref[ks, :]
+    s = _logits(q, k, cq_hi, cq_lo, chi_ref[ks], clo_ref[ks], qk_scale)  # [bq, bk]
+    if masked:
+      s = _mask(s, q_pos, kb * bk + jnp.arange(bk), seg_q, seg_ref[ks] if has_seg else None)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l
+
+  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+           jnp.zeros((bq,), jnp.float32))
+  # Tiles whose last key is at or before the block's first query need no mask.
+  mid = start if has_seg else _split(start, end, lax.div(q_first + 1, bk))
+  carry = lax.fori_loop(start, mid, functools.partial(body, masked=False), carry)
+  acc, m, l = lax.fori_loop(mid, end, functools.partial(body, masked=True), carry)
+  l = jnp.where(l == 0.0, 1.0, l)
+  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = (m + jnp.log2(l)) * _LN2
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, lse_ref,
+               di_ref, *rest, scale, bq, bk, off, has_seg):
+  seg_ref = rest[0] if has_seg else None
+  dq_ref = rest[-1]
+  i = pl.program_id(0)
+  start, end = kvs_ref[i], kve_ref[i]
+  q_first = off + i * bq
+  q = q_ref[...]  # [bq, Dp]
+  do = do_ref[...]
+  lse2 = lse_ref[...] * _LOG2E  # [bq]
+  di = di_ref[...]
+  cq_hi = chi_ref[pl.ds(q_first, bq)]
+  cq_lo = clo_ref[pl.ds(q_first, bq)]
+  q_pos = q_first + jnp.arange(bq)
+  seg_q = seg_ref[pl.ds(q_first, bq)] if has_seg else None
+  qk_scale = scale * _LOG2E
+
+  def body(kb, dq, masked):
+    ks = pl.ds(kb * bk, bk)
+    k = k_ref[ks, :]
+    v = v_ref[ks, :]
+    s = _logits(q, k, cq_hi, cq_lo, chi_ref[ks], clo_ref[ks], qk_scale)
+    if masked:
+      s = _mask(s, q_pos, kb * bk + jnp.arange(bk), seg_q, seg_ref[ks] if has_seg else None)
+    p = jnp.exp2(s - lse2[:, None])  # [bq, bk]
+    ds = p * (_dot(do, v, tb=True) - di[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jnp.zeros(q.shape, jnp.float32)
+  mid = start if has_seg else _split(start, end, lax.div(q_first + 1, bk))
+  dq = lax.fori_loop(start, mid, functools.partial(body, masked=False), dq)
+  dq = lax.fori_loop(mid, end, functools.partial(body, masked=True), dq)
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(qs_ref, qe_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, lse_ref,
+                di_ref, *rest, scale, bq, bk, off, group, has_seg):
+  seg_ref = rest[0] if has_seg else None
+  dk_ref, dv_ref, dc_ref = rest[-3:]
+  j = pl.program_id(0)
+  hkv = pl.program_id(2)
+  k = k_ref[...]  # [bk, Dp]
+  v = v_ref[...]
+  ks = pl.ds(j * bk, bk)
+  k_pos = j * bk + jnp.arange(bk)
+  seg_k = seg_ref[ks] if has_seg else None
+  qk_scale = scale * _LOG2E
+  # q blocks from this index on hold a query before the tile's last key: they need the mask.
+  first_unmasked = lax.div(jnp.maximum((j + 1) * bk - off - 1 + bq - 1, 0), bq)
+
+  def head(g, carry):
+    dk, dv = carry
+    h = hkv * group + g
+    ck_hi = chi_ref[h, ks]  # [bk]
+    ck_lo = clo_ref[h, ks]
+    start, end = qs_ref[h, j], qe_ref[h, j]
+
+    def body(a, inner, masked):
+      dk, dv, dcol = inner
+      qsl = pl.ds(a * bq, bq)
+      q_first = off + a * bq
+      q = q_ref[qsl, h, :]  # [bq, Dp]
+      do = do_ref[qsl, h, :]
+      lse2 = lse_ref[h, qsl] * _LOG2E  # [bq]
+      di = di_ref[h, qsl]
+      cs = pl.ds(q_first, bq)
+      s = _logits(q, k, chi_ref[h, cs], clo_ref[h, cs], ck_hi, ck_lo, qk_scale)  # [bq, bk]
+      if masked:
+        s = _mask(s, q_first + jnp.arange(bq), k_pos, seg_ref[cs] if has_seg else None, seg_k)
+      p = jnp.exp2(s - lse2[:, None])
+      dv = dv + _dot(p.astype(do.dtype), do, ta=True)
+      ds = p * (_dot(do, v, tb=True) - di[:, None])
+      dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
+      return dk, dv, dcol - jnp.sum(ds, axis=0)
+
+    inner = (dk, dv, jnp.zeros((bk,), jnp.float32))
+    mid = end if has_seg else _split(start, end, first_unmasked)
+    inner = lax.fori_loop(start, mid, functools.partial(body, masked=True), inner)
+    dk, dv, dcol = lax.fori_loop(mid, end, functools.partial(body, masked=False), inner)
+    dc_ref[h, :] = dcol
+    return dk, dv
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _pad_axis(x, axis, size, mode="constant"):
+  """Pads ``x`` along ``axis`` to ``size`` (zeros, or the edge value); no-op when it fits."""
+  extra = size - x.shape[axis]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, mode=mode)
+
+
+class _Geometry:
+  """Padded sizes of one pass with q tile ``bq`` and kv tile ``bk``."""
+
+  def __init__(self, q, k, bq, bk):
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    self.B, self.T, self.S, self.Hq, self.Hkv, self.D = B, T, S, Hq, Hkv, D
+    self.group = Hq // Hkv
+    self.bq = max(_MIN_BLOCK, min(bq, _pow2(T)))
+    self.bk = max(_MIN_BLOCK, min(bk, _pow2(S)))
+    self.dp = max(_MIN_BLOCK, _pow2(D))
+    self.nq = -(-T // self.bq)
+    self.nk = -(-S // self.bk)
+    self.tp = self.nq * self.bq
+    self.sk = self.nk * self.bk
+    self.off = S - T
+    # c and segment ids are read at key positions and at query positions off + [0, tp).
+    self.sc = max(self.off + self.tp, self.sk)
+
+  def pad_q(self, x):  # [B, T, Hq, D] -> [B, tp, Hq, dp]
+    return _pad_axis(_pad_axis(x, 1, self.tp), 3, self.dp)
+
+  def pad_kv(self, x):  # [B, S, Hkv, D] -> [B, sk, Hkv, dp]
+    return _pad_axis(_pad_axis(x, 1, self.sk), 3, self.dp)
+
+  def pad_c(self, c):  # [B, S, Hq] -> [B, Hq, sc], edge-replicated
+    return _pad_axis(c.transpose(0, 2, 1), 2, self.sc, mode="edge")
+
+  def pad_rows(self, x):  # [B, Hq, T] -> [B, Hq, tp]
+    return _pad_axis(x, 2, self.tp)
+
+  def pad_seg(self, seg):  # [B, S] -> [B, sc], edge-replicated
+    return _pad_axis(seg, 1, self.sc, mode="edge")
+
+
+def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
+            block_sizes: BlockSizes, interpret: bool = False):
+  """o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32 (see ``api``)."""
+  g = _Geometry(q, k, block_sizes.block_q, block_sizes.block_k)
+  ranges = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, g.bq, g.bk, delta)
+  if (g.bq, g.bk) == (block_sizes.block_q, block_sizes.block_k):
+    kept = ranges.kept_tiles()
+  else:
+    kept = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, block_sizes.block_q,
+                               block_sizes.block_k, delta).kept_tiles()
+  has_seg = segment_ids is not None
+  group = g.group
+  q_spec = pl.BlockSpec((None, g.bq, None, g.dp), lambda i, b, h: (b, i, h, 0))
+  kv_spec = pl.BlockSpec((None, g.sk, None, g.dp), lambda i, b, h: (b, 0, h // group, 0))
+  c_spec = pl.BlockSpec((None, None, g.sc), lambda i, b, h: (b, h, 0))
+  r_spec = pl.BlockSpec((None, None, g.nq), lambda i, b, h: (b, h, 0))
+  in_specs = [r_spec, r_spec, q_spec, kv_spec, kv_spec, c_spec, c_spec]
+  args = [ranges.kv_start, ranges.kv_end, g.pad_q(q), g.pad_kv(k), g.pad_kv(v),
+          g.pad_c(c_hi), g.pad_c(c_lo)]
+  if has_seg:
+    in_specs.append(pl.BlockSpec((None, g.sc), lambda i, b, h: (b, 0)))
+    args.append(g.pad_seg(segment_ids))
+  kernel = functools.partial(_fwd_kernel, scale=sm_scale, bq=g.bq, bk=g.bk, off=g.off,
+                             has_seg=has_seg)
+  o, lse = pl.pallas_call(
+      kernel,
+      grid=(g.nq, g.B, g.Hq),
+      in_specs=in_specs,
+      out_specs=[q_spec, pl.BlockSpec((None, None, g.bq), lambda i, b, h: (b, h, i))],
+      out_shape=[jax.ShapeDtypeStruct((g.B, g.tp, g.Hq, g.dp), q.dtype),
+                 jax.ShapeDtypeStruct((g.B, g.Hq, g.tp), jnp.float32)],
+      compiler_params=_launch(_warps(block_sizes, g.bq, g.bk, g.dp), _stages(block_sizes, g.dp)),
+      interpret=interpret,
+      name="forgetting_attention_fwd",
+  )(*args)
+  return o[:, :g.T, :, :g.D], lse[:, :, :g.T], kept
+
+
+def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale: float,
+             block_sizes: BlockSizes, interpret: bool = False):
+  """dq, dk, dv in the inputs' dtypes and dc [B, S, Hq] f32 = -(column sums of dS)."""
+  bq, bk = block_sizes.bwd
+  g = _Geometry(q, k, bq, bk)
+  ranges = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, g.bq, g.bk, delta)
+  has_seg = segment_ids is not None
+  group = g.group
+  qp, kp, vp, dop = g.pad_q(q), g.pad_kv(k), g.pad_kv(v), g.pad_q(do)
+  chi, clo = g.pad_c(c_hi), g.pad_c(c_lo)
+  lsep, dip = g.pad_rows(lse), g.pad_rows(di.astype(jnp.float32))
+  segp = g.pad_seg(segment_ids) if has_seg else None
+  params = _launch(_warps(block_sizes, g.bq, g.bk, g.dp), _stages(block_sizes, g.dp))
+  static = dict(scale=sm_scale, bq=g.bq, bk=g.bk, off=g.off, has_seg=has_seg)
+
+  # dQ: one q block of one q head per program, looping over its kept kv tiles.
+  q_spec = pl.BlockSpec((None, g.bq, None, g.dp), lambda i, b, h: (b, i, h, 0))
+  kv_spec = pl.BlockSpec((None, g.sk, None, g.dp), lambda i, b, h: (b, 0, h // group, 0))
+  c_spec = pl.BlockSpec((None, None, g.sc), lambda i, b, h: (b, h, 0))
+  row_spec = pl.BlockSpec((None, None, g.bq), lambda i, b, h: (b, h, i))
+  r_spec = pl.BlockSpec((None, None, g.nq), lambda i, b, h: (b, h, 0))
+  in_specs = [r_spec, r_spec, q_spec, kv_spec, kv_spec, c_spec, c_spec, q_spec, row_spec,
+              row_spec]
+  args = [ranges.kv_start, ranges.kv_end, qp, kp, vp, chi, clo, dop, lsep, dip]
+  if has_seg:
+    in_specs.append(pl.BlockSpec((None, g.sc), lambda i, b, h: (b, 0)))
+    args.append(segp)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, **static),
+      grid=(g.nq, g.B, g.Hq),
+      in_specs=in_specs,
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+      compiler_params=params,
+      interpret=interpret,
+      name="forgetting_attention_dq",
+  )(*args)
+
+  # dK/dV (+dc): one kv block of one kv head per program, looping over the group's q heads.
+  qall_spec = pl.BlockSpec((None, g.tp, g.Hq, g.dp), lambda j, b, h: (b, 0, 0, 0))
+  kvb_spec = pl.BlockSpec((None, g.bk, None, g.dp), lambda j, b, h: (b, j, h, 0))
+  call_spec = pl.BlockSpec((None, g.Hq, g.sc), lambda j, b, h: (b, 0, 0))
+  rows_spec = pl.BlockSpec((None, g.Hq, g.tp), lambda j, b, h: (b, 0, 0))
+  rk_spec = pl.BlockSpec((None, g.Hq, g.nk), lambda j, b, h: (b, 0, 0))
+  in_specs = [rk_spec, rk_spec, qall_spec, kvb_spec, kvb_spec, call_spec, call_spec,
+              qall_spec, rows_spec, rows_spec]
+  args = [ranges.q_start, ranges.q_end, qp, kp, vp, chi, clo, dop, lsep, dip]
+  if has_seg:
+    in_specs.append(pl.BlockSpec((None, g.sc), lambda j, b, h: (b, 0)))
+    args.append(segp)
+  dk, dv, dc = pl.pallas_call(
+      functools.partial(_dkv_kernel, group=group, **static),
+      grid=(g.nk, g.B, g.Hkv),
+      in_specs=in_specs,
+      out_specs=[kvb_spec, kvb_spec, pl.BlockSpec((None, g.Hq, g.bk), lambda j, b, h: (b, 0, j))],
+      out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype),
+                 jax.ShapeDtypeStruct((g.B, g.Hq, g.sk), jnp.float32)],
+      compiler_params=params,
+      interpret=interpret,
+      name="forgetting_attention_dkv",
+  )(*args)
+  dc = dc[:, :, :g.S].transpose(0, 2, 1)  # [B, S, Hq]
+  return dq[:, :g.T, :, :g.D], dk[:, :g.S, :, :g.D], dv[:, :g.S, :, :g.D], dc
