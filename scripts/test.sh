@@ -3,12 +3,7 @@
 # test extra and runs the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${FOX_VENV:-.venv}"
-PYTHON="${PYTHON:-python3}"
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+source scripts/venv.sh
+fox_venv "[test]"
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 exec "$VENV/bin/python" -m pytest -n "${PYTEST_WORKERS:-2}" "$@"

@@ -1,0 +1,13 @@
+"""Transformer (Pro), small, on the built-in corpus: the baseline of the README's main command.
+
+  fox-train --config experiments/configs/cpu_transformer_pro.py --workdir runs/main/transformer_pro
+
+Same sizes, data and schedule as ``cpu_fox_pro.py``; the block has RoPE instead of the
+forget gate (REFERENCE.md section 3).
+"""
+
+from fox_jax.run_config import cpu_demo_config
+
+
+def get_config():
+  return cpu_demo_config("transformer_pro_tiny")

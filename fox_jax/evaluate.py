@@ -1,0 +1,157 @@
+"""Evaluation: validation loss and per-token loss against position, with plots and a report.
+
+Loss against position follows the FoX paper's protocol on a small scale: held-out
+documents at least L tokens long are read from their start (unpacked), the loss at each
+position 0..L-1 is averaged over documents, and L goes past the training length to show
+length extrapolation. Curves are smoothed with a centred moving average for plotting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from fox_jax import checkpoint as ckpt_lib
+from fox_jax import train as train_lib
+from fox_jax.data import Batch, PackedDataset, contiguous_windows, corpus_from_config
+
+RESULT_FILE = "per_token_loss.json"
+PLOT_FILE = "per_token_loss.png"
+
+
+def per_token_loss(eval_fn, params, windows: Batch, batch_size: int) -> np.ndarray:
+  """Mean loss at each position [L] over the rows of ``windows`` [N, L]."""
+  total = np.zeros(windows.inputs.shape[1], np.float64)
+  for start in range(0, windows.inputs.shape[0], batch_size):
+    b = Batch(*(jnp.asarray(x[start:start + batch_size]) for x in windows))
+    total += np.asarray(eval_fn(params, b), np.float64).sum(axis=0)
+  return total / windows.inputs.shape[0]
+
+
+def smooth(x: np.ndarray, window: int) -> np.ndarray:
+  """Centred moving average; the window shrinks near the ends instead of padding."""
+  x = np.asarray(x, np.float64)
+  window = max(1, min(int(window), len(x)))
+  half = window // 2
+  csum = np.concatenate([[0.0], np.cumsum(x)])
+  idx = np.arange(len(x))
+  lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, len(x))
+  return (csum[hi] - csum[lo]) / (hi - lo)
+
+
+def evaluate_run(workdir: str, *, step: Optional[int] = None) -> dict:
+  """Evaluates a run's checkpoint (default: latest); writes ``<run>/eval/*.json|png``."""
+  c = train_lib.load_config(workdir)
+  setup = train_lib.build(c)
+  checkpointer = ckpt_lib.Checkpointer(workdir, c.run.keep_checkpoints)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}")
+  state, _ = checkpointer.restore(step, setup.abstract_state)
+  checkpointer.close()
+  eval_fn = train_lib.make_eval_fn(setup)
+  corpus = corpus_from_config(c.data, "heldout")
+  heldout = PackedDataset(corpus, c.data.seq_len, c.data.seed)
+  val = train_lib.validation_loss(setup, eval_fn, state["params"], heldout, c.run.val_rows,
+                                  c.eval.batch_size)
+  T = int(c.data.seq_len)
+  length = T * max(c.eval.length_multiples)
+  windows = contiguous_windows(corpus, length, c.eval.max_docs)
+  curve = per_token_loss(eval_fn, state["params"], windows, c.eval.batch_size)
+  result = {
+      "run": os.path.abspath(workdir), "label": run_label(c, workdir), "step": int(step),
+      "train_length": T, "eval_length": length, "num_docs": int(windows.inputs.shape[0]),
+      "val_loss": val, "loss_by_position": curve.tolist(), "smooth": int(c.eval.smooth),
+      **summary(curve, T)}
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, RESULT_FILE), "w") as f:
+    json.dump(result, f, indent=1)
+  plot([result], os.path.join(out, PLOT_FILE))
+  return result
+
+
+def run_label(c, workdir: str) -> str:
+  return f"{os.path.basename(os.path.normpath(workdir))} ({c.model.preset})"
+
+
+def summary(curve: np.ndarray, train_length: int) -> dict:
+  """Mean loss over early (first 1/8) and late (last 1/8) positions of the training length,
+  and over the last training length's worth of positions beyond it, if evaluated."""
+  T = train_length
+  w = max(1, T // 8)
+  out = {"loss_early": float(np.mean(curve[:w])), "loss_late": float(np.mean(curve[T - w:T]))}
+  if len(curve) > T:
+    out["loss_beyond"] = float(np.mean(curve[max(T, len(curve) - T):]))
+  return out
+
+
+def load_result(workdir: str) -> dict:
+  with open(os.path.join(workdir, "eval", RESULT_FILE)) as f:
+    return json.load(f)
+
+
+def plot(results: Sequence[dict], path: str) -> None:
+  """Smoothed loss against position of one or more runs; a line marks the training length."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+  for r in results:
+    curve = np.asarray(r["loss_by_position"])
+    ax.plot(np.arange(1, len(curve) + 1), smooth(curve, r["smooth"]), label=r["label"])
+  train_lengths = sorted({r["train_length"] for r in results})
+  for T in train_lengths:
+    ax.axvline(T, color="grey", linestyle="--", linewidth=1)
+  ax.set_xscale("log")
+  ax.set_xlabel("token position (dashed: training length)")
+  ax.set_ylabel("loss (nats / byte)")
+  smooth_w = sorted({r["smooth"] for r in results})
+  ax.set_title(f"Held-out loss vs position (moving average over {smooth_w[0]} tokens)")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def report_markdown(results: Sequence[dict]) -> str:
+  """A markdown table of validation loss and loss at early / late / extrapolated positions."""
+  T = results[0]["train_length"]
+  L = results[0]["eval_length"]
+  w = max(1, T // 8)
+  lines = [
+      f"Held-out loss (nats per byte). Training length T = {T}; loss against position over "
+      f"{results[0]['num_docs']} held-out documents read from their start, up to {L} tokens.",
+      "",
+      f"| run | step | validation loss | early (pos 1-{w}) | late (pos {T - w + 1}-{T}) |"
+      + (f" beyond (pos {max(T, L - T) + 1}-{L}) |" if L > T else ""),
+      "|---|---|---|---|---|" + ("---|" if L > T else ""),
+  ]
+  for r in results:
+    row = (f"| {r['label']} | {r['step']} | {r['val_loss']:.4f} | {r['loss_early']:.4f} | "
+           f"{r['loss_late']:.4f} |")
+    if L > T:
+      row += f" {r.get('loss_beyond', float('nan')):.4f} |"
+    lines.append(row)
+  return "\n".join(lines) + "\n"
+
+
+def compare(run_dirs: Sequence[str], out_dir: str, *, evaluate: bool = True) -> list[dict]:
+  """Evaluates each run (or reads its saved result) and writes one plot and one report."""
+  results = [evaluate_run(d) if evaluate else load_result(d) for d in run_dirs]
+  os.makedirs(out_dir, exist_ok=True)
+  plot(results, os.path.join(out_dir, "comparison.png"))
+  with open(os.path.join(out_dir, "comparison.json"), "w") as f:
+    json.dump([{k: v for k, v in r.items() if k != "loss_by_position"} for r in results], f,
+              indent=1)
+  with open(os.path.join(out_dir, "report.md"), "w") as f:
+    f.write("# Loss comparison\n\n")
+    f.write(report_markdown(results))
+    f.write("\n![loss vs position](comparison.png)\n")
+  return results
