@@ -95,14 +95,16 @@ class ForgettingAttention(nnx.Module):
 
     q_norm = k_norm = output_norm = ogate_proj = None
     nkw = dict(eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
+    qkw = dict(nkw, eps=cfg.qk_norm_eps)
     if cfg.qk_norm and cfg.qk_norm_shared_across_heads:
-      q_norm = RMSNorm((D,), ("head_dim",), **nkw)
-      k_norm = RMSNorm((D,), ("head_dim",), **nkw)
+      q_norm = RMSNorm((D,), ("head_dim",), **qkw)
+      k_norm = RMSNorm((D,), ("head_dim",), **qkw)
     elif cfg.qk_norm:
-      q_norm = RMSNorm((Hq, D), ("q_heads", "head_dim"), **nkw)
-      k_norm = RMSNorm((Hkv, D), ("kv_heads", "head_dim"), **nkw)
+      q_norm = RMSNorm((Hq, D), ("q_heads", "head_dim"), **qkw)
+      k_norm = RMSNorm((Hkv, D), ("kv_heads", "head_dim"), **qkw)
     if cfg.output_norm:
-      output_norm = RMSNorm((Hq, D), ("q_heads", "head_dim"), **nkw)
+      output_norm = RMSNorm((Hq, D), ("q_heads", "head_dim"), eps=cfg.norm_eps, param_dtype=pd,
+                            rngs=rngs)
     if cfg.output_gate:
       ogate_proj = Projection((d, Hq, D), ("embed", "q_heads", "head_dim"), **kw)
     self.q_norm = nnx.data(q_norm)

@@ -72,7 +72,9 @@ class ModelConfig:
     rope: rotary position embedding on q and k (the Transformer baselines).
     rope_base: RoPE theta.
     tie_embeddings: logits from the input embedding matrix (no separate lm_head).
-    norm_eps: RMSNorm epsilon.
+    norm_eps: RMSNorm epsilon (block norms, final norm, output norm).
+    qk_norm_eps: QK-norm epsilon; 1e-5 as in the authors' and fla's QK-norm, which keep
+      their norm library's default rather than ``norm_eps``.
     attn_impl: implementation of ``forgetting_attention``: "auto" | "xla" | "reference" |
       "pallas_gpu".
     block_sizes: tile sizes for the blockwise implementations (None: their default).
@@ -107,6 +109,7 @@ class ModelConfig:
   rope_base: float = 500000.0
   tie_embeddings: bool = False
   norm_eps: float = 1e-6
+  qk_norm_eps: float = 1e-5
   attn_impl: str = "auto"
   block_sizes: Optional[BlockSizes] = None
   pruning: Optional[Pruning] = None
@@ -176,8 +179,9 @@ class ModelConfig:
       raise ValueError(f"rope_base must be > 0, got {self.rope_base!r}")
     if self.rope and self.head_dim % 2:
       raise ValueError(f"head_dim must be even with rope, got {self.head_dim}")
-    if not self.norm_eps > 0:
-      raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+    for name in ("norm_eps", "qk_norm_eps"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
     if not self.init_std > 0:
       raise ValueError(f"init_std must be > 0, got {self.init_std!r}")
     if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
