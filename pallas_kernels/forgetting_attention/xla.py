@@ -1,0 +1,311 @@
+"""Blockwise (flash) forgetting attention in plain JAX: runs on every backend, memory linear in T.
+
+The forward pass keeps an online softmax (running max ``m``, denominator ``l``, output
+accumulator) per query block and walks the key blocks of that query block's kept range; the
+backward pass walks key blocks and, inside, the query blocks that see them, recomputing the
+probabilities tile by tile from the saved log-sum-exp. No [T, S] array is ever formed: the
+largest temporaries are one [B, Hkv, G, block_q, block_k] tile and the linear-size inputs,
+outputs and accumulators.
+
+Layout: heads are vectorised as [B, Hkv, G] with G = Hq // Hkv, so GQA never repeats k or v.
+Each query/key block is addressed by its block index on a leading axis ([n, B, Hkv, ...]).
+Queries are the last T of the S positions; T and S are padded to whole blocks inside and the
+padding is masked (padded queries get position -1 and so see no key).
+
+Tile skipping comes from :func:`pruning.tile_ranges` alone. The loops run over the union of
+the kept ranges of all (batch, head) pairs, so a tile that no head keeps is neither loaded nor
+computed; a tile that some heads keep and others do not is masked for the others, so every
+skipped tile contributes exactly zero. Inside a tile the mask is element-wise (causal, segment,
+and D_ij >= delta when pruning), which makes the result the reference's function exactly:
+the reference with ``prune_threshold=delta`` drops the same pairs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.forgetting_attention import pruning
+from pallas_kernels.forgetting_attention.common import BlockSizes
+
+# ``backward`` forms dS from dlse and its own row term, not from api's di (see its docstring).
+BACKWARD_TAKES_DLSE = True
+
+
+class _QBlocks(NamedTuple):
+  """Query-side inputs split into blocks of ``bq`` rows on a leading axis."""
+
+  q: jax.Array  # [nq, B, Hkv, G, bq, D]
+  c_hi: jax.Array  # [nq, B, Hkv, G, bq]
+  c_lo: jax.Array  # [nq, B, Hkv, G, bq]
+  seg: Optional[jax.Array]  # [nq, B, bq]
+  pos: jax.Array  # [nq, bq] absolute positions, -1 on padding
+
+
+class _KBlocks(NamedTuple):
+  """Key-side inputs split into blocks of ``bk`` columns on a leading axis."""
+
+  k: jax.Array  # [nk, B, Hkv, bk, D]
+  v: jax.Array  # [nk, B, Hkv, bk, D]
+  c_hi: jax.Array  # [nk, B, Hkv, G, bk]
+  c_lo: jax.Array  # [nk, B, Hkv, G, bk]
+  seg: Optional[jax.Array]  # [nk, B, bk]
+  pos: jax.Array  # [nk, bk]
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _block_size(block: int, n: int) -> int:
+  """``block``, or the smallest power of two >= n when n fits in one block.
+
+  A sequence shorter than the block keeps exactly one block either way, so the tile ranges
+  and the tile counts are unchanged; only the padding (e.g. 127 rows for T = 1) is saved.
+  """
+  return block if n > block else 1 << max(n - 1, 0).bit_length()
+
+
+def _pad_axis1(x: jax.Array, n: int, value=0) -> jax.Array:
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (0, n - x.shape[1])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _to_blocks(x: jax.Array, block: int, Hkv: int) -> jax.Array:
+  """[B, N, H, ...] -> [n, B, Hkv, G, block, ...], zero-padded to n * block rows."""
+  B, N, H = x.shape[:3]
+  n = _cdiv(N, block)
+  x = _pad_axis1(x, n * block).reshape(B, n, block, Hkv, H // Hkv, *x.shape[3:])
+  return jnp.moveaxis(x, (1, 2), (0, 4))
+
+
+def _from_blocks(x: jax.Array, N: int) -> jax.Array:
+  """[n, B, Hkv, G, block, ...] -> [B, N, Hkv * G, ...] (padding dropped)."""
+  n, B, Hkv, G, block = x.shape[:5]
+  x = jnp.moveaxis(x, (0, 4), (1, 2))  # [B, n, block, Hkv, G, ...]
+  return x.reshape(B, n * block, Hkv * G, *x.shape[5:])[:, :N]
+
+
+def _seg_blocks(seg: Optional[jax.Array], block: int) -> Optional[jax.Array]:
+  """[B, N] -> [n, B, block]; the padding value never matters (its positions are masked)."""
+  if seg is None:
+    return None
+  B, N = seg.shape
+  n = _cdiv(N, block)
+  return jnp.moveaxis(_pad_axis1(seg, n * block).reshape(B, n, block), 1, 0)
+
+
+def _q_blocks(q, c_hi, c_lo, segment_ids, S, bq, Hkv) -> _QBlocks:
+  T = q.shape[1]
+  nq = _cdiv(T, bq)
+  rows = jnp.arange(nq * bq, dtype=jnp.int32)
+  pos = jnp.where(rows < T, S - T + rows, -1).reshape(nq, bq)
+  seg = None if segment_ids is None else segment_ids[:, S - T:]
+  return _QBlocks(_to_blocks(q, bq, Hkv), _to_blocks(c_hi[:, S - T:], bq, Hkv),
+                  _to_blocks(c_lo[:, S - T:], bq, Hkv), _seg_blocks(seg, bq), pos)
+
+
+def _k_blocks(k, v, c_hi, c_lo, segment_ids, bk, Hkv) -> _KBlocks:
+  B, S, _, D = k.shape
+  nk = _cdiv(S, bk)
+
+  def split(x):  # [B, S, Hkv, D] -> [nk, B, Hkv, bk, D]
+    return jnp.moveaxis(_pad_axis1(x, nk * bk).reshape(B, nk, bk, Hkv, D), (1, 2), (0, 3))
+
+  return _KBlocks(split(k), split(v), _to_blocks(c_hi, bk, Hkv), _to_blocks(c_lo, bk, Hkv),
+                  _seg_blocks(segment_ids, bk), jnp.arange(nk * bk, dtype=jnp.int32).reshape(nk, bk))
+
+
+def _heads(x: jax.Array, Hkv: int) -> jax.Array:
+  """[B, Hq, n] -> [n, B, Hkv, G]."""
+  B, Hq, n = x.shape
+  return jnp.moveaxis(x.reshape(B, Hkv, Hq // Hkv, n), 3, 0)
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """einsum accumulating in float32 (full float32 precision for float32 operands)."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _tile(q, k, cq_hi, cq_lo, ck_hi, ck_lo, seg_q, seg_k, pos_q, pos_k, delta, tile_ok, scale):
+  """Biased logits of one tile and its mask, both [B, Hkv, G, bq, bk].
+
+  delta: [B, Hkv, G] or None; tile_ok: [B, Hkv, G] whether each head keeps this tile.
+  """
+  s = scale * _dot("bhgqd,bhkd->bhgqk", q, k)
+  # D_ij from the double-float pair: the hi difference is exact for nearby tokens.
+  decay = (cq_hi[..., :, None] - ck_hi[..., None, :]) + (cq_lo[..., :, None] - ck_lo[..., None, :])
+  mask = (pos_q[:, None] >= pos_k[None, :]) & tile_ok[..., None, None]
+  if seg_q is not None:
+    mask = mask & (seg_q[:, :, None] == seg_k[:, None, :])[:, None, None]
+  if delta is not None:
+    mask = mask & (decay >= delta[..., None, None])
+  return s + decay, mask
+
+
+def _setup(q, k, c_hi, c_lo, segment_ids, delta, block_q, block_k):
+  B, T, Hq, _ = q.shape
+  S, Hkv = k.shape[1], k.shape[2]
+  bq, bk = _block_size(block_q, T), _block_size(block_k, S)
+  ranges = pruning.tile_ranges(c_hi, c_lo, segment_ids, T, bq, bk, delta)
+  delta_h = None if delta is None else delta.reshape(B, Hkv, Hq // Hkv)
+  return bq, bk, ranges, delta_h
+
+
+def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float, block_sizes: BlockSizes,
+            interpret: bool = False):
+  """o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32; see ``api``."""
+  del interpret  # plain XLA: nothing to interpret
+  B, T, Hq, D = q.shape
+  S, Hkv = k.shape[1], k.shape[2]
+  bq, bk, ranges, delta_h = _setup(q, k, c_hi, c_lo, segment_ids, delta, block_sizes.block_q,
+                                   block_sizes.block_k)
+  qs = _q_blocks(q, c_hi, c_lo, segment_ids, S, bq, Hkv)
+  ks = _k_blocks(k, v, c_hi, c_lo, segment_ids, bk, Hkv)
+  kv_start, kv_end = _heads(ranges.kv_start, Hkv), _heads(ranges.kv_end, Hkv)  # [nq, B, Hkv, G]
+  # Kv blocks of each q block's loop: the union of every head's kept range.
+  lo, hi = kv_start.min(axis=(1, 2, 3)), kv_end.max(axis=(1, 2, 3))  # [nq]
+  seg_k = ks.seg
+
+  def q_block(_, xs):
+    qi, cq_hi, cq_lo, seg_q, pos_q, lo_i, hi_i, start, end = xs
+
+    def kv_step(j, carry):
+      m, l, acc = carry
+      at = lambda x: lax.dynamic_index_in_dim(x, j, keepdims=False)
+      s, mask = _tile(qi, at(ks.k), cq_hi, cq_lo, at(ks.c_hi), at(ks.c_lo), seg_q,
+                      None if seg_k is None else at(seg_k), pos_q, at(ks.pos), delta_h,
+                      (start <= j) & (j < end), sm_scale)
+      s = jnp.where(mask, s, -jnp.inf)
+      m_new = jnp.maximum(m, s.max(axis=-1))  # [B, Hkv, G, bq]
+      # Rows with nothing visible yet keep m = -inf; shift them by 0 so exp gives exact zeros.
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      p = jnp.exp(s - m_safe[..., None])
+      alpha = jnp.exp(m - m_safe)
+      l = alpha * l + p.sum(axis=-1)
+      acc = alpha[..., None] * acc + _dot("bhgqk,bhkd->bhgqd", p.astype(v.dtype), at(ks.v))
+      return m_new, l, acc
+
+    G = Hq // Hkv
+    init = (jnp.full((B, Hkv, G, bq), -jnp.inf, jnp.float32),
+            jnp.zeros((B, Hkv, G, bq), jnp.float32),
+            jnp.zeros((B, Hkv, G, bq, D), jnp.float32))
+    m, l, acc = lax.fori_loop(lo_i, hi_i, kv_step, init)
+    l_safe = jnp.where(l > 0, l, 1.0)
+    o = (acc / l_safe[..., None]).astype(q.dtype)
+    lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+    return None, (o, lse)
+
+  xs = (qs.q, qs.c_hi, qs.c_lo, qs.seg, qs.pos, lo, hi, kv_start, kv_end)
+  _, (o, lse) = lax.scan(q_block, None, xs)
+  o = _from_blocks(o, T)  # [B, T, Hq, D]
+  lse = _from_blocks(lse, T).transpose(0, 2, 1)  # [B, Hq, T]
+  return o, lse, ranges.kept_tiles()
+
+
+def _row_term(qs, ks, dos, lse_b, dd_b, lo, hi, kv_start, kv_end, delta_h, sm_scale, v_dtype):
+  """g_i = sum_{j != i} P_ij (dP_ij - dP_ii), [nq, B, Hkv, G, bq], one pass over the kept tiles.
+
+  dP_ii = do_i . v_i is the query's own key; the exact term j = i (zero) is left out.
+  """
+
+  def q_block(_, xs):
+    qi, doi, lse_i, dd_i, cq_hi, cq_lo, seg_q, pos_q, lo_i, hi_i, start, end = xs
+
+    def kv_step(j, g):
+      at = lambda x: lax.dynamic_index_in_dim(x, j, keepdims=False)
+      pos_k = at(ks.pos)
+      s, mask = _tile(qi, at(ks.k), cq_hi, cq_lo, at(ks.c_hi), at(ks.c_lo), seg_q,
+                      None if ks.seg is None else at(ks.seg), pos_q, pos_k, delta_h,
+                      (start <= j) & (j < end), sm_scale)
+      p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+      dp = _dot("bhgqd,bhkd->bhgqk", doi, at(ks.v))
+      off_diag = jnp.where(pos_q[:, None] == pos_k[None, :], 0.0, dp - dd_i[..., None])
+      return g + jnp.sum(p * off_diag, axis=-1)
+
+    return None, lax.fori_loop(lo_i, hi_i, kv_step, jnp.zeros(lse_i.shape, jnp.float32))
+
+  xs = (qs.q, dos, lse_b, dd_b, qs.c_hi, qs.c_lo, qs.seg, qs.pos, lo, hi, kv_start, kv_end)
+  return lax.scan(q_block, None, xs)[1]
+
+
+def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale: float,
+             block_sizes: BlockSizes, interpret: bool = False, dlse: jax.Array):
+  """dq, dk, dv (input dtypes) and dc [B, S, Hq] f32 = minus the column sums of dS.
+
+  ``di`` (rowsum(o * do) - dlse from the rounded output) is not used: under strong
+  forgetting P_ii ~ 1, o_i ~ v_i and dP_ij - di_i cancels to a tiny number, so the output's
+  rounding (2^-9 relative in bfloat16, 2^-24 in float32) would swamp dS on the diagonal.
+  Instead dS is anchored at the query's own key,
+
+      dS_ij = P_ij ((dP_ij - dP_ii) - (g_i - dlse_i)),   g_i = sum_{j != i} P_ij (dP_ij - dP_ii),
+
+  with dP_ii - dP_ii = 0 exactly, so every term keeps its relative precision. g comes from
+  one extra pass over the kept tiles (two matmuls per tile); then one pass over key blocks
+  and, inside, the query blocks that see them (the mirrored kept ranges) recomputes P from
+  lse and forms dV += P^T dO, dK += dS^T Q, dQ += dS K (dQ accumulated in a float32 buffer).
+  """
+  del interpret, di
+  B, T, Hq, D = q.shape
+  S, Hkv = k.shape[1], k.shape[2]
+  G = Hq // Hkv
+  block_q, block_k = block_sizes.bwd
+  bq, bk, ranges, delta_h = _setup(q, k, c_hi, c_lo, segment_ids, delta, block_q, block_k)
+  nq = _cdiv(T, bq)
+  qs = _q_blocks(q, c_hi, c_lo, segment_ids, S, bq, Hkv)
+  ks = _k_blocks(k, v, c_hi, c_lo, segment_ids, bk, Hkv)
+  dos = _to_blocks(do, bq, Hkv)  # [nq, B, Hkv, G, bq, D]
+  # Padded rows get lse = 0; their mask is empty so the value never matters.
+  lse_b = _to_blocks(lse.transpose(0, 2, 1), bq, Hkv)  # [nq, B, Hkv, G, bq]
+  dlse_b = _to_blocks(dlse.astype(jnp.float32).transpose(0, 2, 1), bq, Hkv)
+  # dP_ii = do_i . v_i with v at each query's own position.
+  dd_b = _dot("bthgd,bthd->bthg", do.reshape(B, T, Hkv, G, D), v[:, S - T:])
+  dd_b = _to_blocks(dd_b.reshape(B, T, Hq), bq, Hkv)  # [nq, B, Hkv, G, bq]
+  kv_start, kv_end = _heads(ranges.kv_start, Hkv), _heads(ranges.kv_end, Hkv)  # [nq, B, Hkv, G]
+  g = _row_term(qs, ks, dos, lse_b, dd_b, kv_start.min(axis=(1, 2, 3)),
+                kv_end.max(axis=(1, 2, 3)), kv_start, kv_end, delta_h, sm_scale, v.dtype)
+  g_b = g - dlse_b
+  q_start, q_end = _heads(ranges.q_start, Hkv), _heads(ranges.q_end, Hkv)  # [nk, B, Hkv, G]
+  lo, hi = q_start.min(axis=(1, 2, 3)), q_end.max(axis=(1, 2, 3))  # [nk]
+  seg_q = qs.seg
+
+  def kv_block(dq, xs):
+    kj, vj, ck_hi, ck_lo, seg_k, pos_k, lo_j, hi_j, start, end = xs
+
+    def q_step(i, carry):
+      dq, dk, dv, dc = carry
+      at = lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False)
+      qi, doi, lse_i, dd_i, g_i, pos_q = at(qs.q), at(dos), at(lse_b), at(dd_b), at(g_b), at(qs.pos)
+      s, mask = _tile(qi, kj, at(qs.c_hi), at(qs.c_lo), ck_hi, ck_lo,
+                      None if seg_q is None else at(seg_q), seg_k, pos_q, pos_k, delta_h,
+                      (start <= i) & (i < end), sm_scale)
+      p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)  # [B, Hkv, G, bq, bk]
+      dp = _dot("bhgqd,bhkd->bhgqk", doi, vj)
+      off_diag = jnp.where(pos_q[:, None] == pos_k[None, :], 0.0, dp - dd_i[..., None])
+      ds = p * (off_diag - g_i[..., None])
+      dv = dv + _dot("bhgqk,bhgqd->bhkd", p.astype(v.dtype), doi)
+      dk = dk + _dot("bhgqk,bhgqd->bhkd", ds.astype(q.dtype), qi)
+      dc = dc - ds.sum(axis=-2)
+      dq_i = at(dq) + _dot("bhgqk,bhkd->bhgqd", ds.astype(k.dtype), kj)
+      dq = lax.dynamic_update_index_in_dim(dq, dq_i, i, axis=0)
+      return dq, dk, dv, dc
+
+    init = (dq, jnp.zeros((B, Hkv, bk, D), jnp.float32), jnp.zeros((B, Hkv, bk, D), jnp.float32),
+            jnp.zeros((B, Hkv, G, bk), jnp.float32))
+    dq, dk, dv, dc = lax.fori_loop(lo_j, hi_j, q_step, init)
+    return dq, (sm_scale * dk, dv, dc)
+
+  xs = (ks.k, ks.v, ks.c_hi, ks.c_lo, ks.seg, ks.pos, lo, hi, q_start, q_end)
+  dq0 = jnp.zeros((nq, B, Hkv, G, bq, D), jnp.float32)
+  dq, (dk, dv, dc) = lax.scan(kv_block, dq0, xs)
+  dq = (sm_scale * _from_blocks(dq, T)).astype(q.dtype)  # [B, T, Hq, D]
+  # [nk, B, Hkv, bk, D] -> [B, S, Hkv, D]
+  dk = jnp.moveaxis(dk, (0, 3), (1, 2)).reshape(B, -1, Hkv, D)[:, :S].astype(k.dtype)
+  dv = jnp.moveaxis(dv, (0, 3), (1, 2)).reshape(B, -1, Hkv, D)[:, :S].astype(v.dtype)
+  dc = _from_blocks(dc, S)  # [B, S, Hq]
+  return dq, dk, dv, dc
