@@ -1,0 +1,559 @@
+"""Import PyTorch FoX checkpoints into ``fox_jax.model.DecoderLM``.
+
+Two sources:
+
+* the authors' Hugging Face checkpoints (``config.json`` with model type
+  ``forgetting_transformer-project_fox`` and ``model.safetensors``):
+  ``load_authors_checkpoint(path)``. Only safetensors and numpy are needed, not torch.
+* the ``ForgettingTransformerForCausalLM`` of flash-linear-attention (fla), as a torch
+  model, a state dict with its config, or a directory saved by its ``save_pretrained``
+  (model type ``forgetting_transformer``): ``load_fla_model(...)``, ``load_fla_checkpoint``.
+
+Every option of the source config is either mapped onto ``ModelConfig``, checked to have a
+value the import reproduces exactly, or (for options that cannot change the forward pass:
+token ids, caching, fused-kernel switches, initialisation) ignored; anything else raises a
+ValueError naming the option. Loading checks each tensor's shape, that every checkpoint
+tensor is used and that every model parameter is filled.
+
+Names (L = layer index; d = d_model, V = vocab, Hq / Hkv = query / key-value heads, D = head
+dim, F = MLP width; "W^T" = transpose of the torch ``nn.Linear.weight`` [out, in], then
+reshape with heads outermost, the layout of torch's ``(h d)`` feature axis):
+
+  ours (nnx.state path)            authors' checkpoint (model.layers.L. ...)   fla (model.layers.L. ...)
+  embed.embedding [V, d]           model.embeddings.weight  (as is)            model.embeddings.weight
+  layers[L].attn_norm.scale        attn_norm.weight                            attn_norm.weight
+  ...attn.q_proj.kernel [d,Hq,D]   attn.q_proj.weight  W^T                     attn.q_proj.weight
+  ...attn.k_proj.kernel [d,Hkv,D]  attn.k_proj.weight, or with key shift       attn.k_proj.weight
+                                   attn.k_proj.linear.weight  W^T
+  ...attn.k_proj.shift_kernel      attn.k_proj.shift_proj.weight [H, d]  W^T   (no key shift)
+  ...attn.v_proj.*                 as k_proj, with v                           attn.v_proj.weight
+  ...attn.fgate_proj.kernel [d,Hq] attn.fgate_proj.weight  W^T                 attn.f_proj.weight
+  ...attn.fgate_proj.bias [Hq]     attn.fgate_proj.bias                        attn.f_proj.bias
+  ...attn.fgate_bias [Hq]          attn.fgate_bias (bias_only: parameter;      (gate 'full' only)
+                                   fixed: buffer)
+  ...attn.q_norm.scale             attn.q_norm.weight [D] (shared across       attn.q_norm.weight
+       [D] or [Hq, D]              heads) or [Hq*D] -> [Hq, D]                 [Hq*D] -> [Hq, D]
+  ...attn.k_norm.scale             attn.k_norm.weight (as q_norm)              attn.k_norm.weight [Hkv*D]
+  ...attn.output_norm.scale        attn.output_norm.weight [Hq*D] -> [Hq, D]   (no output norm)
+  ...attn.ogate_proj.kernel        attn.ogate_proj.weight  W^T                 attn.g_proj.weight
+  ...attn.o_proj.kernel [Hq,D,d]   attn.o_proj.weight  W^T                     attn.o_proj.weight
+  layers[L].mlp_norm.scale         mlp_norm.weight                             mlp_norm.weight
+  ...mlp.gate_proj.kernel [d, F]   mlp.gate_proj.weight rows [0, F)  W^T       mlp.gate_proj.weight
+  ...mlp.up_proj.kernel [d, F]     mlp.gate_proj.weight rows [F, 2F) W^T       mlp.up_proj.weight
+  ...mlp.down_proj.kernel [F, d]   mlp.down_proj.weight  W^T                   mlp.down_proj.weight
+  final_norm.scale                 model.norm.weight                           model.norm.weight
+  lm_head.kernel [d, V]            lm_head.weight  W^T (absent when tied)      lm_head.weight
+
+The authors' MLP stores gate and up projections as one [2F, d] matrix (``chunk(2)``: gate
+first). Their QK-norm keeps its norm library's eps (1e-5), not ``norm_eps``; so does fla's,
+hence ``ModelConfig.qk_norm_eps``. Older authors' configs lack
+``qk_norm_share_param_across_head``: the shape of ``q_norm.weight`` then decides.
+
+Command: ``fox-convert CHECKPOINT_DIR OUTPUT_DIR`` writes ``OUTPUT_DIR/model_config.json``
+and an orbax checkpoint of the parameters in ``OUTPUT_DIR/params``; ``load_converted``
+reads them back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from fox_jax.config import ModelConfig
+from fox_jax.layers import Constant
+from fox_jax.model import DecoderLM
+
+AUTHORS_MODEL_TYPE = "forgetting_transformer-project_fox"
+FLA_MODEL_TYPE = "forgetting_transformer"
+
+# Keys that every Hugging Face config may carry (generation defaults, labels, bookkeeping)
+# and that cannot change a causal LM's logits.
+_HF_GENERIC_KEYS = frozenset("""
+    _name_or_path architectures auto_map dtype torch_dtype transformers_version model_type
+    use_cache bos_token_id eos_token_id pad_token_id sep_token_id decoder_start_token_id
+    return_dict output_attentions output_hidden_states output_scores return_dict_in_generate
+    torchscript use_bfloat16 tf_legacy_loss pruned_heads chunk_size_feed_forward
+    is_encoder_decoder is_decoder add_cross_attention cross_attention_hidden_size
+    tie_encoder_decoder id2label label2id problem_type finetuning_task tokenizer_class prefix
+    task_specific_params max_length min_length do_sample early_stopping num_beams
+    num_beam_groups diversity_penalty temperature top_k top_p typical_p repetition_penalty
+    length_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size bad_words_ids
+    num_return_sequences forced_bos_token_id forced_eos_token_id remove_invalid_values
+    exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
+""".split())
+
+# Authors' options with no effect on the forward pass of their model: initialisation,
+# fused-kernel switches, and fields their layer stores but never reads.
+_AUTHORS_INERT_KEYS = frozenset("""
+    initializer_range fuse_norm fuse_cross_entropy fgate_bias_init max_position_embeddings
+    window_size attention_bias elementwise_affine
+""".split())
+
+# fla options that are kernel or training-loss switches (same logits either way).
+_FLA_INERT_KEYS = frozenset("""
+    initializer_range fuse_norm fuse_swiglu fuse_cross_entropy fuse_linear_cross_entropy
+    use_l2warp elementwise_affine
+""".split())
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+# -- reading checkpoints ------------------------------------------------------------------
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Tensors of one safetensors file as numpy arrays (bfloat16 via ml_dtypes), memory-mapped."""
+  with open(path, "rb") as f:
+    header_len = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(header_len))
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    out[name] = data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+  return out
+
+
+def read_checkpoint_dir(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json as a dict, tensors) of a Hugging Face checkpoint directory.
+
+  Reads ``model.safetensors`` or the shards listed in ``model.safetensors.index.json``.
+  """
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise ValueError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
+  with open(config_path) as f:
+    config = json.load(f)
+  single = os.path.join(path, "model.safetensors")
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(single):
+    return config, read_safetensors(single)
+  if os.path.isfile(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    tensors = {}
+    for shard in shards:
+      tensors.update(read_safetensors(os.path.join(path, shard)))
+    return config, tensors
+  raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                   "(only safetensors checkpoints can be read)")
+
+
+# -- configs ------------------------------------------------------------------------------
+
+def _check_known_keys(hf: Mapping[str, Any], known: set, source: str) -> None:
+  unknown = sorted(set(hf) - known - _HF_GENERIC_KEYS)
+  if unknown:
+    raise ValueError(f"{source} config: unknown option(s) {unknown}; the import cannot tell "
+                     "whether they change the model")
+
+
+def _require(hf: Mapping[str, Any], key: str, allowed, source: str) -> None:
+  value = hf.get(key)
+  if value not in allowed:
+    raise ValueError(f"{source} config: {key}={value!r} cannot be imported "
+                     f"(supported: {list(allowed)})")
+
+
+def _mlp_fields(hf: Mapping[str, Any], source: str) -> dict:
+  if hf.get("intermediate_size") is not None:
+    return dict(mlp_hidden=int(hf["intermediate_size"]))
+  ratio = hf.get("hidden_ratio")
+  return dict(mlp_ratio=float(4 if ratio is None else ratio))
+
+
+def _build_config(fields: dict, source: str, overrides: Mapping[str, Any]) -> ModelConfig:
+  fields = dict(fields, **overrides)
+  try:
+    return ModelConfig(**fields)
+  except ValueError as e:
+    raise ValueError(f"{source} config maps to an invalid ModelConfig: {e}") from e
+
+
+_AUTHORS_KEYS = _AUTHORS_INERT_KEYS | set("""
+    vocab_size hidden_size num_hidden_layers num_heads num_kv_heads hidden_ratio
+    intermediate_size hidden_act norm_eps tie_word_embeddings rope_base use_rope
+    use_output_gate ogate_act fgate_type decay_time_min decay_time_max use_output_norm qk_norm
+    qk_norm_share_param_across_head use_k_shift use_v_shift log_pruning_tolerance
+""".split())
+
+
+def authors_config(hf: Mapping[str, Any], tensors: Optional[Mapping[str, Any]] = None,
+                   **overrides) -> ModelConfig:
+  """ModelConfig of an authors' ``config.json``; ``overrides`` set our own fields
+  (``attn_impl``, ``dtype``, ...). ``tensors`` settles ``qk_norm_share_param_across_head``
+  in configs that predate it."""
+  src = "authors'"
+  if hf.get("model_type") != AUTHORS_MODEL_TYPE:
+    raise ValueError(f"model_type is {hf.get('model_type')!r}, expected {AUTHORS_MODEL_TYPE!r}"
+                     + (" (an fla checkpoint: use load_fla_checkpoint)"
+                        if hf.get("model_type") == FLA_MODEL_TYPE else ""))
+  _check_known_keys(hf, _AUTHORS_KEYS, src)
+  # The authors' layer raises on any num_kv_heads (GQA untested there).
+  _require(hf, "num_kv_heads", (None,), src)
+  _require(hf, "hidden_act", ("swish", "sigmoid"), src)
+  _require(hf, "ogate_act", ("sigmoid", "silu", None), src)
+  _require(hf, "fgate_type", ("full", "bias_only", "fixed", "none"), src)
+  num_heads, d_model = int(hf["num_heads"]), int(hf["hidden_size"])
+  shared = hf.get("qk_norm_share_param_across_head")
+  if shared is None and hf.get("qk_norm"):
+    weight = (tensors or {}).get("model.layers.0.attn.q_norm.weight")
+    if weight is None:
+      raise ValueError("authors' config has qk_norm but no qk_norm_share_param_across_head, "
+                       "and no tensor model.layers.0.attn.q_norm.weight to infer it from")
+    shared = tuple(weight.shape) != (d_model,)
+  gate = hf.get("fgate_type", "full")
+  times = {}
+  if gate in ("bias_only", "fixed") and hf.get("decay_time_min") is not None:
+    times = dict(decay_time_min=float(hf["decay_time_min"]),
+                 decay_time_max=float(hf["decay_time_max"]))
+  pruning = None
+  if hf.get("log_pruning_tolerance") is not None:
+    pruning = dict(log_tolerance=float(hf["log_pruning_tolerance"]), qk_bound="auto")
+  fields = dict(
+      vocab_size=int(hf["vocab_size"]), d_model=d_model,
+      num_layers=int(hf["num_hidden_layers"]), num_heads=num_heads,
+      mlp_act="silu" if hf.get("hidden_act", "swish") == "swish" else "sigmoid",
+      forget_gate=gate, qk_norm=bool(hf.get("qk_norm", False)),
+      qk_norm_shared_across_heads=bool(shared), output_gate=bool(hf.get("use_output_gate")),
+      output_gate_act=hf.get("ogate_act") or "sigmoid",
+      output_norm=bool(hf.get("use_output_norm")), k_shift=bool(hf.get("use_k_shift")),
+      v_shift=bool(hf.get("use_v_shift")), rope=bool(hf.get("use_rope")),
+      rope_base=float(hf.get("rope_base", 500000.0)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      norm_eps=float(hf.get("norm_eps", 1e-6)), qk_norm_eps=1e-5, pruning=pruning,
+      dtype="float32", param_dtype="float32", **times, **_mlp_fields(hf, src))
+  return _build_config(fields, src, overrides)
+
+
+_FLA_KEYS = _FLA_INERT_KEYS | set("""
+    vocab_size hidden_size num_hidden_layers num_heads num_kv_heads qkv_bias qk_norm
+    window_size use_output_gate hidden_ratio intermediate_size hidden_act norm_eps
+    tie_word_embeddings attnres_block_size
+""".split())
+
+
+def fla_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
+  """ModelConfig of fla's ``ForgettingTransformerConfig`` (as a dict, ``config.to_dict()``)."""
+  src = "fla"
+  if hf.get("model_type", FLA_MODEL_TYPE) != FLA_MODEL_TYPE:
+    raise ValueError(f"model_type is {hf.get('model_type')!r}, expected {FLA_MODEL_TYPE!r}")
+  _check_known_keys(hf, _FLA_KEYS, src)
+  _require(hf, "qkv_bias", (False, None), src)
+  _require(hf, "window_size", (None,), src)
+  _require(hf, "attnres_block_size", (None,), src)
+  _require(hf, "hidden_act", ("swish",), src)
+  num_heads = int(hf["num_heads"])
+  fields = dict(
+      vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
+      num_layers=int(hf["num_hidden_layers"]), num_heads=num_heads,
+      num_kv_heads=int(hf.get("num_kv_heads") or num_heads), forget_gate="full",
+      qk_norm=bool(hf.get("qk_norm", False)), qk_norm_shared_across_heads=False,
+      output_gate=bool(hf.get("use_output_gate", False)), output_gate_act="sigmoid",
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      norm_eps=float(hf.get("norm_eps", 1e-6)), qk_norm_eps=1e-5,
+      dtype="float32", param_dtype="float32", **_mlp_fields(hf, src))
+  return _build_config(fields, src, overrides)
+
+
+# -- name mapping -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Fill the model variable at ``target`` from checkpoint tensor ``source``.
+
+  ``source_shape`` is what the config implies; ``transform`` turns the source array into
+  the target's layout (the target shape is checked after it).
+  """
+  target: tuple
+  source: str
+  source_shape: tuple
+  transform: Callable[[np.ndarray], np.ndarray]
+
+
+def _as_is(x):
+  return x
+
+
+def _linear(*out_shape):
+  """torch Linear weight [out, in] -> kernel [in, *out_shape] (x @ kernel)."""
+  return lambda w: np.ascontiguousarray(w.T).reshape((w.shape[1],) + out_shape)
+
+
+def _linear_in_heads(heads, head_dim):
+  """torch Linear weight [d, H*D] (input split into heads) -> kernel [H, D, d]."""
+  return lambda w: np.ascontiguousarray(w.T).reshape(heads, head_dim, w.shape[0])
+
+
+def _rows(start, stop, inner):
+  return lambda w: inner(w[start:stop])
+
+
+def _reshape(*shape):
+  return lambda x: x.reshape(shape)
+
+
+def _attention_rules(cfg: ModelConfig, prefix: str, layer: int, names: Mapping[str, str],
+                     shift_names: bool) -> list[Rule]:
+  """Rules of one attention layer; ``names`` gives the source names of q, k, v, o, the
+  forget and output gates, and ``shift_names`` whether k/v with shift use ``.linear``."""
+  d, Hq, Hkv, D = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  at = ("layers", layer, "attn")
+  rules = [
+      Rule(at + ("q_proj", "kernel"), prefix + "q_proj.weight", (Hq * D, d), _linear(Hq, D)),
+      Rule(at + ("o_proj", "kernel"), prefix + "o_proj.weight", (d, Hq * D),
+           _linear_in_heads(Hq, D)),
+  ]
+  for name, shifted in (("k_proj", cfg.k_shift), ("v_proj", cfg.v_shift)):
+    if shifted and shift_names:
+      rules += [
+          Rule(at + (name, "kernel"), f"{prefix}{name}.linear.weight", (Hkv * D, d),
+               _linear(Hkv, D)),
+          Rule(at + (name, "shift_kernel"), f"{prefix}{name}.shift_proj.weight", (Hkv, d),
+               _linear(Hkv)),
+      ]
+    else:
+      rules.append(Rule(at + (name, "kernel"), f"{prefix}{name}.weight", (Hkv * D, d),
+                        _linear(Hkv, D)))
+  if cfg.forget_gate == "full":
+    fgate = prefix + names["fgate"]
+    rules += [Rule(at + ("fgate_proj", "kernel"), fgate + ".weight", (Hq, d), _linear(Hq)),
+              Rule(at + ("fgate_proj", "bias"), fgate + ".bias", (Hq,), _as_is)]
+  elif cfg.forget_gate in ("bias_only", "fixed"):
+    rules.append(Rule(at + ("fgate_bias",), prefix + "fgate_bias", (Hq,), _as_is))
+  if cfg.qk_norm:
+    for name, heads in (("q_norm", Hq), ("k_norm", Hkv)):
+      if cfg.qk_norm_shared_across_heads:
+        rules.append(Rule(at + (name, "scale"), f"{prefix}{name}.weight", (D,), _as_is))
+      else:
+        rules.append(Rule(at + (name, "scale"), f"{prefix}{name}.weight", (heads * D,),
+                          _reshape(heads, D)))
+  if cfg.output_norm:
+    rules.append(Rule(at + ("output_norm", "scale"), prefix + "output_norm.weight", (Hq * D,),
+                      _reshape(Hq, D)))
+  if cfg.output_gate:
+    rules.append(Rule(at + ("ogate_proj", "kernel"), prefix + names["ogate"] + ".weight",
+                      (Hq * D, d), _linear(Hq, D)))
+  return rules
+
+
+def _model_rules(cfg: ModelConfig, attn_names: Mapping[str, str], shift_names: bool,
+                 fused_mlp: bool) -> list[Rule]:
+  d, F, V = cfg.d_model, cfg.mlp_width, cfg.vocab_size
+  rules = [Rule(("embed", "embedding"), "model.embeddings.weight", (V, d), _as_is),
+           Rule(("final_norm", "scale"), "model.norm.weight", (d,), _as_is)]
+  if not cfg.tie_embeddings:
+    rules.append(Rule(("lm_head", "kernel"), "lm_head.weight", (V, d), _linear(V)))
+  for i in range(cfg.num_layers):
+    p = f"model.layers.{i}."
+    rules += [Rule(("layers", i, "attn_norm", "scale"), p + "attn_norm.weight", (d,), _as_is),
+              Rule(("layers", i, "mlp_norm", "scale"), p + "mlp_norm.weight", (d,), _as_is),
+              Rule(("layers", i, "mlp", "down_proj", "kernel"), p + "mlp.down_proj.weight",
+                   (d, F), _linear(d))]
+    mlp = ("layers", i, "mlp")
+    if fused_mlp:
+      rules += [Rule(mlp + ("gate_proj", "kernel"), p + "mlp.gate_proj.weight", (2 * F, d),
+                     _rows(0, F, _linear(F))),
+                Rule(mlp + ("up_proj", "kernel"), p + "mlp.gate_proj.weight", (2 * F, d),
+                     _rows(F, 2 * F, _linear(F)))]
+    else:
+      rules += [Rule(mlp + ("gate_proj", "kernel"), p + "mlp.gate_proj.weight", (F, d),
+                     _linear(F)),
+                Rule(mlp + ("up_proj", "kernel"), p + "mlp.up_proj.weight", (F, d), _linear(F))]
+    rules += _attention_rules(cfg, p + "attn.", i, attn_names, shift_names)
+  return rules
+
+
+def authors_rules(cfg: ModelConfig) -> list[Rule]:
+  """Name mapping of the authors' checkpoints (see the module docstring)."""
+  return _model_rules(cfg, dict(fgate="fgate_proj", ogate="ogate_proj"), shift_names=True,
+                      fused_mlp=True)
+
+
+def fla_rules(cfg: ModelConfig) -> list[Rule]:
+  """Name mapping of fla's ``ForgettingTransformerForCausalLM`` (see the module docstring)."""
+  return _model_rules(cfg, dict(fgate="f_proj", ogate="g_proj"), shift_names=False,
+                      fused_mlp=False)
+
+
+# -- filling a model ----------------------------------------------------------------------
+
+def _key(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+
+
+def build_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
+                       rules: list[Rule], source: str = "checkpoint") -> DecoderLM:
+  """A DecoderLM of ``cfg`` whose parameters all come from ``tensors`` through ``rules``.
+
+  The model is built abstractly (no random init), so memory holds only the checkpoint and
+  the converted arrays. Raises ValueError for a missing tensor, a wrong shape, a tensor no
+  rule uses, or a model variable no rule fills.
+  """
+  tensors = dict(tensors)
+  # Tied checkpoints may still carry the output matrix; accept it when it is the embedding.
+  if cfg.tie_embeddings and "lm_head.weight" in tensors:
+    emb = tensors.get("model.embeddings.weight")
+    if emb is None or not np.array_equal(np.asarray(tensors["lm_head.weight"]), np.asarray(emb)):
+      raise ValueError(f"{source}: tie_word_embeddings is set but lm_head.weight differs "
+                       "from model.embeddings.weight")
+    del tensors["lm_head.weight"]
+  abstract = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, filled, rest = nnx.split(abstract, (nnx.Param, Constant), ...)
+  if jax.tree_util.tree_leaves(rest):
+    raise ValueError(f"model has variables other than parameters and constants: {rest}")
+  targets = {_key(path): var for path, var in nnx.to_flat_state(filled)}
+  used, done = set(), set()
+  for rule in rules:
+    if rule.source not in tensors:
+      raise ValueError(f"{source}: missing tensor {rule.source!r} (expected shape "
+                       f"{rule.source_shape}) for parameter {'.'.join(map(str, rule.target))}")
+    array = tensors[rule.source]
+    if tuple(array.shape) != tuple(rule.source_shape):
+      raise ValueError(f"{source}: tensor {rule.source!r} has shape {tuple(array.shape)}, "
+                       f"expected {tuple(rule.source_shape)} from the config")
+    if rule.target not in targets:
+      raise ValueError(f"model has no parameter {'.'.join(map(str, rule.target))} "
+                       f"(for tensor {rule.source!r})")
+    var = targets[rule.target]
+    value = rule.transform(np.asarray(array, dtype=np.float32))
+    if tuple(value.shape) != tuple(var.shape):
+      raise ValueError(f"tensor {rule.source!r} maps to shape {value.shape} but parameter "
+                       f"{'.'.join(map(str, rule.target))} has shape {tuple(var.shape)}")
+    var.set_value(jnp.asarray(value, dtype=var.dtype))
+    used.add(rule.source)
+    done.add(rule.target)
+  unused = sorted(set(tensors) - used)
+  if unused:
+    raise ValueError(f"{source}: tensors not used by the import (an option the config does "
+                     f"not declare?): {unused}")
+  unfilled = sorted(".".join(map(str, t)) for t in set(targets) - done)
+  if unfilled:
+    raise ValueError(f"model parameters not filled from the {source}: {unfilled}")
+  return nnx.merge(graphdef, filled)
+
+
+def load_authors_checkpoint(path: str, **overrides) -> tuple[ModelConfig, DecoderLM]:
+  """Loads an authors' checkpoint directory (config.json + model.safetensors).
+
+  ``overrides`` replace ModelConfig fields that the checkpoint does not fix, e.g.
+  ``attn_impl="xla"``, ``dtype="bfloat16"``, ``pruning=...``. Returns (config, model).
+  """
+  hf, tensors = read_checkpoint_dir(path)
+  cfg = authors_config(hf, tensors, **overrides)
+  return cfg, build_from_tensors(cfg, tensors, authors_rules(cfg), source=path)
+
+
+def load_fla_model(model_or_state_dict, config=None, **overrides) -> tuple[ModelConfig, DecoderLM]:
+  """Imports fla's ``ForgettingTransformerForCausalLM``.
+
+  Pass the torch model itself, or its state dict (torch tensors or numpy arrays) with its
+  config (a ``ForgettingTransformerConfig`` or its ``to_dict()``). Returns (config, model).
+  """
+  if hasattr(model_or_state_dict, "state_dict"):
+    config = model_or_state_dict.config if config is None else config
+    state = model_or_state_dict.state_dict()
+  else:
+    state = model_or_state_dict
+  if config is None:
+    raise ValueError("load_fla_model needs the config with a state dict")
+  hf = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  tensors = {name: _to_numpy(t) for name, t in state.items()}
+  cfg = fla_config(hf, **overrides)
+  return cfg, build_from_tensors(cfg, tensors, fla_rules(cfg), source="fla state dict")
+
+
+def load_fla_checkpoint(path: str, **overrides) -> tuple[ModelConfig, DecoderLM]:
+  """Loads a directory written by fla's ``save_pretrained`` (safetensors)."""
+  hf, tensors = read_checkpoint_dir(path)
+  cfg = fla_config(hf, **overrides)
+  return cfg, build_from_tensors(cfg, tensors, fla_rules(cfg), source=path)
+
+
+def _to_numpy(t) -> np.ndarray:
+  if hasattr(t, "detach"):  # a torch tensor; float() also covers bfloat16
+    t = t.detach().cpu()
+    return (t.float() if t.is_floating_point() else t).numpy()
+  return np.asarray(t)
+
+
+# -- converted checkpoints ----------------------------------------------------------------
+
+def save_converted(out_dir: str, cfg: ModelConfig, model: DecoderLM) -> None:
+  """Writes ``model_config.json`` and an orbax checkpoint ``params`` (parameters and
+  constants, as nested dicts of arrays) into ``out_dir``."""
+  import orbax.checkpoint as ocp
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "model_config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+  state = nnx.to_pure_dict(nnx.state(model, (nnx.Param, Constant)))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(out_dir, "params"), state)
+
+
+def load_converted(out_dir: str, **overrides) -> tuple[ModelConfig, DecoderLM]:
+  """Reads what ``save_converted`` (``fox-convert``) wrote; returns (config, model)."""
+  import orbax.checkpoint as ocp
+  out_dir = os.path.abspath(out_dir)
+  with open(os.path.join(out_dir, "model_config.json")) as f:
+    cfg = ModelConfig.from_dict(json.load(f))
+  if overrides:
+    cfg = cfg.replace(**overrides)
+  abstract = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(os.path.join(out_dir, "params"), target)
+  nnx.replace_by_pure_dict(state, restored)
+  return cfg, nnx.merge(graphdef, state)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="fox-convert",
+      description="Convert a PyTorch FoX checkpoint directory (the authors' Hugging Face "
+      f"format, model_type {AUTHORS_MODEL_TYPE!r}, or fla's {FLA_MODEL_TYPE!r} saved with "
+      "save_pretrained; config.json + safetensors) into OUTPUT_DIR/model_config.json and an "
+      "orbax checkpoint OUTPUT_DIR/params for fox_jax (read back with "
+      "fox_jax.convert.load_converted).")
+  parser.add_argument("checkpoint_dir", help="directory with config.json and model.safetensors")
+  parser.add_argument("output_dir", help="where to write model_config.json and params/")
+  parser.add_argument("--attn-impl", default=None, help="ModelConfig.attn_impl to record "
+                      "(auto, xla, reference, pallas_gpu; default: auto)")
+  args = parser.parse_args(argv)
+  overrides = {} if args.attn_impl is None else dict(attn_impl=args.attn_impl)
+  try:
+    hf, _ = read_checkpoint_dir(args.checkpoint_dir)
+    loader = (load_fla_checkpoint if hf.get("model_type") == FLA_MODEL_TYPE
+              else load_authors_checkpoint)
+    cfg, model = loader(args.checkpoint_dir, **overrides)
+  except ValueError as e:
+    print(f"fox-convert: {e}", file=sys.stderr)
+    return 2
+  save_converted(args.output_dir, cfg, model)
+  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+  print(f"fox-convert: {n:,} parameters ({cfg.num_layers} layers, d_model {cfg.d_model}, "
+        f"forget gate {cfg.forget_gate!r}) -> {os.path.abspath(args.output_dir)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
