@@ -216,3 +216,33 @@ def test_cli_errors(tmp_path, capsys):
   assert e.value.code == 0 and "fox-convert" in capsys.readouterr().out
   assert convert.main([str(tmp_path), str(tmp_path / "out")]) == 2
   assert "no config.json" in capsys.readouterr().err
+
+
+FLA_CONFIG = dict(model_type="forgetting_transformer", vocab_size=97, hidden_size=64,
+                  num_hidden_layers=2, num_heads=4, num_kv_heads=2, qk_norm=True,
+                  use_output_gate=True, hidden_ratio=4, hidden_act="swish", norm_eps=1e-6,
+                  fuse_norm=True, fuse_swiglu=True, tie_word_embeddings=False)
+
+
+def test_fla_config_mapping():
+  cfg = convert.fla_config(FLA_CONFIG)
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_width) == (4, 2, 16, 256)
+  assert cfg.forget_gate == "full" and cfg.qk_norm and not cfg.qk_norm_shared_across_heads
+  assert cfg.output_gate and not (cfg.output_norm or cfg.k_shift or cfg.v_shift or cfg.rope)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("window_size", 512, "window_size=512"),
+    ("qkv_bias", True, "qkv_bias=True"),
+    ("attnres_block_size", 4, "attnres_block_size=4"),
+    ("hidden_act", "powlu", "hidden_act='powlu'"),
+    ("model_type", "forgetting_transformer-project_fox", "expected 'forgetting_transformer'"),
+])
+def test_fla_config_unsupported(key, value, match):
+  with pytest.raises(ValueError, match=match):
+    convert.fla_config(dict(FLA_CONFIG, **{key: value}))
+
+
+def test_fla_directory_rejected_by_authors_loader():
+  with pytest.raises(ValueError, match="use load_fla_checkpoint"):
+    convert.authors_config(FLA_CONFIG)
