@@ -53,7 +53,7 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None) -> dict:
     raise FileNotFoundError(f"no checkpoint in {workdir}")
   state, _ = checkpointer.restore(step, setup.abstract_state)
   checkpointer.close()
-  eval_fn = train_lib.make_eval_fn(setup)
+  eval_fn = setup.eval_fn
   corpus = corpus_from_config(c.data, "heldout")
   heldout = PackedDataset(corpus, c.data.seq_len, c.data.seed)
   val = train_lib.validation_loss(setup, eval_fn, state["params"], heldout, c.run.val_rows,

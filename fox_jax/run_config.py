@@ -26,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.preset = "fox_pro_tiny"
   # Byte vocabulary (259 ids) rounded up to a multiple of 128 so that 'vocab' shards.
   c.model.overrides = ml_collections.ConfigDict(
-      {"vocab_size": 384, "dtype": "bfloat16", "param_dtype": "float32", "remat": False})
+      {"vocab_size": 384, "dtype": "bfloat16", "param_dtype": "float32", "remat": False,
+       "attn_impl": "auto"})
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "builtin"

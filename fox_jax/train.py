@@ -16,6 +16,7 @@ loss or gradient norm is not finite returns the state unchanged and says so.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -103,9 +104,32 @@ class Setup:
   def batch_sharding(self):
     return sharding.batch_sharding(self.mesh, 3, leading_unsharded=1)
 
+  # Compiled functions live with the setup, so runs and evaluations in one process that
+  # share a config (a resumed run, evaluation after training) compile them once.
+  @functools.cached_property
+  def train_step(self) -> Callable:
+    return jit_train_step(self)
+
+  @functools.cached_property
+  def eval_fn(self) -> Callable:
+    return make_eval_fn(self)
+
+
+_SETUPS: dict = {}
+
 
 def build(c: ml_collections.ConfigDict, devices=None) -> Setup:
-  """Mesh, abstract model, optimizer and shardings for config ``c``."""
+  """Mesh, abstract model, optimizer and shardings for config ``c`` (cached per config)."""
+  devices = tuple(jax.devices() if devices is None else devices)
+  # The run and eval blocks change no compiled function, so they are not part of the key.
+  blocks = {k: c[k].to_dict() for k in ("model", "data", "optim", "mesh")}
+  key = (json.dumps(blocks, sort_keys=True, default=str), devices)
+  if key not in _SETUPS:
+    _SETUPS[key] = _build(c, devices)
+  return _SETUPS[key]
+
+
+def _build(c: ml_collections.ConfigDict, devices) -> Setup:
   run_config.validate(c)
   mcfg = model_config(c)
   mesh = sharding.make_mesh(c.mesh.to_dict(), devices)
@@ -186,7 +210,7 @@ def make_train_step(setup: Setup) -> Callable:
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
             jnp.zeros((), jnp.float32))
     (grads, loss, kept, total), _ = jax.lax.scan(accumulate, init, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
@@ -309,8 +333,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, max_steps: Optional[int
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   train_data = PackedDataset(corpus_from_config(c.data, "train"), c.data.seq_len, c.data.seed)
   heldout = PackedDataset(corpus_from_config(c.data, "heldout"), c.data.seq_len, c.data.seed)
-  step_fn = jit_train_step(setup)
-  eval_fn = make_eval_fn(setup)
+  step_fn, eval_fn = setup.train_step, setup.eval_fn
 
   latest = checkpointer.latest_step()
   if latest is None:

@@ -56,13 +56,11 @@ def _pieces(corpus: Corpus, seq_len: int, doc_order: np.ndarray):
 
 
 def _first_fit(lens: np.ndarray, seq_len: int) -> list[list[int]]:
-  """Groups piece indices into rows: full pieces alone, short ones first-fit."""
+  """Groups the indices of short pieces (< seq_len) into rows, first fit."""
   rows: list[list[int]] = []
   open_rows: list[tuple[int, list[int]]] = []   # (free slots, pieces)
-  for i, n in enumerate(lens.tolist()):
-    if n == seq_len:
-      rows.append([i])
-      continue
+  for i in np.flatnonzero(lens < seq_len).tolist():
+    n = int(lens[i])
     for j, (free, members) in enumerate(open_rows):
       if n <= free:
         members.append(i)
@@ -97,13 +95,21 @@ class PackedDataset:
     if self.shuffle:
       docs = rng.permutation(docs)
     starts, lens = _pieces(self.corpus, self.seq_len, docs)
-    rows = _first_fit(lens, self.seq_len)
+    # Full pieces fill a row each; only the short tail of each document is packed.
+    full = np.flatnonzero(lens == self.seq_len)
+    short = _first_fit(lens, self.seq_len)
+    members = np.concatenate([full] + [np.asarray(r, np.int64) for r in short])
+    sizes = np.concatenate([np.ones(len(full), np.int64), [len(r) for r in short]]).astype(np.int64)
+    offsets = np.cumsum(sizes) - sizes
+    order = np.arange(len(sizes))
     if self.shuffle:
-      rows = [rows[i] for i in rng.permutation(len(rows))]
-    order = np.fromiter((i for r in rows for i in r), np.int64, count=len(lens))
-    row_ptr = np.zeros(len(rows) + 1, np.int64)
-    row_ptr[1:] = np.cumsum([len(r) for r in rows])
-    return _Plan(row_ptr, starts[order], lens[order])
+      order = rng.permutation(len(sizes))
+    sizes, offsets = sizes[order], offsets[order]
+    row_ptr = np.zeros(len(sizes) + 1, np.int64)
+    row_ptr[1:] = np.cumsum(sizes)
+    within = np.arange(row_ptr[-1]) - np.repeat(row_ptr[:-1], sizes)
+    pieces = members[np.repeat(offsets, sizes) + within]
+    return _Plan(row_ptr, starts[pieces], lens[pieces])
 
   def row(self, index: int) -> Batch:
     """Row ``index`` of the stream, fields [T]."""
