@@ -119,7 +119,7 @@ class ForgettingAttention(nnx.Module):
     if cfg.forget_gate == "full":
       logits = self.fgate_proj(x, "btd,dh->bth", out_dtype=jnp.float32)
     elif cfg.forget_gate in ("bias_only", "fixed"):
-      bias = self.fgate_bias.value.astype(jnp.float32)
+      bias = self.fgate_bias[...].astype(jnp.float32)
       logits = jnp.broadcast_to(bias, (B, T, cfg.num_heads))
     else:
       return jnp.zeros((B, T, cfg.num_heads), jnp.float32)

@@ -60,7 +60,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
     inv = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (xf * inv * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+    return (xf * inv * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class Projection(nnx.Module):
@@ -79,10 +79,10 @@ class Projection(nnx.Module):
 
   def __call__(self, x: jax.Array, equation: str, *, out_dtype=None) -> jax.Array:
     out_dtype = out_dtype or self.dtype
-    y = jnp.einsum(equation, x.astype(self.dtype), self.kernel.value.astype(self.dtype),
+    y = jnp.einsum(equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype),
                    preferred_element_type=jnp.float32)
     if self.bias is not None:
-      y = y + self.bias.value.astype(jnp.float32)
+      y = y + self.bias[...].astype(jnp.float32)
     return y.astype(out_dtype)
 
 
@@ -96,10 +96,10 @@ class Embed(nnx.Module):
                                 ("vocab", "embed"), param_dtype)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)  # [B, T, d]
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)  # [B, T, d]
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("btd,vd->btv", x.astype(self.dtype), self.embedding.value.astype(self.dtype),
+    return jnp.einsum("btd,vd->btv", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
 
@@ -162,10 +162,10 @@ class ShiftLinear(nnx.Module):
   def __call__(self, x: jax.Array, *, segment_ids: Optional[jax.Array] = None,
                state: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """x [B, T, d] -> (y [B, T, H, D], last unshifted y~ [B, H, D] for the next chunk)."""
-    cur = jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), self.kernel.value.astype(self.dtype),
+    cur = jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
                      preferred_element_type=jnp.float32).astype(self.dtype)  # [B, T, H, D]
     alpha = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x.astype(self.dtype),
-                                      self.shift_kernel.value.astype(self.dtype),
+                                      self.shift_kernel[...].astype(self.dtype),
                                       preferred_element_type=jnp.float32))  # [B, T, H]
     first = jnp.zeros_like(cur[:, :1]) if state is None else state[:, None].astype(cur.dtype)
     prev = jnp.concatenate([first, cur[:, :-1]], axis=1)  # [B, T, H, D]
