@@ -44,6 +44,7 @@ Kernels map inputs to outputs (x @ kernel), i.e. they are the transposes of PyTo
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -123,25 +124,19 @@ class DecoderLM(nnx.Module):
 
 
 def count_params(model_or_state, *, exclude_embedding: bool = False) -> int:
-  """Number of parameters (works on ``nnx.eval_shape`` results: nothing is allocated).
+  """Number of parameters of a model or its ``nnx.Param`` state.
 
-  With ``exclude_embedding`` the input embedding table is left out, as in the FoX paper's
-  "non-embedding" counts (the untied output head is counted).
+  Works on ``nnx.eval_shape`` results, so paper-sized models are counted without allocating
+  them. With ``exclude_embedding`` the input embedding table is left out, as in the FoX
+  paper's "non-embedding" counts (an untied output head is counted).
   """
   state = model_or_state
   if isinstance(state, nnx.Module):
     state = nnx.state(state, nnx.Param)
   total = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    keys = [getattr(k, "key", None) for k in path]
     if exclude_embedding and keys[:2] == ["embed", "embedding"]:
       continue
-    total += int(jnp.size(leaf)) if not hasattr(leaf, "shape") else int(_prod(leaf.shape))
+    total += math.prod(leaf.shape)
   return total
-
-
-def _prod(shape) -> int:
-  out = 1
-  for s in shape:
-    out *= int(s)
-  return out
