@@ -1,0 +1,51 @@
+"""Evaluation writes loss against position (JSON, PNG), validation loss and a report."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from fox_jax import evaluate
+from fox_jax import train as train_lib
+from fox_jax.cli import eval_main
+from tests.fox_jax.test_train import tiny_config
+
+
+def test_smooth_is_a_centred_moving_average():
+  x = np.arange(10, dtype=np.float64)
+  np.testing.assert_allclose(evaluate.smooth(x, 3)[1:-1], x[1:-1])
+  assert evaluate.smooth(x, 3)[0] == pytest.approx(0.5)
+  np.testing.assert_allclose(evaluate.smooth(x, 1), x)
+  assert evaluate.smooth([1.0, 3.0], 101).tolist() == [2.0, 2.0]
+
+
+def test_eval_writes_json_png_and_report(tmp_path):
+  runs = []
+  for preset in ("fox_pro_tiny", "transformer_pro_tiny"):
+    c = tiny_config(steps=2)
+    c.model.preset = preset
+    c.eval.max_docs = 4
+    c.eval.length_multiples = (1, 2)
+    workdir = str(tmp_path / preset)
+    train_lib.train(c, workdir, devices=jax.devices()[:1])
+    runs.append(workdir)
+  # Evaluation builds the saved config's mesh (fsdp = -1: all 8 devices here), so this also
+  # restores checkpoints written on one device onto eight.
+  out = str(tmp_path / "compare")
+  assert eval_main(runs + ["--out", out]) == 0
+  for workdir in runs:
+    result = json.load(open(os.path.join(workdir, "eval", evaluate.RESULT_FILE)))
+    curve = np.asarray(result["loss_by_position"])
+    assert curve.shape == (64,) and np.all(np.isfinite(curve)) and np.all(curve > 0)
+    assert result["train_length"] == 32 and result["eval_length"] == 64
+    assert np.isfinite(result["val_loss"]) and result["num_docs"] == 4
+    assert result["loss_early"] == pytest.approx(curve[:4].mean())
+    assert result["loss_beyond"] == pytest.approx(curve[32:].mean())
+    assert os.path.getsize(os.path.join(workdir, "eval", evaluate.PLOT_FILE)) > 5000
+  png = open(os.path.join(out, "comparison.png"), "rb").read()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n"
+  report = open(os.path.join(out, "report.md")).read()
+  assert "fox_pro_tiny" in report and "transformer_pro_tiny" in report
+  assert report.count("\n| ") == 3  # header and one row per run
