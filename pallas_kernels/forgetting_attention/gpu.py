@@ -36,6 +36,9 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.forgetting_attention import pruning
 from pallas_kernels.forgetting_attention.common import BlockSizes
 
+# ``api`` passes dlse to ``backward``: dS is formed without the rounded output (see below).
+BACKWARD_TAKES_DLSE = True
+
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 # A finite mask value: a fully masked tile gives exp2(0) = 1 weights that the first unmasked
@@ -140,45 +143,64 @@ def _fwd_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, *rest, 
 
 
 # ----------------------------------------------------------------------------- backward
+#
+# dS_ij = P_ij (dP_ij - di_i) with di_i = rowsum(o_i * do_i) loses everything under strong
+# forgetting: P_ii ~ 1, o_i ~ v_i and dP_ii - di_i cancels below the rounding of the stored
+# output. The kernels anchor dS at the query's own key instead (dd_i = dP_ii = do_i . v_i):
+#
+#   X_ij = dP_ij - dd_i  (exactly 0 for j = i),   g_i = sum_j P_ij X_ij - dlse_i,
+#   dS_ij = P_ij (X_ij - g_i).
+#
+# The dQ pass forms g_i in its own sweep over the row's kv tiles without a second pass:
+# dQ_i = scale * (sum_j P_ij X_ij k_j - g_i sum_j P_ij k_j), one extra matmul per tile. It
+# writes g for the dK/dV pass, which then has every term at full relative precision.
 
 
 def _dq_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, lse_ref,
-               di_ref, *rest, scale, bq, bk, off, has_seg):
+               dd_ref, dlse_ref, *rest, scale, bq, bk, off, has_seg):
   seg_ref = rest[0] if has_seg else None
-  dq_ref = rest[-1]
+  dq_ref, g_ref = rest[-2:]
   i = pl.program_id(0)
   start, end = kvs_ref[i], kve_ref[i]
   q_first = off + i * bq
   q = q_ref[...]  # [bq, Dp]
   do = do_ref[...]
   lse2 = lse_ref[...] * _LOG2E  # [bq]
-  di = di_ref[...]
+  dd = dd_ref[...]
   cq_hi = chi_ref[pl.ds(q_first, bq)]
   cq_lo = clo_ref[pl.ds(q_first, bq)]
   q_pos = q_first + jnp.arange(bq)
   seg_q = seg_ref[pl.ds(q_first, bq)] if has_seg else None
   qk_scale = scale * _LOG2E
 
-  def body(kb, dq, masked):
+  def body(kb, carry, masked):
+    pxk, pk, g = carry
     ks = pl.ds(kb * bk, bk)
     k = k_ref[ks, :]
     v = v_ref[ks, :]
     s = _logits(q, k, cq_hi, cq_lo, chi_ref[ks], clo_ref[ks], qk_scale)
+    x = _dot(do, v, tb=True) - dd[:, None]  # [bq, bk]
     if masked:
-      s = _mask(s, q_pos, kb * bk + jnp.arange(bk), seg_q, seg_ref[ks] if has_seg else None)
+      k_pos = kb * bk + jnp.arange(bk)
+      s = _mask(s, q_pos, k_pos, seg_q, seg_ref[ks] if has_seg else None)
+      x = jnp.where(q_pos[:, None] == k_pos[None, :], 0.0, x)
     p = jnp.exp2(s - lse2[:, None])  # [bq, bk]
-    ds = p * (_dot(do, v, tb=True) - di[:, None])
-    return dq + _dot(ds.astype(k.dtype), k)
+    px = p * x
+    return (pxk + _dot(px.astype(k.dtype), k), pk + _dot(p.astype(k.dtype), k),
+            g + jnp.sum(px, axis=1))
 
-  dq = jnp.zeros(q.shape, jnp.float32)
+  zeros = jnp.zeros(q.shape, jnp.float32)
+  carry = (zeros, zeros, jnp.zeros((bq,), jnp.float32))
   mid = start if has_seg else _split(start, end, lax.div(q_first + 1, bk))
-  dq = lax.fori_loop(start, mid, functools.partial(body, masked=False), dq)
-  dq = lax.fori_loop(mid, end, functools.partial(body, masked=True), dq)
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+  carry = lax.fori_loop(start, mid, functools.partial(body, masked=False), carry)
+  pxk, pk, g = lax.fori_loop(mid, end, functools.partial(body, masked=True), carry)
+  g = g - dlse_ref[...]
+  dq_ref[...] = (scale * (pxk - g[:, None] * pk)).astype(dq_ref.dtype)
+  g_ref[...] = g
 
 
 def _dkv_kernel(qs_ref, qe_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, lse_ref,
-                di_ref, *rest, scale, bq, bk, off, group, has_seg):
+                dd_ref, g_ref, *rest, scale, bq, bk, off, group, has_seg):
   seg_ref = rest[0] if has_seg else None
   dk_ref, dv_ref, dc_ref = rest[-3:]
   j = pl.program_id(0)
@@ -189,12 +211,12 @@ def _dkv_kernel(qs_ref, qe_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, l
   k_pos = j * bk + jnp.arange(bk)
   seg_k = seg_ref[ks] if has_seg else None
   qk_scale = scale * _LOG2E
-  # q blocks from this index on hold a query before the tile's last key: they need the mask.
+  # q blocks from this index on lie entirely after the tile's last key: no mask needed.
   first_unmasked = lax.div(jnp.maximum((j + 1) * bk - off - 1 + bq - 1, 0), bq)
 
-  def head(g, carry):
+  def head(gi, carry):
     dk, dv = carry
-    h = hkv * group + g
+    h = hkv * group + gi
     ck_hi = chi_ref[h, ks]  # [bk]
     ck_lo = clo_ref[h, ks]
     start, end = qs_ref[h, j], qe_ref[h, j]
@@ -206,14 +228,18 @@ def _dkv_kernel(qs_ref, qe_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, l
       q = q_ref[qsl, h, :]  # [bq, Dp]
       do = do_ref[qsl, h, :]
       lse2 = lse_ref[h, qsl] * _LOG2E  # [bq]
-      di = di_ref[h, qsl]
+      dd = dd_ref[h, qsl]
+      g = g_ref[h, qsl]
       cs = pl.ds(q_first, bq)
       s = _logits(q, k, chi_ref[h, cs], clo_ref[h, cs], ck_hi, ck_lo, qk_scale)  # [bq, bk]
+      x = _dot(do, v, tb=True) - dd[:, None]
       if masked:
-        s = _mask(s, q_first + jnp.arange(bq), k_pos, seg_ref[cs] if has_seg else None, seg_k)
+        q_pos = q_first + jnp.arange(bq)
+        s = _mask(s, q_pos, k_pos, seg_ref[cs] if has_seg else None, seg_k)
+        x = jnp.where(q_pos[:, None] == k_pos[None, :], 0.0, x)
       p = jnp.exp2(s - lse2[:, None])
+      ds = p * (x - g[:, None])
       dv = dv + _dot(p.astype(do.dtype), do, ta=True)
-      ds = p * (_dot(do, v, tb=True) - di[:, None])
       dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
       return dk, dv, dcol - jnp.sum(ds, axis=0)
 
@@ -321,8 +347,13 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
 
 
 def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale: float,
-             block_sizes: BlockSizes, interpret: bool = False):
-  """dq, dk, dv in the inputs' dtypes and dc [B, S, Hq] f32 = -(column sums of dS)."""
+             block_sizes: BlockSizes, interpret: bool = False, dlse: jax.Array):
+  """dq, dk, dv in the inputs' dtypes and dc [B, S, Hq] f32 = -(column sums of dS).
+
+  ``di`` (from the rounded output) is not used; dS is anchored at each query's own key
+  (see the comment above the backward kernels), which needs ``dlse`` [B, Hq, T] instead.
+  """
+  del di
   bq, bk = block_sizes.bwd
   g = _Geometry(q, k, bq, bk)
   ranges = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, g.bq, g.bk, delta)
@@ -330,29 +361,35 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale: 
   group = g.group
   qp, kp, vp, dop = g.pad_q(q), g.pad_kv(k), g.pad_kv(v), g.pad_q(do)
   chi, clo = g.pad_c(c_hi), g.pad_c(c_lo)
-  lsep, dip = g.pad_rows(lse), g.pad_rows(di.astype(jnp.float32))
+  # dd_i = do_i . v_i with v at the query's own position (the anchor of dS).
+  v_own = v[:, g.off:].reshape(g.B, g.T, g.Hkv, 1, g.D)
+  dd = jnp.einsum("bthgd,bthgd->bhgt", do.reshape(g.B, g.T, g.Hkv, group, g.D), v_own,
+                  preferred_element_type=jnp.float32,
+                  precision=lax.Precision.HIGHEST).reshape(g.B, g.Hq, g.T)
+  lsep, ddp, dlsep = g.pad_rows(lse), g.pad_rows(dd), g.pad_rows(dlse.astype(jnp.float32))
   segp = g.pad_seg(segment_ids) if has_seg else None
   params = _launch(_warps(block_sizes, g.bq, g.bk, g.dp), _stages(block_sizes, g.dp))
   static = dict(scale=sm_scale, bq=g.bq, bk=g.bk, off=g.off, has_seg=has_seg)
 
-  # dQ: one q block of one q head per program, looping over its kept kv tiles.
+  # dQ (and g): one q block of one q head per program, looping over its kept kv tiles.
   q_spec = pl.BlockSpec((None, g.bq, None, g.dp), lambda i, b, h: (b, i, h, 0))
   kv_spec = pl.BlockSpec((None, g.sk, None, g.dp), lambda i, b, h: (b, 0, h // group, 0))
   c_spec = pl.BlockSpec((None, None, g.sc), lambda i, b, h: (b, h, 0))
   row_spec = pl.BlockSpec((None, None, g.bq), lambda i, b, h: (b, h, i))
   r_spec = pl.BlockSpec((None, None, g.nq), lambda i, b, h: (b, h, 0))
   in_specs = [r_spec, r_spec, q_spec, kv_spec, kv_spec, c_spec, c_spec, q_spec, row_spec,
-              row_spec]
-  args = [ranges.kv_start, ranges.kv_end, qp, kp, vp, chi, clo, dop, lsep, dip]
+              row_spec, row_spec]
+  args = [ranges.kv_start, ranges.kv_end, qp, kp, vp, chi, clo, dop, lsep, ddp, dlsep]
   if has_seg:
     in_specs.append(pl.BlockSpec((None, g.sc), lambda i, b, h: (b, 0)))
     args.append(segp)
-  dq = pl.pallas_call(
+  dq, gp = pl.pallas_call(
       functools.partial(_dq_kernel, **static),
       grid=(g.nq, g.B, g.Hq),
       in_specs=in_specs,
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+      out_specs=[q_spec, row_spec],
+      out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                 jax.ShapeDtypeStruct((g.B, g.Hq, g.tp), jnp.float32)],
       compiler_params=params,
       interpret=interpret,
       name="forgetting_attention_dq",
@@ -365,8 +402,8 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale: 
   rows_spec = pl.BlockSpec((None, g.Hq, g.tp), lambda j, b, h: (b, 0, 0))
   rk_spec = pl.BlockSpec((None, g.Hq, g.nk), lambda j, b, h: (b, 0, 0))
   in_specs = [rk_spec, rk_spec, qall_spec, kvb_spec, kvb_spec, call_spec, call_spec,
-              qall_spec, rows_spec, rows_spec]
-  args = [ranges.q_start, ranges.q_end, qp, kp, vp, chi, clo, dop, lsep, dip]
+              qall_spec, rows_spec, rows_spec, rows_spec]
+  args = [ranges.q_start, ranges.q_end, qp, kp, vp, chi, clo, dop, lsep, ddp, gp]
   if has_seg:
     in_specs.append(pl.BlockSpec((None, g.sc), lambda j, b, h: (b, 0)))
     args.append(segp)
