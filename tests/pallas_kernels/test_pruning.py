@@ -441,9 +441,9 @@ def test_strong_gates_prune_most_tiles(impl):
   """Most tiles are pruned, the count says so exactly, and the output stays within the bound."""
   inp = make_inputs(1, 512, 512, 2, 1, 32, jnp.float32, gate="strong", seed=12)
   prune = Pruning(log_tolerance=-10.0)
-  o, stats = forgetting_attention(inp.q, inp.k, inp.v, inp.log_fgate, pruning=prune, impl=impl,
-                                  block_sizes=BLOCKS, interpret=impl == "pallas_gpu",
-                                  return_stats=True)
+  op = jax.jit(functools.partial(forgetting_attention, pruning=prune, impl=impl, block_sizes=BLOCKS,
+                                 interpret=impl == "pallas_gpu", return_stats=True))
+  o, stats = op(inp.q, inp.k, inp.v, inp.log_fgate)
   expected, _ = _tiles_f64(inp.log_fgate, None, 512, 32, 32, _delta(inp, prune))
   np.testing.assert_array_equal(np.asarray(stats.kept_tiles), expected.sum(axis=(2, 3)))
   assert float(stats.kept_fraction()) < 0.3, stats.tile_summary()
