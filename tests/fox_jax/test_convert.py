@@ -97,7 +97,8 @@ def test_missing_tensor(tmp_path):
   d, config, tensors = copy_fixture(tmp_path)
   del tensors["model.layers.1.attn.k_proj.shift_proj.weight"]
   write_checkpoint(d, config, tensors)
-  with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.attn\.k_proj\.shift_proj"):
+  with pytest.raises(ValueError,
+                     match=r"missing tensor 'model\.layers\.1\.attn\.k_proj\.shift_proj"):
     convert.load_authors_checkpoint(str(d))
 
 

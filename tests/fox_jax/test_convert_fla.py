@@ -52,7 +52,8 @@ def _rms(x, weight, eps):
 def _group_norm(self, x, residual=None, prenorm=False, residual_in_fp32=False):
   assert residual is None and not prenorm and self.is_rms_norm and self.bias is None
   groups = x.unflatten(-1, (self.num_groups, -1))  # [..., G, hidden / G]
-  return _rms(groups, self.weight.unflatten(-1, (self.num_groups, -1)), self.eps).flatten(-2).to(x.dtype)
+  weight = self.weight.unflatten(-1, (self.num_groups, -1))  # [G, hidden / G]
+  return _rms(groups, weight, self.eps).flatten(-2).to(x.dtype)
 
 
 def _rms_norm(self, x, residual=None, prenorm=False, residual_in_fp32=False):

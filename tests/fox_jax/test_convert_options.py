@@ -88,7 +88,8 @@ def authors_forward(hf, P, ids):
     x = x + o @ p("attn.o_proj.weight").T
     h = _rms(x, p("mlp_norm.weight"), eps)
     gate_in, up = np.split(h @ p("mlp.gate_proj.weight").T, 2, axis=-1)
-    act = gate_in * _sigmoid(gate_in) if hf.get("hidden_act", "swish") == "swish" else _sigmoid(gate_in)
+    swish = hf.get("hidden_act", "swish") == "swish"
+    act = gate_in * _sigmoid(gate_in) if swish else _sigmoid(gate_in)
     x = x + (act * up) @ p("mlp.down_proj.weight").T
   x = _rms(x, P["model.norm.weight"], eps)
   head = P["model.embeddings.weight"] if hf.get("tie_word_embeddings") else P["lm_head.weight"]
