@@ -496,17 +496,20 @@ def _to_numpy(t) -> np.ndarray:
 
 # -- converted checkpoints ----------------------------------------------------------------
 
-def save_converted(out_dir: str, cfg: ModelConfig, model: DecoderLM) -> None:
+def save_converted(out_dir: str, cfg: ModelConfig, model: DecoderLM, *,
+                   overwrite: bool = False) -> None:
   """Writes ``model_config.json`` and an orbax checkpoint ``params`` (parameters and
   constants, as nested dicts of arrays) into ``out_dir``."""
   import orbax.checkpoint as ocp
   out_dir = os.path.abspath(out_dir)
+  if os.path.exists(os.path.join(out_dir, "params")) and not overwrite:
+    raise ValueError(f"{out_dir} already holds converted params (overwrite to replace them)")
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "model_config.json"), "w") as f:
     json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
   state = nnx.to_pure_dict(nnx.state(model, (nnx.Param, Constant)))
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(out_dir, "params"), state)
+    ckptr.save(os.path.join(out_dir, "params"), state, force=overwrite)
 
 
 def load_converted(out_dir: str, **overrides) -> tuple[ModelConfig, DecoderLM]:
@@ -538,6 +541,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("output_dir", help="where to write model_config.json and params/")
   parser.add_argument("--attn-impl", default=None, help="ModelConfig.attn_impl to record "
                       "(auto, xla, reference, pallas_gpu; default: auto)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace a conversion already in OUTPUT_DIR")
   args = parser.parse_args(argv)
   overrides = {} if args.attn_impl is None else dict(attn_impl=args.attn_impl)
   try:
@@ -545,10 +550,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     loader = (load_fla_checkpoint if hf.get("model_type") == FLA_MODEL_TYPE
               else load_authors_checkpoint)
     cfg, model = loader(args.checkpoint_dir, **overrides)
+    save_converted(args.output_dir, cfg, model, overwrite=args.overwrite)
   except ValueError as e:
     print(f"fox-convert: {e}", file=sys.stderr)
     return 2
-  save_converted(args.output_dir, cfg, model)
   n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
   print(f"fox-convert: {n:,} parameters ({cfg.num_layers} layers, d_model {cfg.d_model}, "
         f"forget gate {cfg.forget_gate!r}) -> {os.path.abspath(args.output_dir)}")

@@ -205,6 +205,9 @@ def test_cli_roundtrip(tmp_path, capsys):
   out = tmp_path / "converted"
   assert convert.main([src, str(out), "--attn-impl", "reference"]) == 0
   assert "fox-convert:" in capsys.readouterr().out
+  assert convert.main([src, str(out)]) == 2
+  assert "already holds converted params" in capsys.readouterr().err
+  assert convert.main([src, str(out), "--attn-impl", "reference", "--overwrite"]) == 0
   cfg, model = convert.load_converted(str(out))
   assert cfg.attn_impl == "reference" and cfg.rope and cfg.forget_gate == "none"
   expected = load_file(os.path.join(src, "expected.safetensors"))
