@@ -9,7 +9,8 @@ the cumulative gate ``c`` (a double-float pair, see ``common``):
            interpret) -> dq, dk, dv, dc [B, S, Hq] f32
 
 with di = rowsum(o * do) - dlse [B, Hq, T] (a module with ``BACKWARD_TAKES_DLSE = True`` also
-gets ``dlse=`` [B, Hq, T] f32 and may form dS without di). The kernel's dc is minus the column sums of
+gets ``dlse=`` [B, Hq, T] f32, may form dS without di, and returns the whole dc: row sums
+minus column sums). The kernel's dc is minus the column sums of
 dS. Its row sums are sum_j dS_ij = dlse_i exactly (softmax rows are shift invariant), so
 they are added here rather than summed in the kernel, and dlog_f is the reverse cumsum of dc.
 """
@@ -194,11 +195,13 @@ def _attention_bwd(cfg, res, cotangents):
   module = _module(cfg.impl)
   # A kernel that forms dS without the rounded output's di (precise under strong forgetting,
   # where dP_ii - di_i cancels) declares BACKWARD_TAKES_DLSE and gets dlse itself.
-  extra = {"dlse": dlse.astype(jnp.float32)} if getattr(module, "BACKWARD_TAKES_DLSE", False) else {}
+  takes_dlse = getattr(module, "BACKWARD_TAKES_DLSE", False)
+  extra = {"dlse": dlse.astype(jnp.float32)} if takes_dlse else {}
   dq, dk, dv, dc = module.backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse,
                                    do.astype(q.dtype), di, **_kwargs(cfg), **extra)
-  # Row sums of dS: exactly dlse at each query position.
-  dc = dc.at[:, S - T:, :].add(dlse.transpose(0, 2, 1).astype(jnp.float32))
+  if not takes_dlse:
+    # Row sums of dS: exactly dlse at each query position.
+    dc = dc.at[:, S - T:, :].add(dlse.transpose(0, 2, 1).astype(jnp.float32))
   dlog_f = common.reverse_cumsum(dc, axis=1)
   return dq, dk, dv, dlog_f, None, None
 
