@@ -22,10 +22,15 @@ def _randomise_gains(model, seed):
   """Norm scales and gate biases away from their init values, so that each one matters."""
   rng = np.random.default_rng(seed)
   for path, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Param) and path[-1] in ("scale", "bias", "fgate_bias"):
-      var[...] = jnp.asarray(rng.uniform(0.5, 1.5, var.shape) * np.sign(rng.normal(size=var.shape)),
-                             var.dtype) if path[-1] == "scale" else jnp.asarray(
-                                 rng.normal(1.0, 2.0, var.shape), var.dtype)
+    if not isinstance(var, nnx.Variable):
+      continue
+    if path[-1] == "scale":  # magnitudes in [0.5, 1.5] with random signs
+      value = rng.uniform(0.5, 1.5, var.shape) * rng.choice([-1.0, 1.0], var.shape)
+    elif path[-1] in ("bias", "fgate_bias"):  # forget gates from ~0.2 to ~1
+      value = rng.normal(1.0, 2.0, var.shape)
+    else:
+      continue
+    var[...] = jnp.asarray(value, var.dtype)
 
 
 @nnx.jit
@@ -37,13 +42,18 @@ _prefill = nnx.jit(decode.prefill)
 _step = nnx.jit(decode.decode_step)
 
 
-# One case per preset family; GQA on two of them. Prefill in two chunks (an empty cache, then
-# a non-empty one), then single steps.
-@pytest.mark.parametrize("name, kv_heads", [("fox_pro_tiny", 2), ("fox_llama_tiny", 4),
-                                            ("transformer_pro_tiny", 4),
-                                            ("transformer_llama_tiny", 1)])
-def test_cached_decoding_matches_full_forward(name, kv_heads):
-  cfg = get_preset(name, attn_impl=IMPL, num_kv_heads=kv_heads, dtype="float32")
+# One case per preset family, with GQA, shared QK-norm scales, tied embeddings and a fixed
+# gate spread over the cases. Prefill in two chunks (an empty cache, then a non-empty one),
+# then single steps.
+@pytest.mark.parametrize("name, overrides", [
+    ("fox_pro_tiny", dict(num_kv_heads=2, qk_norm_shared_across_heads=True)),
+    ("fox_llama_tiny", dict(forget_gate="fixed", decay_time_min=1.0, decay_time_max=50.0)),
+    ("transformer_pro_tiny", dict(tie_embeddings=True)),
+    ("transformer_llama_tiny", dict(num_kv_heads=1)),
+], ids=["fox_pro-HKV2-shared_qk_norm", "fox_llama-fixed_gate", "transformer_pro-tied",
+        "transformer_llama-HKV1"])
+def test_cached_decoding_matches_full_forward(name, overrides):
+  cfg = get_preset(name, attn_impl=IMPL, dtype="float32", **overrides)
   model = DecoderLM(cfg, rngs=nnx.Rngs(0))
   _randomise_gains(model, seed=1)
   B, T, P1, P2 = 2, 13, 4, 4
