@@ -241,7 +241,7 @@ def _check_guarantee(got: dict, full: dict, inp: Inputs, eps: float, allowance: 
     err = np.abs(got[name] - full[name])  # [B, S, Hkv, D]
     l1 = bd[name + "_l1"][:, None]  # [B, 1, Hkv, D]
     if allowance == 0:
-      err, l1 = err.sum(axis=1, keepdims=True), l1
+      err = err.sum(axis=1, keepdims=True)
     slack = l1 + allowance * np.abs(full[name]).max() + 1e-12
     worst = np.max(err - slack)
     assert worst <= 0, f"{name}: error exceeds the ACP bound by {worst:.3g}"
@@ -314,6 +314,17 @@ def test_threshold_qknorm_bounds_normalised_inputs(dtype):
   assert np.all(logits >= 0.9 * u), "the test inputs should come close to the bound"
   explicit = pruning.qk_bound(q, k, Pruning(qk_bound=2.5), 1.0)
   np.testing.assert_array_equal(np.asarray(explicit), np.full((1, 4), 2.5, np.float32))
+
+
+def test_stats_helpers():
+  stats = common.AttentionStats(jnp.zeros((2, 3, 5)), jnp.asarray([[1, 2, 3], [4, 5, 6]]),
+                                jnp.full((2, 3), 6))
+  assert float(stats.kept_fraction()) == pytest.approx(21 / 36)
+  np.testing.assert_allclose(np.asarray(stats.kept_fraction(per_head=True)),
+                             np.asarray([[1, 2, 3], [4, 5, 6]]) / 6)
+  assert stats.tile_summary() == "kept 21 of 36 tiles (58.3%)"
+  with pytest.raises(ValueError, match="not 'reference'"):
+    common.AttentionStats(jnp.zeros((2, 3, 5))).kept_fraction()
 
 
 # ------------------------------------------------------------------ tile ranges and counts
