@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,6 +25,8 @@ _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps
 def _train(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Orbax reports every save at INFO; the progress bar and metrics.jsonl say enough.
+  logging.set_verbosity(logging.WARNING)
   from fox_jax import train as train_lib
   workdir = _WORKDIR.value
   if workdir is None:
@@ -60,6 +62,7 @@ def eval_main(argv=None):
                       help="directory for comparison.png, comparison.json and report.md "
                       "(default: the first run's eval directory)")
   args = parser.parse_args(argv)
+  logging.set_verbosity(logging.WARNING)
   from fox_jax import evaluate
   out = args.out or os.path.join(args.runs[0], "eval")
   results = evaluate.compare(args.runs, out)

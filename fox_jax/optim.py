@@ -24,8 +24,9 @@ def lr_schedule(peak_lr: float, warmup_tokens: float, total_tokens: float,
   decay = max(float(total_tokens) - warmup, 1.0)
 
   def schedule(count):
-    # Tokens seen once this update is applied: warmup never starts at exactly lr = 0.
-    tokens = (jnp.asarray(count, jnp.float32) + 1.0) * tokens_per_step
+    # The middle of this update's tokens: neither the first update (warmup) nor the last
+    # (cosine end) gets a learning rate of exactly zero.
+    tokens = (jnp.asarray(count, jnp.float32) + 0.5) * tokens_per_step
     warm = peak_lr * tokens / max(warmup, 1.0)
     progress = jnp.clip((tokens - warmup) / decay, 0.0, 1.0)
     cosine = 0.5 * peak_lr * (1.0 + jnp.cos(jnp.pi * progress))

@@ -142,7 +142,3 @@ def activation_rules(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[None]:
   with jax.set_mesh(mesh), nn_partitioning.axis_rules(rules):
     yield
 
-
-def global_batch_from_local(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A global array from this process' rows (all rows on a single process)."""
-  return jax.make_array_from_process_local_data(sharding, local)

@@ -253,11 +253,28 @@ def make_eval_fn(setup: Setup) -> Callable:
   return run
 
 
-def device_batch(setup: Setup, rows: Batch, micro: int) -> Batch:
-  """Host rows [N, T] -> global arrays [micro, N / micro, T] on the batch sharding."""
+def local_row_range(setup: Setup, global_batch: int, micro: int, seq_len: int) -> tuple[int, int]:
+  """[lo, hi): the rows of each micro-batch that this process's devices hold.
+
+  On one process that is every row; with several, each host reads only its share.
+  """
+  shape = (micro, global_batch // micro, seq_len)
+  index = setup.batch_sharding().addressable_devices_indices_map(shape)
+  lo = min(idx[1].start or 0 for idx in index.values())
+  hi = max(shape[1] if idx[1].stop is None else idx[1].stop for idx in index.values())
+  return lo, hi
+
+
+def load_batch(setup: Setup, dataset: PackedDataset, position: int, global_batch: int,
+               micro: int) -> Batch:
+  """Rows position .. position + global_batch - 1 as global arrays [micro, B / micro, T]."""
+  T = dataset.seq_len
+  per_micro = global_batch // micro
+  lo, hi = local_row_range(setup, global_batch, micro, T)
+  parts = [dataset.rows(position + a * per_micro + lo, hi - lo) for a in range(micro)]
   sh = setup.batch_sharding()
-  return Batch(*(sharding.global_batch_from_local(
-      x.reshape(micro, -1, x.shape[-1]), sh) for x in rows))
+  return Batch(*(jax.make_array_from_process_local_data(
+      sh, np.stack(field), (micro, per_micro, T)) for field in zip(*parts)))
 
 
 def validation_loss(setup: Setup, eval_fn, params, dataset: PackedDataset, rows: int,
@@ -365,8 +382,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, max_steps: Optional[int
         if stop.received:
           status = "preempted"
           break
-        rows = train_data.rows(position, B)
-        state, m = step_fn(state, device_batch(setup, rows, micro))
+        state, m = step_fn(state, load_batch(setup, train_data, position, B, micro))
         if not bool(m["finite"]):
           save(step, state)
           checkpointer.wait()

@@ -63,11 +63,11 @@ def test_sharded_step_matches_one_device(impl):
   s8 = train_lib.build(c8, jax.devices())
   s1 = train_lib.build(c1, jax.devices()[:1])
   host_state = jax.device_get(train_lib.init_state(s8, seed=0))
-  rows = PackedDataset(corpus_from_config(c1.data, "train"), 32, 0).rows(0, 8)
+  data = PackedDataset(corpus_from_config(c1.data, "train"), 32, 0)
   results = []
   for setup in (s8, s1):
     state = jax.device_put(host_state, setup.state_shardings)
-    state, metrics = setup.train_step(state, train_lib.device_batch(setup, rows, 1))
+    state, metrics = setup.train_step(state, train_lib.load_batch(setup, data, 0, 8, 1))
     results.append((state, jax.device_get(metrics)))
   (state8, m8), (state1, m1) = results
   kernel = state8["params"]["layers"][0]["mlp"]["up_proj"]["kernel"]

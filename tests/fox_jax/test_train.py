@@ -113,11 +113,10 @@ def test_grad_accumulation_matches_one_big_batch():
   c2.optim.grad_accum = 2
   s1, s2 = train_lib.build(c1, one_device()), train_lib.build(c2, one_device())
   data = PackedDataset(corpus_from_config(c1.data, "train"), c1.data.seq_len, 0)
-  rows = data.rows(0, 4)
   out = []
   for setup, micro in ((s1, 1), (s2, 2)):
     state = train_lib.init_state(setup, 0)
-    state, m = setup.train_step(state, train_lib.device_batch(setup, rows, micro))
+    state, m = setup.train_step(state, train_lib.load_batch(setup, data, 0, 4, micro))
     out.append((jax.device_get(state["params"]), float(m["loss"])))
   assert_close(out[1][1], out[0][1], jnp.float32, "loss")
   for a, b in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[0][0])):
@@ -127,12 +126,15 @@ def test_grad_accumulation_matches_one_big_batch():
 def test_schedule_warmup_then_cosine_to_zero_in_tokens():
   sched = optim.lr_schedule(1e-3, warmup_tokens=400, total_tokens=2000, tokens_per_step=100)
   lrs = np.array([float(sched(i)) for i in range(20)])
-  np.testing.assert_allclose(lrs[:3], [2.5e-4, 5e-4, 7.5e-4], rtol=1e-6)
-  assert lrs[3] == pytest.approx(1e-3)
-  assert np.all(np.diff(lrs[3:]) < 0) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+  # Step i is valued at the middle of its tokens, (i + 0.5) * 100.
+  np.testing.assert_allclose(lrs[:4], [1.25e-4, 3.75e-4, 6.25e-4, 8.75e-4], rtol=1e-6)
+  progress = (np.arange(4, 20) + 0.5 - 4) * 100 / 1600
+  np.testing.assert_allclose(lrs[4:], 0.5e-3 * (1 + np.cos(np.pi * progress)), rtol=1e-5)
+  assert 0 < lrs[-1] < 1e-5 and float(sched(20)) == 0.0
   # Doubling the batch halves the steps, not the shape over tokens.
   sched2 = optim.lr_schedule(1e-3, warmup_tokens=400, total_tokens=2000, tokens_per_step=200)
-  np.testing.assert_allclose([float(sched2(i)) for i in range(10)], lrs[1::2], rtol=1e-5)
+  np.testing.assert_allclose([float(sched2(k)) for k in range(10)],
+                             [float(sched(2 * k + 0.5)) for k in range(10)], rtol=1e-5)
 
 
 def test_weight_decay_mask_skips_biases_norms_and_gate_biases():
@@ -157,3 +159,18 @@ def test_bf16_compute_keeps_float32_params_and_optimizer_state():
   leaves = jax.tree.leaves(setup.abstract_state["params"]) + jax.tree.leaves(
       setup.abstract_state["opt_state"])
   assert all(x.dtype in (jnp.float32, jnp.int32) for x in leaves)
+
+
+@pytest.mark.slow
+def test_metrics_with_pruning_log_kept_tile_fraction(tmp_path):
+  c = tiny_config(steps=2, seq_len=128, batch=2, attn_impl="xla")
+  c.model.overrides.pruning = {"log_tolerance": -10.0, "qk_bound": "auto"}
+  c.model.overrides.block_sizes = {"block_q": 32, "block_k": 32}
+  train_lib.train(c, str(tmp_path), devices=one_device())
+  lines = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
+  steps = [l for l in lines if "loss" in l]
+  assert [l["step"] for l in steps] == [1, 2]
+  for l in steps:
+    assert 0.0 < l["kept_tile_fraction"] <= 1.0
+    assert l["tokens_per_s"] > 0 and l["grad_norm"] > 0 and l["lr"] > 0
+  assert os.listdir(os.path.join(tmp_path, "tensorboard"))
