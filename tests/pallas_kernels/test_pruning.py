@@ -465,3 +465,23 @@ def test_strong_gates_prune_most_tiles(impl):
   bound = 2 * _eps(prune) * np.abs(np.asarray(inp.v, np.float64)).max()
   err = np.abs(np.asarray(o, np.float64) - full)
   assert np.max(err) <= bound + TOLERANCES["float32"][1] * np.abs(full).max()
+
+
+@pytest.mark.parametrize("impl", BLOCKWISE)
+def test_pruned_cache_gets_exactly_zero_gradient(impl):
+  """A gate just below delta at the first query prunes every cached key's tile: those keys
+  carry weights ~exp(delta), far from zero in float32, yet must get dK = dV = 0 exactly, and
+  the output must be attention over the last T keys."""
+  T, S = 64, 160
+  inp = make_inputs(1, T, S, 2, 1, 32, jnp.float32, gate="weak", seed=13)
+  prune = Pruning(log_tolerance=-10.0)
+  lf = np.asarray(inp.log_fgate).copy()
+  lf[:, S - T] = _delta(inp, prune).min() - 1.0
+  inp = inp._replace(log_fgate=jnp.asarray(lf))
+  unpruned, _ = _op_grads(inp, None, impl, interpret=impl == "pallas_gpu")
+  assert np.all(np.abs(unpruned["dv"][:, :S - T]).max(axis=-1) > 0)
+  got, stats = _op_grads(inp, prune, impl, interpret=impl == "pallas_gpu")
+  assert not np.any(got["dk"][:, :S - T]) and not np.any(got["dv"][:, :S - T])
+  np.testing.assert_array_equal(np.asarray(stats.kept_tiles), pruning.causal_tiles(T, T, 32, 32))
+  recent = inp._replace(k=inp.k[:, S - T:], v=inp.v[:, S - T:], log_fgate=inp.log_fgate[:, S - T:])
+  assert_close(got["o"], reference_f64(recent, grads=False)["o"], jnp.float32, "o")
