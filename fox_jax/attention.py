@@ -180,14 +180,15 @@ class ForgettingAttention(nnx.Module):
                positions: Optional[jax.Array] = None) -> jax.Array:
     """x [B, T, d] -> [B, T, d]."""
     if positions is None:
-      positions = _default_positions(x.shape[0], x.shape[1], segment_ids)
+      positions = default_positions(x.shape[0], x.shape[1], segment_ids)
     q, k, v, log_fgate, _ = self.qkv(x, positions=positions, segment_ids=segment_ids)
     o = self.attend(q, k, v, log_fgate, segment_ids)  # [B, T, Hq, D]
     o = constrain(o, Q_AXES)
     return self.output(o, x)
 
 
-def _default_positions(B: int, T: int, segment_ids: Optional[jax.Array]) -> jax.Array:
+def default_positions(B: int, T: int, segment_ids: Optional[jax.Array]) -> jax.Array:
+  """RoPE positions [B, T]: the index within each packed document, or 0..T-1 without segments."""
   if segment_ids is not None:
     return segment_positions(segment_ids)
   return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fox_jax.attention import ForgettingAttention, _default_positions
+from fox_jax.attention import ForgettingAttention, default_positions
 from fox_jax.config import ModelConfig
 from fox_jax.layers import Embed, Projection, RMSNorm, SwiGLU, constrain
 
@@ -115,7 +115,7 @@ class DecoderLM(nnx.Module):
     """
     B, T = input_ids.shape
     if positions is None:
-      positions = _default_positions(B, T, segment_ids)
+      positions = default_positions(B, T, segment_ids)
     x = constrain(self.embed(input_ids), EMBED_AXES)  # [B, T, d]
     forward = nnx.remat(_block_forward) if self.cfg.remat else _block_forward
     for block in self.layers:
