@@ -35,7 +35,7 @@ from fox_jax.config import ModelConfig
 from fox_jax.layers import constrain
 from fox_jax.model import DecoderLM
 from pallas_kernels.forgetting_attention.api import forgetting_attention
-from pallas_kernels.forgetting_attention.common import compensated_cumsum
+from pallas_kernels.forgetting_attention.common import add_pairs, compensated_cumsum
 
 
 class LayerCache(NamedTuple):
@@ -70,18 +70,6 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Cache:
       c_hi=f32(B, S, Hq), c_lo=f32(B, S, Hq), c_run_hi=f32(B, Hq), c_run_lo=f32(B, Hq),
       k_shift=shift(cfg.k_shift), v_shift=shift(cfg.v_shift))
   return Cache(tuple(layer() for _ in range(cfg.num_layers)), jnp.zeros((), jnp.int32))
-
-
-def _two_sum(a, b):
-  s = a + b
-  bb = s - a
-  return s, (a - (s - bb)) + (b - bb)
-
-
-def add_pairs(a_hi, a_lo, b_hi, b_lo):
-  """(a_hi + a_lo) + (b_hi + b_lo) as a renormalised double-float pair."""
-  s, e = _two_sum(a_hi, b_hi)
-  return _two_sum(s, e + (a_lo + b_lo))
 
 
 def _write(buf, new, index):

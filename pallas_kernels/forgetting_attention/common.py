@@ -34,14 +34,20 @@ def compensated_cumsum(x: jax.Array, axis: int = 1) -> tuple[jax.Array, jax.Arra
   x = x.astype(jnp.float32)
 
   def combine(left, right):
-    lh, ll = left
-    rh, rl = right
-    s, e = _two_sum(lh, rh)
-    e = e + (ll + rl)
-    hi, lo = _two_sum(s, e)
-    return hi, lo
+    return add_pairs(*left, *right)
 
   return jax.lax.associative_scan(combine, (x, jnp.zeros_like(x)), axis=axis)
+
+
+def add_pairs(a_hi, a_lo, b_hi, b_lo) -> tuple[jax.Array, jax.Array]:
+  """(a_hi + a_lo) + (b_hi + b_lo) as a renormalised double-float pair (hi, lo).
+
+  The step of ``compensated_cumsum``; also how a running c is extended one token at a time
+  (cached decoding) without ever recomputing the cumsum.
+  """
+  s, e = _two_sum(a_hi, b_hi)
+  e = e + (a_lo + b_lo)
+  return _two_sum(s, e)
 
 
 def reverse_cumsum(x: jax.Array, axis: int = 1) -> jax.Array:

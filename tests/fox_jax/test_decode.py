@@ -9,6 +9,7 @@ from flax import nnx
 from fox_jax import decode
 from fox_jax.config import get_preset
 from fox_jax.model import DecoderLM
+from pallas_kernels.forgetting_attention.common import add_pairs
 from tests.tolerances import assert_close
 
 IMPL = "xla"
@@ -100,7 +101,7 @@ def test_running_c_pairs_track_float64_cumsum():
   log_f = -rng.uniform(1.0, 9.0, size=(10_000, 3)).astype(np.float32)
 
   def body(c, lf):
-    c = decode.add_pairs(c[0], c[1], lf, jnp.zeros_like(lf))
+    c = add_pairs(c[0], c[1], lf, jnp.zeros_like(lf))
     return c, c
 
   zeros = jnp.zeros((3,), jnp.float32)
