@@ -115,10 +115,10 @@ def fla_fns(q, k, v, lf, do):
   """fla's fwd and fwd+bwd closures on torch copies of the inputs."""
   import torch
   from fla.ops.forgetting_attn import parallel_forgetting_attn
-  t = lambda x, g=False: torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(
+  t = lambda x, g=False: torch.from_numpy(np.array(x.astype(jnp.float32))).cuda().to(
       torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32).requires_grad_(g)
   tq, tk, tv = t(q, True), t(k, True), t(v, True)
-  tg = torch.from_numpy(np.asarray(lf)).cuda().requires_grad_(True)
+  tg = torch.from_numpy(np.array(lf)).cuda().requires_grad_(True)
   tdo = t(do)
   scale = q.shape[-1] ** -0.5
 
@@ -173,7 +173,8 @@ def verify(impl, dtype, D, use_fla):
   ref = [ro, *rvjp(up(do))]
   if impl == "fla":
     fwd, fwd_bwd = fla_fns(q, k, v, lf, do)
-    got = [fwd().float().cpu().numpy(), *[g.float().cpu().numpy() for g in fwd_bwd()]]
+    got = [fwd().detach().float().cpu().numpy(),
+           *[g.detach().float().cpu().numpy() for g in fwd_bwd()]]
   else:
     f, fb = jax_attention(impl)
     got = [f(q, k, v, lf), *fb(q, k, v, lf, do)]
@@ -227,8 +228,8 @@ def speed_table(args, impls, use_fla):
           print(f"| {impl} | {T} | {D} | {B} | {H} | error: {type(e).__name__}: {str(e)[:120]} | | | |")
           continue
         rows.append((impl, T, D, tf, tb))
-        print(f"| {impl} | {T} | {D} | {B} | {H} | {tf * 1e3:.3f} | {fl / tf / 1e12:.1f} | "
-              f"{tb * 1e3:.3f} | {3.5 * fl / tb / 1e12:.1f} |", flush=True)
+        print(f"| {impl} | {T} | {D} | {B} | {H} | {tf * 1e3:.3f} | {fl / tf / 1e12:.3g} | "
+              f"{tb * 1e3:.3f} | {3.5 * fl / tb / 1e12:.3g} |", flush=True)
   return rows
 
 

@@ -48,10 +48,17 @@ _MIN_BLOCK = 16
 
 
 def default_block_sizes(head_dim: int) -> BlockSizes:
-  """Tiles and launch parameters tuned on an H100 (bf16) per head dim; see benchmarks/NOTES.md."""
+  """Tiles tuned on an H100 (bf16, T = 16k) per head dim; see benchmarks/NOTES.md.
+
+  With num_warps / num_stages left to ``_warps`` / ``_stages`` this gives 4 warps and 3
+  stages for D <= 64 and 8 warps and 2 stages for D = 128 (80 and 96 are padded to 128).
+  Head dims above 128 get smaller tiles to stay inside shared memory and registers.
+  """
   if head_dim <= 64:
     return BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
-  return BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+  if head_dim <= 128:
+    return BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=64)
+  return BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=32)
 
 
 def _launch(num_warps: int, num_stages: int):

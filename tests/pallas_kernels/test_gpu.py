@@ -67,6 +67,7 @@ if ON_GPU:
       (2, 1000, 1000, 4, 2, 128, jnp.bfloat16, "spread", 0),
       (1, 2048, 2048, 4, 4, 64, jnp.float32, "medium", 5),
       (1, 777, 1500, 8, 2, 128, jnp.float16, "weak", 2),
+      (1, 512, 512, 2, 1, 256, jnp.bfloat16, "medium", 0),
   ]
 
 
