@@ -17,6 +17,7 @@ D_ts = (c_hi_t - c_hi_s) + (c_lo_t - c_lo_s), exact in its leading digits for ne
 that the new tokens come last, and unused slots get another segment id, so the op never
 attends to them. ``decode_step`` appends one token: a dot with every cached key, O(max_len).
 ``generate`` runs both under ``jax.jit`` with greedy or temperature / top-k sampling.
+ACP pruning, when configured, applies to the prefill; a step attends to every cached key.
 
 All rows of a batch share one length (prompts of equal length).
 """
@@ -104,7 +105,7 @@ def _prefill_attention(cfg: ModelConfig, q, lc: LayerCache, end):
                               block_sizes=cfg.block_sizes)
 
 
-def _step_attention(cfg: ModelConfig, q, lc: LayerCache, index):
+def _step_attention(q, lc: LayerCache, index):
   """One query [B, 1, Hq, D] at position ``index`` against the cached keys [0, index]."""
   B, _, Hq, D = q.shape
   S, Hkv = lc.k.shape[1], lc.k.shape[2]
@@ -154,7 +155,7 @@ def decode_step(model: DecoderLM, ids: jax.Array, cache: Cache) -> tuple[jax.Arr
   """Appends one token per row, ``ids`` [B]; returns its logits [B, V] float32."""
   index = cache.length
   logits, cache = _run(model, ids[:, None], cache,
-                       lambda q, lc: _step_attention(model.cfg, q, lc, index))
+                       lambda q, lc: _step_attention(q, lc, index))
   return logits[:, 0], cache
 
 
