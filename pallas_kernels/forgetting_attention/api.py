@@ -8,11 +8,12 @@ the cumulative gate ``c`` (a double-float pair, see ``common``):
   backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale, block_sizes,
            interpret) -> dq, dk, dv, dc [B, S, Hq] f32
 
-with di = rowsum(o * do) - dlse [B, Hq, T] (a module with ``BACKWARD_TAKES_DLSE = True`` also
-gets ``dlse=`` [B, Hq, T] f32, may form dS without di, and returns the whole dc: row sums
-minus column sums). The kernel's dc is minus the column sums of
+with di = rowsum(o * do) - dlse [B, Hq, T]. The kernel's dc is minus the column sums of
 dS. Its row sums are sum_j dS_ij = dlse_i exactly (softmax rows are shift invariant), so
 they are added here rather than summed in the kernel, and dlog_f is the reverse cumsum of dc.
+Two opt-ins for precision under strong forgetting: a module with ``BACKWARD_TAKES_DLSE =
+True`` also gets ``dlse=`` [B, Hq, T] f32 and may form dS without di; one with
+``BACKWARD_RETURNS_ROW_SUMS = True`` returns the whole dc, row sums included.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def _attention_bwd(cfg, res, cotangents):
   extra = {"dlse": dlse.astype(jnp.float32)} if takes_dlse else {}
   dq, dk, dv, dc = module.backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse,
                                    do.astype(q.dtype), di, **_kwargs(cfg), **extra)
-  if not takes_dlse:
+  if not getattr(module, "BACKWARD_RETURNS_ROW_SUMS", False):
     # Row sums of dS: exactly dlse at each query position.
     dc = dc.at[:, S - T:, :].add(dlse.transpose(0, 2, 1).astype(jnp.float32))
   dlog_f = common.reverse_cumsum(dc, axis=1)

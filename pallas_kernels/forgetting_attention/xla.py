@@ -36,8 +36,9 @@ from pallas_kernels.forgetting_attention import pruning
 from pallas_kernels.forgetting_attention.common import BlockSizes
 
 # ``backward`` forms dS from dlse and its own row term, not from api's di, and returns the
-# whole dc, row sums included (see its docstring).
+# whole dc, row sums included, each without the diagonal of dS (see its docstring).
 BACKWARD_TAKES_DLSE = True
+BACKWARD_RETURNS_ROW_SUMS = True
 
 
 def default_block_sizes(head_dim: int) -> BlockSizes:
