@@ -33,13 +33,16 @@ def per_token_loss(eval_fn, params, windows: Batch, batch_size: int) -> np.ndarr
 
 
 def smooth(x: np.ndarray, window: int) -> np.ndarray:
-  """Centred moving average; the window shrinks near the ends instead of padding."""
+  """Centred moving average over ``window`` points, narrower near the ends.
+
+  At index i the half-width is min(window // 2, i // 2): the first positions, which a
+  log-scaled axis spreads out and where loss changes fastest, are barely averaged.
+  """
   x = np.asarray(x, np.float64)
-  window = max(1, min(int(window), len(x)))
-  half = window // 2
   csum = np.concatenate([[0.0], np.cumsum(x)])
   idx = np.arange(len(x))
-  lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, len(x))
+  half = np.minimum(max(int(window), 1) // 2, idx // 2)
+  lo, hi = idx - half, np.minimum(idx + half + 1, len(x))
   return (csum[hi] - csum[lo]) / (hi - lo)
 
 
@@ -112,7 +115,7 @@ def plot(results: Sequence[dict], path: str) -> None:
   ax.set_xlabel("token position (dashed: training length)")
   ax.set_ylabel("loss (nats / byte)")
   smooth_w = sorted({r["smooth"] for r in results})
-  ax.set_title(f"Held-out loss vs position (moving average over {smooth_w[0]} tokens)")
+  ax.set_title(f"Held-out loss vs position (moving average over up to {smooth_w[0]} tokens)")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()
   fig.tight_layout()

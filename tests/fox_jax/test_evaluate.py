@@ -14,11 +14,15 @@ from tests.fox_jax.test_train import tiny_config
 
 
 def test_smooth_is_a_centred_moving_average():
-  x = np.arange(10, dtype=np.float64)
-  np.testing.assert_allclose(evaluate.smooth(x, 3)[1:-1], x[1:-1])
-  assert evaluate.smooth(x, 3)[0] == pytest.approx(0.5)
-  np.testing.assert_allclose(evaluate.smooth(x, 1), x)
-  assert evaluate.smooth([1.0, 3.0], 101).tolist() == [2.0, 2.0]
+  ramp = np.arange(400, dtype=np.float64)
+  # A centred average leaves a straight line unchanged away from the right end.
+  np.testing.assert_allclose(evaluate.smooth(ramp, 101)[:350], ramp[:350])
+  noise = np.random.default_rng(0).normal(size=400)
+  got = evaluate.smooth(noise, 101)
+  assert got[0] == noise[0] and got[3] == pytest.approx(noise[2:5].mean())
+  assert got[200] == pytest.approx(noise[150:251].mean())
+  assert got[-1] == pytest.approx(noise[-51:].mean())
+  np.testing.assert_allclose(evaluate.smooth(noise, 1), noise)
 
 
 def test_eval_writes_json_png_and_report(tmp_path):
