@@ -65,8 +65,13 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(optim_cfg, tokens_per_step: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optimizer, schedule) from an ``optim`` config block."""
-  schedule = lr_schedule(optim_cfg.peak_lr, optim_cfg.warmup_tokens, optim_cfg.total_tokens,
+  """(optimizer, schedule) from an ``optim`` config block.
+
+  The run takes whole steps, ceil(total_tokens / tokens_per_step) of them; the cosine ends
+  with the last one.
+  """
+  steps = -(-int(optim_cfg.total_tokens) // tokens_per_step)
+  schedule = lr_schedule(optim_cfg.peak_lr, optim_cfg.warmup_tokens, steps * tokens_per_step,
                          tokens_per_step)
   tx = optax.chain(
       optax.clip_by_global_norm(optim_cfg.clip_norm),

@@ -38,6 +38,7 @@ from fox_jax import run_config
 from fox_jax import sharding
 from fox_jax.config import ModelConfig, get_preset
 from fox_jax.data import Batch, PackedDataset, corpus_from_config
+from fox_jax.model import DecoderLM
 
 
 class NonFiniteError(RuntimeError):
@@ -53,11 +54,6 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
   """The ModelConfig named by ``c.model`` (preset plus overrides)."""
   overrides = c.model.overrides.to_dict() if c.model.get("overrides") else {}
   return get_preset(c.model.preset, **overrides)
-
-
-def _model_class():
-  from fox_jax.model import DecoderLM
-  return DecoderLM
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -133,11 +129,12 @@ def _build(c: ml_collections.ConfigDict, devices) -> Setup:
   run_config.validate(c)
   mcfg = model_config(c)
   mesh = sharding.make_mesh(c.mesh.to_dict(), devices)
-  DecoderLM = _model_class()
   with sharding.activation_rules(mesh):
     abstract_model = nnx.eval_shape(lambda: DecoderLM(mcfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
-  rest = jax.tree.map(lambda x: x, rest)
+    # Non-trainable state (e.g. a 'fixed' forget gate's constants) is needed as values;
+    # XLA drops the unused parameter initialisers from this function.
+    rest = jax.jit(lambda: nnx.split(DecoderLM(mcfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2])()
+  graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
   param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
   pure_params = nnx.to_pure_dict(abstract_params)
   tx, schedule = optim.make_optimizer(c.optim, run_config.tokens_per_step(c))
@@ -164,7 +161,6 @@ def _build(c: ml_collections.ConfigDict, devices) -> Setup:
 
 def init_state(setup: Setup, seed: int) -> dict:
   """A fresh train state, created directly in its shardings."""
-  DecoderLM = _model_class()
 
   def init(key):
     init_key, rng = jax.random.split(key)

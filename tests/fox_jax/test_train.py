@@ -153,6 +153,16 @@ def test_weight_decay_mask_skips_biases_norms_and_gate_biases():
   assert not flat["layers/0/attn/fgate_bias"]
 
 
+def test_fixed_gate_constants_reach_the_step():
+  """A 'fixed' forget gate is non-trainable state: it must be a value inside the step."""
+  c = tiny_config(steps=1, forget_gate="fixed", decay_time_min=2.0, decay_time_max=64.0)
+  setup = train_lib.build(c, one_device())
+  data = PackedDataset(corpus_from_config(c.data, "train"), c.data.seq_len, 0)
+  state = train_lib.init_state(setup, 0)
+  _, m = setup.train_step(state, train_lib.load_batch(setup, data, 0, 4, 1))
+  assert bool(m["finite"]) and 0 < float(m["loss"]) < 10
+
+
 def test_bf16_compute_keeps_float32_params_and_optimizer_state():
   c = tiny_config(dtype="bfloat16")
   setup = train_lib.build(c, one_device())
