@@ -2,23 +2,28 @@
 
 Three kernels, none with atomics:
 
-  forward  grid (q blocks, B * Hq):  online softmax over the kept kv tiles of one q block.
-  dK/dV    grid (kv blocks, B * Hkv): one kv tile stays on chip while the kernel loops over
+  forward  grid (q blocks, B, Hq):  online softmax over the kept kv tiles of one q block.
+  dQ       grid (q blocks, B, Hq):  loops over the kept kv tiles of one q block; also writes
+           the row term g of the anchored dS (see the comment above the backward kernels).
+  dK/dV    grid (kv blocks, B, Hkv): one kv tile stays on chip while the kernel loops over
            the q heads of its GQA group and, for each, over that head's kept q tiles; it
-           also writes dc = -(column sums of dS) per q head.
-  dQ       grid (q blocks, B * Hq):  loops over the kept kv tiles of one q block.
+           also writes dc = -(column sums of dS) per q head. Runs after dQ (it reads g).
 
 Every loop runs over a dynamic tile range from ``pruning.tile_ranges`` (causal diagonal,
 segment boundaries, ACP), so skipped tiles are never loaded. Inside a range, tiles that lie
 fully below the diagonal skip the element-wise mask; the others mask causally and by segment.
+The forward uses ``block_q x block_k`` tiles, both backward kernels ``block_q_bwd x block_k_bwd``.
 
 Logits are kept in base 2: s2 = log2(e) * (scale * q.k + D) with
 D_ij = (c_hi_i - c_hi_j) + (c_lo_i - c_lo_j) (see ``common``), so one exp2 per element.
+Float32 inputs use full float32 products (no tf32); bf16 / f16 feed the tensor cores with
+float32 accumulation.
 
 Padding happens here, not in the kernels: T and S are padded to whole tiles and D to a
 power of two (at least 16, the smallest Triton dot). Padded keys come after every real
-query, so the causal mask hides them; padded queries get do = 0, di = 0, lse = 0 and an
-edge-replicated c, which keeps their logits finite and their gradient contributions zero.
+query, so the causal mask hides them; padded queries get do = 0, dd = 0, dlse = 0, lse = 0
+and an edge-replicated c, which keeps their logits finite and their gradient contributions
+zero. Works with JAX 0.10 and 0.11 (``_launch`` picks the Triton compiler-params class).
 """
 
 from __future__ import annotations
@@ -70,7 +75,8 @@ def _launch(num_warps: int, num_stages: int):
 def _warps(bs: BlockSizes, bq: int, bk: int, dp: int) -> int:
   if bs.num_warps is not None:
     return bs.num_warps
-  return 8 if bq * bk >= 128 * 128 or (dp >= 128 and bq * bk >= 128 * 64) else 4
+  # Wide heads spread their [tile, D] float32 accumulators over more registers.
+  return 8 if bq * bk >= 128 * 128 or dp >= 256 or (dp >= 128 and bq * bk >= 128 * 64) else 4
 
 
 def _stages(bs: BlockSizes, dp: int) -> int:
