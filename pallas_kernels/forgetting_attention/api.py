@@ -1,19 +1,22 @@
 """``forgetting_attention``: validation, dispatch and the custom_vjp glue shared by all kernels.
 
-Every blockwise implementation (module ``xla``, ``gpu``) exposes the same two functions on
-the cumulative gate ``c`` (a double-float pair, see ``common``):
+Every blockwise implementation (module ``xla``, ``gpu``) exposes the same functions on the
+cumulative gate ``c`` (a double-float pair, see ``common``):
 
   forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale, block_sizes, interpret)
       -> o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32
-  backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale, block_sizes,
+  backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale, block_sizes,
            interpret) -> dq, dk, dv, dc [B, S, Hq] f32
+  default_block_sizes(head_dim) -> BlockSizes (optional: tiles tuned for that backend)
 
-with di = rowsum(o * do) - dlse [B, Hq, T]. The kernel's dc is minus the column sums of
-dS. Its row sums are sum_j dS_ij = dlse_i exactly (softmax rows are shift invariant), so
-they are added here rather than summed in the kernel, and dlog_f is the reverse cumsum of dc.
-Two opt-ins for precision under strong forgetting: a module with ``BACKWARD_TAKES_DLSE =
-True`` also gets ``dlse=`` [B, Hq, T] f32 and may form dS without di; one with
-``BACKWARD_RETURNS_ROW_SUMS = True`` returns the whole dc, row sums included.
+``delta`` [B, Hq] (or None) is the ACP threshold: pairs with D_ij < delta are dropped
+element-wise, and tiles holding only such pairs are skipped, so every implementation computes
+the reference's pruned function whatever its tiles. dc_t = sum_{j != t} dS_tj -
+sum_{i != t} dS_it is the gradient of the loss with respect to c_t; the diagonal, which the
+row and the column sum share, is left out because it cancels badly under strong forgetting
+(P_tt ~ 1). For the same reason dS is not formed from di = rowsum(o * do) - dlse of the
+rounded output: each backward anchors dS at the query's own key and takes dlse itself.
+Here, dlog_f is the reverse cumsum of dc.
 """
 
 from __future__ import annotations
@@ -152,9 +155,7 @@ def _forgetting_attention(q, k, v, log_fgate, *, segment_ids, sm_scale, pruning,
 
   cfg = _Config(impl, scale, block_sizes or _default_block_sizes(impl, q.shape[-1]),
                 bool(interpret))
-  if segment_ids is not None:
-    segment_ids = segment_ids.astype(jnp.int32)
-  o, lse, kept = _attention(q, k, v, log_fgate, segment_ids, delta, cfg)
+  o, lse, kept = _blockwise(q, k, v, log_fgate, segment_ids, delta, cfg)
   if not return_stats:
     return o
   bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_k
@@ -176,6 +177,15 @@ def _kwargs(cfg: _Config):
   return dict(sm_scale=cfg.sm_scale, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _blockwise(q, k, v, log_fgate, segment_ids, delta, cfg):
+  """One compiled program per configuration, so eager callers don't dispatch op by op
+  (inside a user's jit this inlines)."""
+  if segment_ids is not None:
+    segment_ids = segment_ids.astype(jnp.int32)
+  return _attention(q, k, v, log_fgate, segment_ids, delta, cfg)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, log_fgate, segment_ids, delta, cfg):
   return _attention_fwd(q, k, v, log_fgate, segment_ids, delta, cfg)[0]
@@ -184,25 +194,15 @@ def _attention(q, k, v, log_fgate, segment_ids, delta, cfg):
 def _attention_fwd(q, k, v, log_fgate, segment_ids, delta, cfg):
   c_hi, c_lo = common.compensated_cumsum(log_fgate, axis=1)
   o, lse, kept = _module(cfg.impl).forward(q, k, v, c_hi, c_lo, segment_ids, delta, **_kwargs(cfg))
-  return (o, lse, kept), (q, k, v, c_hi, c_lo, segment_ids, delta, o, lse)
+  return (o, lse, kept), (q, k, v, c_hi, c_lo, segment_ids, delta, lse)
 
 
 def _attention_bwd(cfg, res, cotangents):
-  q, k, v, c_hi, c_lo, segment_ids, delta, o, lse = res
+  q, k, v, c_hi, c_lo, segment_ids, delta, lse = res
   do, dlse, _ = cotangents
-  T, S = q.shape[1], k.shape[1]
-  di = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-  di = di - dlse.astype(jnp.float32)
-  module = _module(cfg.impl)
-  # A kernel that forms dS without the rounded output's di (precise under strong forgetting,
-  # where dP_ii - di_i cancels) declares BACKWARD_TAKES_DLSE and gets dlse itself.
-  takes_dlse = getattr(module, "BACKWARD_TAKES_DLSE", False)
-  extra = {"dlse": dlse.astype(jnp.float32)} if takes_dlse else {}
-  dq, dk, dv, dc = module.backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse,
-                                   do.astype(q.dtype), di, **_kwargs(cfg), **extra)
-  if not getattr(module, "BACKWARD_RETURNS_ROW_SUMS", False):
-    # Row sums of dS: exactly dlse at each query position.
-    dc = dc.at[:, S - T:, :].add(dlse.transpose(0, 2, 1).astype(jnp.float32))
+  dq, dk, dv, dc = _module(cfg.impl).backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse,
+                                              do.astype(q.dtype), dlse.astype(jnp.float32),
+                                              **_kwargs(cfg))
   dlog_f = common.reverse_cumsum(dc, axis=1)
   return dq, dk, dv, dlog_f, None, None
 

@@ -41,9 +41,6 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.forgetting_attention import pruning
 from pallas_kernels.forgetting_attention.common import BlockSizes
 
-# ``api`` passes dlse to ``backward``: dS is formed without the rounded output (see below).
-BACKWARD_TAKES_DLSE = True
-
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 # A finite mask value: a fully masked tile gives exp2(0) = 1 weights that the first unmasked
@@ -94,10 +91,18 @@ def _dot(a, b, ta=False, tb=False):
                          preferred_element_type=jnp.float32)
 
 
-def _logits(q, k, cq_hi, cq_lo, ck_hi, ck_lo, qk_scale):
-  """Base-2 logits of one tile: [bq, bk] float32."""
+def _logits(q, k, cq_hi, cq_lo, ck_hi, ck_lo, qk_scale, delta):
+  """Base-2 logits of one tile, [bq, bk] float32; pairs pruned by ACP already masked.
+
+  ``delta`` [bq] (the ACP threshold of each row's head; -inf without pruning) drops every
+  pair with D_ij < delta element-wise, inside kept tiles too, so the function computed does
+  not depend on the tiling (the forward and backward tiles differ) and equals the
+  reference's. The compare runs with and without pruning: one code path, so pruning that
+  finds nothing to prune changes no bit of any result.
+  """
   decay = (cq_hi[:, None] - ck_hi[None, :]) + (cq_lo[:, None] - ck_lo[None, :])
-  return _dot(q, k, tb=True) * qk_scale + decay * _LOG2E
+  s = _dot(q, k, tb=True) * qk_scale + decay * _LOG2E
+  return jnp.where(decay >= delta[:, None], s, _MASK)
 
 
 def _mask(s, q_pos, k_pos, seg_q, seg_k):
@@ -118,6 +123,7 @@ def _split(start, end, boundary):
 def _fwd_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, *rest, scale, bq,
                 bk, off, has_seg):
   seg_ref = rest[0] if has_seg else None
+  delta = rest[int(has_seg)][...]  # [bq]
   o_ref, lse_ref = rest[-2:]
   i = pl.program_id(0)
   start, end = kvs_ref[i], kve_ref[i]
@@ -134,7 +140,7 @@ def _fwd_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, *rest, 
     ks = pl.ds(kb * bk, bk)
     k = k_ref[ks, :]  # [bk, Dp]
     v = v_ref[ks, :]
-    s = _logits(q, k, cq_hi, cq_lo, chi_ref[ks], clo_ref[ks], qk_scale)  # [bq, bk]
+    s = _logits(q, k, cq_hi, cq_lo, chi_ref[ks], clo_ref[ks], qk_scale, delta)  # [bq, bk]
     if masked:
       s = _mask(s, q_pos, kb * bk + jnp.arange(bk), seg_q, seg_ref[ks] if has_seg else None)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -172,7 +178,8 @@ def _fwd_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, *rest, 
 def _dq_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, lse_ref,
                dd_ref, dlse_ref, *rest, scale, bq, bk, off, has_seg):
   seg_ref = rest[0] if has_seg else None
-  dq_ref, g_ref = rest[-2:]
+  delta = rest[int(has_seg)][...]  # [bq]
+  dq_ref, g_ref, r_ref = rest[-3:]
   i = pl.program_id(0)
   start, end = kvs_ref[i], kve_ref[i]
   q_first = off + i * bq
@@ -187,34 +194,40 @@ def _dq_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, 
   qk_scale = scale * _LOG2E
 
   def body(kb, carry, masked):
-    pxk, pk, g = carry
+    pxk, pk, g, p_off = carry
     ks = pl.ds(kb * bk, bk)
     k = k_ref[ks, :]
     v = v_ref[ks, :]
-    s = _logits(q, k, cq_hi, cq_lo, chi_ref[ks], clo_ref[ks], qk_scale)
+    s = _logits(q, k, cq_hi, cq_lo, chi_ref[ks], clo_ref[ks], qk_scale, delta)
     x = _dot(do, v, tb=True) - dd[:, None]  # [bq, bk]
     if masked:
       k_pos = kb * bk + jnp.arange(bk)
       s = _mask(s, q_pos, k_pos, seg_q, seg_ref[ks] if has_seg else None)
-      x = jnp.where(q_pos[:, None] == k_pos[None, :], 0.0, x)
+      diag = q_pos[:, None] == k_pos[None, :]
+      x = jnp.where(diag, 0.0, x)
     p = jnp.exp2(s - lse2[:, None])  # [bq, bk]
     px = p * x
+    p_row = jnp.sum(jnp.where(diag, 0.0, p) if masked else p, axis=1)
     return (pxk + _dot(px.astype(k.dtype), k), pk + _dot(p.astype(k.dtype), k),
-            g + jnp.sum(px, axis=1))
+            g + jnp.sum(px, axis=1), p_off + p_row)
 
   zeros = jnp.zeros(q.shape, jnp.float32)
-  carry = (zeros, zeros, jnp.zeros((bq,), jnp.float32))
+  zrow = jnp.zeros((bq,), jnp.float32)
+  carry = (zeros, zeros, zrow, zrow)
   mid = start if has_seg else _split(start, end, lax.div(q_first + 1, bk))
   carry = lax.fori_loop(start, mid, functools.partial(body, masked=False), carry)
-  pxk, pk, g = lax.fori_loop(mid, end, functools.partial(body, masked=True), carry)
-  g = g - dlse_ref[...]
+  pxk, pk, gsum, p_off = lax.fori_loop(mid, end, functools.partial(body, masked=True), carry)
+  g = gsum - dlse_ref[...]
   dq_ref[...] = (scale * (pxk - g[:, None] * pk)).astype(dq_ref.dtype)
   g_ref[...] = g
+  # Row sum of dS without its diagonal: sum_{j != i} P_ij (X_ij - g_i), X_ii = 0.
+  r_ref[...] = gsum - g * p_off
 
 
 def _dkv_kernel(qs_ref, qe_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, lse_ref,
                 dd_ref, g_ref, *rest, scale, bq, bk, off, group, has_seg):
   seg_ref = rest[0] if has_seg else None
+  delta_ref = rest[int(has_seg)]  # [Hq, tp]
   dk_ref, dv_ref, dc_ref = rest[-3:]
   j = pl.program_id(0)
   hkv = pl.program_id(2)
@@ -244,17 +257,21 @@ def _dkv_kernel(qs_ref, qe_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, l
       dd = dd_ref[h, qsl]
       g = g_ref[h, qsl]
       cs = pl.ds(q_first, bq)
-      s = _logits(q, k, chi_ref[h, cs], clo_ref[h, cs], ck_hi, ck_lo, qk_scale)  # [bq, bk]
-      x = _dot(do, v, tb=True) - dd[:, None]
+      delta = delta_ref[h, qsl]
+      s = _logits(q, k, chi_ref[h, cs], clo_ref[h, cs], ck_hi, ck_lo, qk_scale, delta)
+      x = _dot(do, v, tb=True) - dd[:, None]  # [bq, bk]
       if masked:
         q_pos = q_first + jnp.arange(bq)
         s = _mask(s, q_pos, k_pos, seg_ref[cs] if has_seg else None, seg_k)
-        x = jnp.where(q_pos[:, None] == k_pos[None, :], 0.0, x)
+        diag = q_pos[:, None] == k_pos[None, :]
+        x = jnp.where(diag, 0.0, x)
       p = jnp.exp2(s - lse2[:, None])
       ds = p * (x - g[:, None])
       dv = dv + _dot(p.astype(do.dtype), do, ta=True)
       dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
-      return dk, dv, dcol - jnp.sum(ds, axis=0)
+      # Column sum of dS without its diagonal (the row sums in dq's pass leave it out too).
+      col = jnp.sum(jnp.where(diag, 0.0, ds) if masked else ds, axis=0)
+      return dk, dv, dcol - col
 
     inner = (dk, dv, jnp.zeros((bk,), jnp.float32))
     mid = end if has_seg else _split(start, end, first_unmasked)
@@ -320,6 +337,11 @@ class _Geometry:
   def pad_seg(self, seg):  # [B, S] -> [B, sc], edge-replicated
     return _pad_axis(seg, 1, self.sc, mode="edge")
 
+  def delta_rows(self, delta):  # [B, Hq] or None -> [B, Hq, tp]: each row's ACP threshold
+    if delta is None:
+      return jnp.full((self.B, self.Hq, self.tp), -jnp.inf, jnp.float32)
+    return jnp.broadcast_to(delta.astype(jnp.float32)[:, :, None], (self.B, self.Hq, self.tp))
+
 
 def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
             block_sizes: BlockSizes, interpret: bool = False):
@@ -337,19 +359,22 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
   kv_spec = pl.BlockSpec((None, g.sk, None, g.dp), lambda i, b, h: (b, 0, h // group, 0))
   c_spec = pl.BlockSpec((None, None, g.sc), lambda i, b, h: (b, h, 0))
   r_spec = pl.BlockSpec((None, None, g.nq), lambda i, b, h: (b, h, 0))
+  row_spec = pl.BlockSpec((None, None, g.bq), lambda i, b, h: (b, h, i))
   in_specs = [r_spec, r_spec, q_spec, kv_spec, kv_spec, c_spec, c_spec]
   args = [ranges.kv_start, ranges.kv_end, g.pad_q(q), g.pad_kv(k), g.pad_kv(v),
           g.pad_c(c_hi), g.pad_c(c_lo)]
   if has_seg:
     in_specs.append(pl.BlockSpec((None, g.sc), lambda i, b, h: (b, 0)))
     args.append(g.pad_seg(segment_ids))
+  in_specs.append(row_spec)
+  args.append(g.delta_rows(delta))
   kernel = functools.partial(_fwd_kernel, scale=sm_scale, bq=g.bq, bk=g.bk, off=g.off,
                              has_seg=has_seg)
   o, lse = pl.pallas_call(
       kernel,
       grid=(g.nq, g.B, g.Hq),
       in_specs=in_specs,
-      out_specs=[q_spec, pl.BlockSpec((None, None, g.bq), lambda i, b, h: (b, h, i))],
+      out_specs=[q_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct((g.B, g.tp, g.Hq, g.dp), q.dtype),
                  jax.ShapeDtypeStruct((g.B, g.Hq, g.tp), jnp.float32)],
       compiler_params=_launch(_warps(block_sizes, g.bq, g.bk, g.dp), _stages(block_sizes, g.dp)),
@@ -359,14 +384,14 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
   return o[:, :g.T, :, :g.D], lse[:, :, :g.T], kept
 
 
-def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale: float,
-             block_sizes: BlockSizes, interpret: bool = False, dlse: jax.Array):
-  """dq, dk, dv in the inputs' dtypes and dc [B, S, Hq] f32 = -(column sums of dS).
+def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale: float,
+             block_sizes: BlockSizes, interpret: bool = False):
+  """dq, dk, dv in the inputs' dtypes and dc [B, S, Hq] f32 (see ``api``).
 
-  ``di`` (from the rounded output) is not used; dS is anchored at each query's own key
-  (see the comment above the backward kernels), which needs ``dlse`` [B, Hq, T] instead.
+  dS is anchored at each query's own key (see the comment above the backward kernels), and
+  dc_t = sum_{j != t} dS_tj - sum_{i != t} dS_it leaves out the diagonal that the row and
+  column sums share, which would otherwise cancel when P_tt ~ 1.
   """
-  del di
   bq, bk = block_sizes.bwd
   g = _Geometry(q, k, bq, bk)
   ranges = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, g.bq, g.bk, delta)
@@ -383,6 +408,7 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale: 
   segp = g.pad_seg(segment_ids) if has_seg else None
   params = _launch(_warps(block_sizes, g.bq, g.bk, g.dp), _stages(block_sizes, g.dp))
   static = dict(scale=sm_scale, bq=g.bq, bk=g.bk, off=g.off, has_seg=has_seg)
+  deltap = g.delta_rows(delta)
 
   # dQ (and g): one q block of one q head per program, looping over its kept kv tiles.
   q_spec = pl.BlockSpec((None, g.bq, None, g.dp), lambda i, b, h: (b, i, h, 0))
@@ -396,12 +422,15 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale: 
   if has_seg:
     in_specs.append(pl.BlockSpec((None, g.sc), lambda i, b, h: (b, 0)))
     args.append(segp)
-  dq, gp = pl.pallas_call(
+  in_specs.append(row_spec)
+  args.append(deltap)
+  dq, gp, rp = pl.pallas_call(
       functools.partial(_dq_kernel, **static),
       grid=(g.nq, g.B, g.Hq),
       in_specs=in_specs,
-      out_specs=[q_spec, row_spec],
+      out_specs=[q_spec, row_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                 jax.ShapeDtypeStruct((g.B, g.Hq, g.tp), jnp.float32),
                  jax.ShapeDtypeStruct((g.B, g.Hq, g.tp), jnp.float32)],
       compiler_params=params,
       interpret=interpret,
@@ -420,6 +449,8 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale: 
   if has_seg:
     in_specs.append(pl.BlockSpec((None, g.sc), lambda j, b, h: (b, 0)))
     args.append(segp)
+  in_specs.append(rows_spec)
+  args.append(deltap)
   dk, dv, dc = pl.pallas_call(
       functools.partial(_dkv_kernel, group=group, **static),
       grid=(g.nk, g.B, g.Hkv),
@@ -431,5 +462,6 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale: 
       interpret=interpret,
       name="forgetting_attention_dkv",
   )(*args)
-  dc = dc[:, :, :g.S].transpose(0, 2, 1)  # [B, S, Hq]
+  # Minus the column sums at every key, plus the row sums at the query positions.
+  dc = dc[:, :, :g.S].at[:, :, g.off:].add(rp[:, :, :g.T]).transpose(0, 2, 1)  # [B, S, Hq]
   return dq[:, :g.T, :, :g.D], dk[:, :g.S, :, :g.D], dv[:, :g.S, :, :g.D], dc

@@ -35,11 +35,6 @@ from jax import lax
 from pallas_kernels.forgetting_attention import pruning
 from pallas_kernels.forgetting_attention.common import BlockSizes
 
-# ``backward`` forms dS from dlse and its own row term, not from api's di, and returns the
-# whole dc, row sums included, each without the diagonal of dS (see its docstring).
-BACKWARD_TAKES_DLSE = True
-BACKWARD_RETURNS_ROW_SUMS = True
-
 
 def default_block_sizes(head_dim: int) -> BlockSizes:
   """Tiles for XLA on a CPU, the place this implementation is the default.
@@ -257,11 +252,11 @@ def _row_terms(qs, ks, dos, lse_b, dd_b, lo, hi, kv_start, kv_end, delta_h, sm_s
   return lax.scan(q_block, None, xs)[1]
 
 
-def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale: float,
-             block_sizes: BlockSizes, interpret: bool = False, dlse: jax.Array):
+def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale: float,
+             block_sizes: BlockSizes, interpret: bool = False):
   """dq, dk, dv (input dtypes) and dc [B, S, Hq] f32 = row sums minus column sums of dS.
 
-  ``di`` (rowsum(o * do) - dlse from the rounded output) is not used: under strong
+  The textbook dS = P (dP - di) with di = rowsum(o * do) - dlse is not used: under strong
   forgetting P_ii ~ 1, o_i ~ v_i and dP_ij - di_i cancels to a tiny number, so the output's
   rounding (2^-9 relative in bfloat16, 2^-24 in float32) would swamp dS on the diagonal.
   Instead dS is anchored at the query's own key,
@@ -276,7 +271,7 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, di, *, sm_scale: 
   and, inside, the query blocks that see them (the mirrored kept ranges) recomputes P from
   lse and forms dV += P^T dO, dK += dS^T Q, dQ += dS K (dQ accumulated in a float32 buffer).
   """
-  del interpret, di
+  del interpret
   B, T, Hq, D = q.shape
   S, Hkv = k.shape[1], k.shape[2]
   G = Hq // Hkv

@@ -402,17 +402,11 @@ def test_guarantee_reference_elementwise_and_tiles(case):
       _assert_near_bound(got, full, _eps(prune), vmax)
 
 
-def _pruned_f64(impl: str, case: Case) -> dict:
-  """The function each implementation computes with pruning on, in float64.
-
-  xla masks element-wise inside its kept tiles (the reference's pruned mode); pallas_gpu
-  computes every pair of a kept tile (only causal and segment masks inside a tile).
-  """
+def _pruned_f64(case: Case) -> dict:
+  """The function every implementation computes with pruning on, in float64: the
+  reference's element-wise pruned mode (tiles only decide what is skipped)."""
   inp, prune = _case_inputs(case)
-  if impl == "xla":
-    return reference_f64(inp, prune_threshold=_delta(inp, prune))
-  kept, _ = _tiles(case, BLOCKS.block_q, BLOCKS.block_k)
-  return _masked_f64(inp, _tile_mask(kept, case.T, case.S, BLOCKS.block_q, BLOCKS.block_k))
+  return reference_f64(inp, prune_threshold=_delta(inp, prune))
 
 
 @pytest.mark.parametrize("impl", BLOCKWISE)
@@ -423,7 +417,7 @@ def test_guarantee_blockwise(impl, case):
   inp, prune = _case_inputs(case)
   got, stats = _op_grads(inp, prune, impl, interpret=impl == "pallas_gpu")
   _check_guarantee(got, _full_f64(case), inp, _eps(prune), allowance=TOLERANCES["float32"][1])
-  expected = _pruned_f64(impl, case)
+  expected = _pruned_f64(case)
   for name in ("o", "dq", "dk", "dv", "dlog_fgate"):
     assert_close(got[name], expected[name], jnp.float32, name)
   kept, _ = _tiles(case, BLOCKS.block_q, BLOCKS.block_k)
