@@ -33,7 +33,6 @@ disagrees (relative error of o or any gradient above 3e-2) is reported and not t
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
 

@@ -22,6 +22,15 @@ TOLERANCES = {
 # bug would pass: QK-norm with eps 1e-6 instead of the authors' 1e-5 is off by ~1e-5 rms.
 IMPORTED_LOGITS_F32 = (5e-6, 1e-5)
 
+# Relative tolerance of a float32 scalar formula (a learning rate, a threshold, a gate value)
+# against the same formula in float64: a few float32 ulps.
+SCALAR_F32_RTOL = 1e-6
+# The same where float32 evaluates a quantity that cancels near zero first (1 + cos(pi t)
+# late in a cosine schedule, -1 / log f of a gate near 1): a few ulps of the larger terms.
+SCALAR_F32_CANCELLING_RTOL = 1e-5
+# Float64 against float64 computed in another order: rounding only.
+FLOAT64_RTOL = 1e-12
+
 
 def error_ratios(actual, expected):
   a = np.asarray(actual, dtype=np.float64)

@@ -12,7 +12,7 @@ from fox_jax.config import PRESETS, get_preset
 from fox_jax.layers import Constant
 from fox_jax.model import DecoderLM, count_params
 from pallas_kernels import BlockSizes, Pruning
-from tests.tolerances import assert_close
+from tests.tolerances import SCALAR_F32_CANCELLING_RTOL, SCALAR_F32_RTOL, assert_close
 
 IMPL = "xla"
 TINY = ("fox_pro_tiny", "fox_llama_tiny", "transformer_pro_tiny", "transformer_llama_tiny")
@@ -130,12 +130,12 @@ def test_forget_gate_types_and_gqa(gate, kv_heads):
     np.testing.assert_array_equal(attn.fgate_proj.bias[...], 0.0)  # f ~ 0.5 at init
   elif gate == "bias_only":
     assert isinstance(attn.fgate_bias, nnx.Param)
-    np.testing.assert_allclose(log_f, np.log(0.5), rtol=1e-6)
+    np.testing.assert_allclose(log_f, np.log(0.5), rtol=SCALAR_F32_RTOL)
   elif gate == "fixed":
     # A constant, not a trainable parameter; decay times -1/log f log-spaced in [2, 200].
     assert isinstance(attn.fgate_bias, Constant) and not isinstance(attn.fgate_bias, nnx.Param)
     np.testing.assert_allclose(-1.0 / log_f[0, 0], np.geomspace(2.0, 200.0, cfg.num_heads),
-                               rtol=1e-5)
+                               rtol=SCALAR_F32_CANCELLING_RTOL)
     np.testing.assert_allclose(attn.fgate_bias[...], decay_time_bias(cfg.num_heads, 2.0, 200.0))
   else:
     assert attn.fgate_proj is None and attn.fgate_bias is None

@@ -7,6 +7,7 @@ import pytest
 
 from pallas_kernels.forgetting_attention.reference import forgetting_attention_reference
 from tests.kernel_utils import make_inputs
+from tests.tolerances import FLOAT64_RTOL
 
 
 def loop_reference(q, k, v, lf, seg, scale):
@@ -38,4 +39,4 @@ def test_reference_matches_definition(T, S, segments):
     assert o.dtype == jnp.float64
   seg = None if inp.segment_ids is None else np.asarray(inp.segment_ids)
   expected = loop_reference(inp.q, inp.k, inp.v, inp.log_fgate, seg, 8 ** -0.5)
-  np.testing.assert_allclose(np.asarray(o), expected, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(o), expected, rtol=FLOAT64_RTOL, atol=FLOAT64_RTOL)
