@@ -241,7 +241,8 @@ def make_eval_fn(setup: Setup) -> Callable:
     model = setup.model(params)
     logits = model(batch.inputs, segment_ids=batch.segment_ids, positions=batch.positions)
     return token_losses(logits, batch.targets) * (batch.segment_ids > 0)
-  jitted = jax.jit(fn)
+  # Replicated output: every process can read all of it, also when the mesh spans hosts.
+  jitted = jax.jit(fn, out_shardings=sharding.replicated(setup.mesh))
 
   def run(params, batch):
     with sharding.activation_rules(setup.mesh):
@@ -273,6 +274,12 @@ def load_batch(setup: Setup, dataset: PackedDataset, position: int, global_batch
       sh, np.stack(field), (micro, per_micro, T)) for field in zip(*parts)))
 
 
+def replicate(setup: Setup, x: np.ndarray) -> jax.Array:
+  """Host data that every process holds in full, as one array replicated on the mesh."""
+  return jax.make_array_from_callback(x.shape, sharding.replicated(setup.mesh),
+                                      lambda index: x[index])
+
+
 def validation_loss(setup: Setup, eval_fn, params, dataset: PackedDataset, rows: int,
                     batch_size: int) -> float:
   """Mean token loss over the first ``rows`` packed held-out rows."""
@@ -280,7 +287,7 @@ def validation_loss(setup: Setup, eval_fn, params, dataset: PackedDataset, rows:
   for start in range(0, rows, batch_size):
     n = min(batch_size, rows - start)
     b = dataset.rows(start, n)
-    losses = np.asarray(eval_fn(params, Batch(*(jnp.asarray(x) for x in b))))
+    losses = np.asarray(eval_fn(params, Batch(*(replicate(setup, x) for x in b))))
     total += float(losses.sum())
     count += float((b.segment_ids > 0).sum())
   return total / max(count, 1.0)
