@@ -1,7 +1,7 @@
 """``forgetting_attention``: validation, dispatch and the custom_vjp glue shared by all kernels.
 
-Every blockwise implementation (module ``xla``, ``gpu``) exposes the same functions on the
-cumulative gate ``c`` (a double-float pair, see ``common``):
+Every blockwise implementation (module ``xla``, ``gpu``, ``tpu``) exposes the same functions
+on the cumulative gate ``c`` (a double-float pair, see ``common``):
 
   forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale, block_sizes, interpret)
       -> o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32
@@ -35,9 +35,12 @@ from pallas_kernels.forgetting_attention.common import AttentionStats, BlockSize
 from pallas_kernels.forgetting_attention.pruning import Pruning
 from pallas_kernels.forgetting_attention.reference import forgetting_attention_reference
 
-IMPLS = ("reference", "xla", "pallas_gpu")
+IMPLS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 _MODULES = {"xla": "pallas_kernels.forgetting_attention.xla",
-            "pallas_gpu": "pallas_kernels.forgetting_attention.gpu"}
+            "pallas_gpu": "pallas_kernels.forgetting_attention.gpu",
+            "pallas_tpu": "pallas_kernels.forgetting_attention.tpu"}
+# The backend each Pallas implementation compiles for (elsewhere it needs interpret=True).
+_BACKENDS = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
 _FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 256
 
@@ -50,7 +53,7 @@ class _Config(NamedTuple):
 
 
 def _default_impl() -> str:
-  return "pallas_gpu" if jax.default_backend() == "gpu" else "xla"
+  return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
 
 
 def _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning):
@@ -123,8 +126,9 @@ def forgetting_attention(
     segment_ids: [B, S] integer ids of packed documents; no attention across them.
     sm_scale: logit scale (default D ** -0.5). The decay is not scaled.
     pruning: a :class:`Pruning` to skip tiles whose weights are provably negligible.
-    impl: "reference" | "xla" | "pallas_gpu" | "auto" (pallas_gpu on GPU, else xla). An
-      implementation that cannot run here raises; nothing falls back silently.
+    impl: "reference" | "xla" | "pallas_gpu" | "pallas_tpu" | "auto" (pallas_gpu on GPU,
+      pallas_tpu on TPU, else xla). An implementation that cannot run here raises; nothing
+      falls back silently.
     block_sizes: tile sizes (:class:`BlockSizes`) for the blockwise implementations.
     interpret: run Pallas kernels in interpret mode (for CPU tests).
     return_stats: also return :class:`AttentionStats` (log-sum-exp, kept / total tiles).
@@ -134,10 +138,11 @@ def forgetting_attention(
   """
   _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning)
   impl = _default_impl() if impl == "auto" else impl
-  if impl == "pallas_gpu" and not interpret and jax.default_backend() != "gpu":
+  backend = _BACKENDS.get(impl)
+  if backend is not None and not interpret and jax.default_backend() != backend:
     raise ValueError(
-        f"impl='pallas_gpu' needs a GPU backend (this one is {jax.default_backend()!r}); "
-        "pass interpret=True to run it on the CPU")
+        f"impl={impl!r} needs a {backend.upper()} backend (this one is "
+        f"{jax.default_backend()!r}); pass interpret=True to run it on the CPU")
   return _forgetting_attention(q, k, v, log_fgate, segment_ids=segment_ids, sm_scale=sm_scale,
                                pruning=pruning, impl=impl, block_sizes=block_sizes,
                                interpret=interpret, return_stats=return_stats)
@@ -145,7 +150,8 @@ def forgetting_attention(
 
 def _forgetting_attention(q, k, v, log_fgate, *, segment_ids, sm_scale, pruning, impl,
                           block_sizes, interpret, return_stats):
-  """Dispatch without the backend check: lets tests lower pallas_gpu for cuda from a CPU."""
+  """Dispatch without the backend check: lets tests lower pallas_gpu for cuda and pallas_tpu
+  for tpu from a CPU."""
   scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
   delta = None if pruning is None else pruning_lib.threshold(q, k, pruning, scale)
   if impl == "reference":
