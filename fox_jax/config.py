@@ -32,11 +32,12 @@ from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
 
+from pallas_kernels.forgetting_attention.api import IMPLS
 from pallas_kernels.forgetting_attention.common import BlockSizes
 from pallas_kernels.forgetting_attention.pruning import Pruning
 
 FORGET_GATES = ("full", "bias_only", "fixed", "none")
-ATTN_IMPLS = ("auto", "xla", "reference", "pallas_gpu")
+ATTN_IMPLS = ("auto",) + IMPLS  # every implementation of the op, one list
 DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATIONS = ("sigmoid", "silu")
 
