@@ -176,8 +176,8 @@ def init_state(setup: Setup, seed: int) -> dict:
 def loss_sums(setup: Setup, params, batch: Batch):
   """(sum of token losses, number of tokens, kept tiles, total tiles) of a batch [B, T]."""
   model = setup.model(params)
-  logits = model(batch.inputs, segment_ids=batch.segment_ids, positions=batch.positions)
-  intermediates = nnx.pop(model, nnx.Intermediate)
+  logits, intermediates = nnx.capture(model, nnx.Intermediate)(
+      batch.inputs, segment_ids=batch.segment_ids, positions=batch.positions)
   mask = (batch.segment_ids > 0).astype(jnp.float32)                       # [B, T]
   losses = token_losses(logits, batch.targets) * mask                       # [B, T]
   kept, total = _tile_counts(intermediates)
@@ -239,7 +239,9 @@ def make_eval_fn(setup: Setup) -> Callable:
   """params, batch [B, T] -> per-token losses [B, T] (0 on padding), jitted."""
   def fn(params, batch: Batch):
     model = setup.model(params)
-    logits = model(batch.inputs, segment_ids=batch.segment_ids, positions=batch.positions)
+    # Captured (and dropped) so a pruning model's tile counts have somewhere to go.
+    logits, _ = nnx.capture(model, nnx.Intermediate)(
+        batch.inputs, segment_ids=batch.segment_ids, positions=batch.positions)
     return token_losses(logits, batch.targets) * (batch.segment_ids > 0)
   # Replicated output: every process can read all of it, also when the mesh spans hosts.
   jitted = jax.jit(fn, out_shardings=sharding.replicated(setup.mesh))

@@ -169,8 +169,7 @@ def test_pruning_sows_kept_and_total_tiles():
 
   @nnx.jit
   def run(m, ids):
-    logits = m(ids)
-    return logits, nnx.pop(m, nnx.Intermediate)
+    return nnx.capture(m, nnx.Intermediate)(ids)
 
   logits, inter = run(model, _ids(2, 96, cfg.vocab_size))
   tiles = [v for _, v in jax.tree_util.tree_leaves_with_path(inter)]
