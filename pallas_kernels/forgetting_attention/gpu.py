@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.forgetting_attention import pruning
+from pallas_kernels.forgetting_attention import pruning, tiling
 from pallas_kernels.forgetting_attention.common import BlockSizes
 
 _LOG2E = math.log2(math.e)
@@ -289,53 +289,29 @@ def _dkv_kernel(qs_ref, qe_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, l
 # ----------------------------------------------------------------------------- wrappers
 
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def _pad_axis(x, axis, size, mode="constant"):
-  """Pads ``x`` along ``axis`` to ``size`` (zeros, or the edge value); no-op when it fits."""
-  extra = size - x.shape[axis]
-  if extra == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(x, widths, mode=mode)
-
-
-class _Geometry:
-  """Padded sizes of one pass with q tile ``bq`` and kv tile ``bk``."""
+class _Geometry(tiling.TileGeometry):
+  """Padded sizes and layouts of one pass with q tile ``bq`` and kv tile ``bk``."""
 
   def __init__(self, q, k, bq, bk):
-    B, T, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    self.B, self.T, self.S, self.Hq, self.Hkv, self.D = B, T, S, Hq, Hkv, D
-    self.group = Hq // Hkv
-    self.bq = max(_MIN_BLOCK, min(bq, _pow2(T)))
-    self.bk = max(_MIN_BLOCK, min(bk, _pow2(S)))
-    self.dp = max(_MIN_BLOCK, _pow2(D))
-    self.nq = -(-T // self.bq)
-    self.nk = -(-S // self.bk)
-    self.tp = self.nq * self.bq
-    self.sk = self.nk * self.bk
-    self.off = S - T
+    super().__init__(q, k, bq, bk, min_bq=_MIN_BLOCK, min_bk=_MIN_BLOCK,
+                     dp=max(_MIN_BLOCK, tiling.next_pow2(q.shape[-1])))
     # c and segment ids are read at key positions and at query positions off + [0, tp).
     self.sc = max(self.off + self.tp, self.sk)
 
   def pad_q(self, x):  # [B, T, Hq, D] -> [B, tp, Hq, dp]
-    return _pad_axis(_pad_axis(x, 1, self.tp), 3, self.dp)
+    return tiling.pad_axis(tiling.pad_axis(x, 1, self.tp), 3, self.dp)
 
   def pad_kv(self, x):  # [B, S, Hkv, D] -> [B, sk, Hkv, dp]
-    return _pad_axis(_pad_axis(x, 1, self.sk), 3, self.dp)
+    return tiling.pad_axis(tiling.pad_axis(x, 1, self.sk), 3, self.dp)
 
   def pad_c(self, c):  # [B, S, Hq] -> [B, Hq, sc], edge-replicated
-    return _pad_axis(c.transpose(0, 2, 1), 2, self.sc, mode="edge")
+    return tiling.pad_axis(c.transpose(0, 2, 1), 2, self.sc, mode="edge")
 
   def pad_rows(self, x):  # [B, Hq, T] -> [B, Hq, tp]
-    return _pad_axis(x, 2, self.tp)
+    return tiling.pad_axis(x, 2, self.tp)
 
   def pad_seg(self, seg):  # [B, S] -> [B, sc], edge-replicated
-    return _pad_axis(seg, 1, self.sc, mode="edge")
+    return tiling.pad_axis(seg, 1, self.sc, mode="edge")
 
   def delta_rows(self, delta):  # [B, Hq] or None -> [B, Hq, tp]: each row's ACP threshold
     if delta is None:
@@ -347,12 +323,7 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
             block_sizes: BlockSizes, interpret: bool = False):
   """o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32 (see ``api``)."""
   g = _Geometry(q, k, block_sizes.block_q, block_sizes.block_k)
-  ranges = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, g.bq, g.bk, delta)
-  if (g.bq, g.bk) == (block_sizes.block_q, block_sizes.block_k):
-    kept = ranges.kept_tiles()
-  else:
-    kept = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, block_sizes.block_q,
-                               block_sizes.block_k, delta).kept_tiles()
+  ranges, kept = tiling.forward_ranges(g, c_hi, c_lo, segment_ids, delta, block_sizes)
   has_seg = segment_ids is not None
   group = g.group
   q_spec = pl.BlockSpec((None, g.bq, None, g.dp), lambda i, b, h: (b, i, h, 0))
@@ -399,11 +370,7 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale
   group = g.group
   qp, kp, vp, dop = g.pad_q(q), g.pad_kv(k), g.pad_kv(v), g.pad_q(do)
   chi, clo = g.pad_c(c_hi), g.pad_c(c_lo)
-  # dd_i = do_i . v_i with v at the query's own position (the anchor of dS).
-  v_own = v[:, g.off:].reshape(g.B, g.T, g.Hkv, 1, g.D)
-  dd = jnp.einsum("bthgd,bthgd->bhgt", do.reshape(g.B, g.T, g.Hkv, group, g.D), v_own,
-                  preferred_element_type=jnp.float32,
-                  precision=lax.Precision.HIGHEST).reshape(g.B, g.Hq, g.T)
+  dd = tiling.own_key_dot(do, v)  # [B, Hq, T]: the anchor of dS
   lsep, ddp, dlsep = g.pad_rows(lse), g.pad_rows(dd), g.pad_rows(dlse.astype(jnp.float32))
   segp = g.pad_seg(segment_ids) if has_seg else None
   params = _launch(_warps(block_sizes, g.bq, g.bk, g.dp), _stages(block_sizes, g.dp))

@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.forgetting_attention import pruning
+from pallas_kernels.forgetting_attention import pruning, tiling
 from pallas_kernels.forgetting_attention.common import BlockSizes
 
 # A finite mask value: a fully masked tile gives exp(0) = 1 weights that the first unmasked
@@ -233,42 +233,18 @@ def _dkv_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, cqh_ref, cql_ref, ckh_r
 # ----------------------------------------------------------------------------- wrappers
 
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def _pad_axis(x, axis, size, mode="constant"):
-  """Pads ``x`` along ``axis`` to ``size`` (zeros, or the edge value); no-op when it fits."""
-  extra = size - x.shape[axis]
-  if extra == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(x, widths, mode=mode)
-
-
-class _Geometry:
+class _Geometry(tiling.TileGeometry):
   """Padded sizes and layouts of one pass with q tile ``bq`` and kv tile ``bk``."""
 
   def __init__(self, q, k, bq, bk):
-    B, T, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    self.B, self.T, self.S, self.Hq, self.Hkv, self.D = B, T, S, Hq, Hkv, D
-    self.group = Hq // Hkv
-    self.bq = max(_MIN_BQ, min(bq, _pow2(T)))
-    self.bk = max(_LANES, min(bk, _pow2(S)))
-    self.dp = -(-D // _LANES) * _LANES
-    self.nq = -(-T // self.bq)
-    self.nk = -(-S // self.bk)
-    self.tp = self.nq * self.bq
-    self.sk = self.nk * self.bk
-    self.off = S - T
+    super().__init__(q, k, bq, bk, min_bq=_MIN_BQ, min_bk=_LANES,
+                     dp=-(-q.shape[-1] // _LANES) * _LANES)
 
   def pad_q(self, x):  # [B, T, Hq, D] -> [B, Hq, tp, dp]
-    return _pad_axis(_pad_axis(x.transpose(0, 2, 1, 3), 2, self.tp), 3, self.dp)
+    return tiling.pad_axis(tiling.pad_axis(x.transpose(0, 2, 1, 3), 2, self.tp), 3, self.dp)
 
   def pad_kv(self, x):  # [B, S, Hkv, D] -> [B, Hkv, sk, dp]
-    return _pad_axis(_pad_axis(x.transpose(0, 2, 1, 3), 2, self.sk), 3, self.dp)
+    return tiling.pad_axis(tiling.pad_axis(x.transpose(0, 2, 1, 3), 2, self.sk), 3, self.dp)
 
   def unpad_q(self, x):  # [B, Hq, tp, dp] -> [B, T, Hq, D]
     return x[:, :, :self.T, :self.D].transpose(0, 2, 1, 3)
@@ -277,19 +253,20 @@ class _Geometry:
     return x[:, :, :self.S, :self.D].transpose(0, 2, 1, 3)
 
   def c_cols(self, c):  # [B, S, Hq] -> [B, Hq, tp, 1] at query positions, edge-replicated
-    return _pad_axis(c.transpose(0, 2, 1)[:, :, self.off:], 2, self.tp, mode="edge")[..., None]
+    c_q = c.transpose(0, 2, 1)[:, :, self.off:]
+    return tiling.pad_axis(c_q, 2, self.tp, mode="edge")[..., None]
 
   def c_rows(self, c):  # [B, S, Hq] -> [B, Hq, 1, sk] at key positions, edge-replicated
-    return _pad_axis(c.transpose(0, 2, 1), 2, self.sk, mode="edge")[:, :, None, :]
+    return tiling.pad_axis(c.transpose(0, 2, 1), 2, self.sk, mode="edge")[:, :, None, :]
 
   def cols(self, x):  # [B, Hq, T] -> [B, Hq, tp, 1], zero-padded
-    return _pad_axis(x.astype(jnp.float32), 2, self.tp)[..., None]
+    return tiling.pad_axis(x.astype(jnp.float32), 2, self.tp)[..., None]
 
   def seg_cols(self, seg):  # [B, S] -> [B, tp, 1] at query positions
-    return _pad_axis(seg[:, self.off:], 1, self.tp, mode="edge")[..., None]
+    return tiling.pad_axis(seg[:, self.off:], 1, self.tp, mode="edge")[..., None]
 
   def seg_rows(self, seg):  # [B, S] -> [B, 1, sk] at key positions
-    return _pad_axis(seg, 1, self.sk, mode="edge")[:, None, :]
+    return tiling.pad_axis(seg, 1, self.sk, mode="edge")[:, None, :]
 
   def delta_cols(self, delta):  # [B, Hq] or None -> [B, Hq, tp, 1]: each row's ACP threshold
     if delta is None:
@@ -334,12 +311,7 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
             block_sizes: BlockSizes, interpret=False):
   """o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32 (see ``api``)."""
   g = _Geometry(q, k, block_sizes.block_q, block_sizes.block_k)
-  ranges = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, g.bq, g.bk, delta)
-  if (g.bq, g.bk) == (block_sizes.block_q, block_sizes.block_k):
-    kept = ranges.kept_tiles()
-  else:
-    kept = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, block_sizes.block_q,
-                               block_sizes.block_k, delta).kept_tiles()
+  ranges, kept = tiling.forward_ranges(g, c_hi, c_lo, segment_ids, delta, block_sizes)
   has_seg = segment_ids is not None
   nq, Hq = g.nq, g.Hq
   head = lambda b, h, i, s, st, en: h
@@ -386,11 +358,7 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale
   ranges = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, g.bq, g.bk, delta)
   has_seg = segment_ids is not None
   nq, nk, Hq, group = g.nq, g.nk, g.Hq, g.group
-  # dd_i = do_i . v_i with v at the query's own position (the anchor of dS).
-  v_own = v[:, g.off:].reshape(g.B, g.T, g.Hkv, 1, g.D)
-  dd = jnp.einsum("bthgd,bthgd->bhgt", do.reshape(g.B, g.T, g.Hkv, group, g.D), v_own,
-                  preferred_element_type=jnp.float32,
-                  precision=lax.Precision.HIGHEST).reshape(g.B, Hq, g.T)
+  dd = tiling.own_key_dot(do, v)  # [B, Hq, T]: the anchor of dS
   qp, kp, vp, dop = g.pad_q(q), g.pad_kv(k), g.pad_kv(v), g.pad_q(do)
   shared = [qp, kp, vp, g.c_cols(c_hi), g.c_cols(c_lo), g.c_rows(c_hi), g.c_rows(c_lo),
             g.delta_cols(delta)]

@@ -15,7 +15,7 @@ import pytest
 from pallas_kernels.forgetting_attention import api
 from pallas_kernels.forgetting_attention.common import BlockSizes
 from pallas_kernels.forgetting_attention.pruning import Pruning
-from tests.kernel_utils import case_id, make_inputs, reference_f64
+from tests.kernel_utils import case_id, grad_fn_to_lower, make_inputs, reference_f64
 from tests.tolerances import assert_close
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -98,24 +98,6 @@ def test_pruning_skips_tiles_and_stays_exact(case):
 # ----------------------------------------------------------------------------- cuda lowering
 
 
-def _fwd_bwd(T, D, Hq=4, Hkv=2, segments=False, pruning=None, dtype=jnp.bfloat16, B=1):
-  """A jitted loss-gradient function and shape structs for it (no data needed)."""
-
-  def f(q, k, v, lf, seg):
-    def loss(q, k, v, lf):
-      o = api._forgetting_attention(q, k, v, lf, segment_ids=seg if segments else None,
-                                    sm_scale=None, pruning=pruning, impl="pallas_gpu",
-                                    block_sizes=None, interpret=False, return_stats=False)
-      return jnp.sum(o.astype(jnp.float32))
-
-    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, lf)
-
-  sd = jax.ShapeDtypeStruct
-  shapes = (sd((B, T, Hq, D), dtype), sd((B, T, Hkv, D), dtype), sd((B, T, Hkv, D), dtype),
-            sd((B, T, Hq), jnp.float32), sd((B, T), jnp.int32))
-  return jax.jit(f), shapes
-
-
 LOWER = [(64, False, False), (64, True, True), (128, False, True), (128, True, False)]
 
 
@@ -123,7 +105,8 @@ LOWER = [(64, False, False), (64, True, True), (128, False, True), (128, True, F
                          ids=[f"T4096-D{d}{'-SEG' if s else ''}{'-ACP' if p else ''}"
                               for d, s, p in LOWER])
 def test_lowers_for_cuda(D, segments, pruned):
-  fn, shapes = _fwd_bwd(4096, D, segments=segments, pruning=Pruning() if pruned else None)
+  fn, shapes = grad_fn_to_lower("pallas_gpu", 4096, D, segments=segments,
+                                pruning=Pruning() if pruned else None)
   text = fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
   # Forward, dQ and dK/dV: three Triton kernels.
   assert len(re.findall(r"__gpu\$xla\.gpu\.triton", text)) == 3, "expected 3 Triton kernels"
@@ -148,7 +131,8 @@ def test_memory_linear_in_t(pruned):
   """Forward+backward at T = 16384 vs 8192: nothing near T^2, and about double the bytes."""
   stats = {}
   for T in (8192, 16384):
-    fn, shapes = _fwd_bwd(T, 128, pruning=Pruning() if pruned else None)
+    fn, shapes = grad_fn_to_lower("pallas_gpu", T, 128,
+                                  pruning=Pruning() if pruned else None)
     if ON_GPU:
       mem = fn.lower(*shapes).compile().memory_analysis()
       stats[T] = (mem.temp_size_in_bytes, mem.temp_size_in_bytes + mem.output_size_in_bytes)

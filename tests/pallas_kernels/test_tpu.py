@@ -17,7 +17,7 @@ from pallas_kernels.forgetting_attention import api
 from pallas_kernels.forgetting_attention import pruning as pruning_lib
 from pallas_kernels.forgetting_attention.common import BlockSizes
 from pallas_kernels.forgetting_attention.pruning import Pruning
-from tests.kernel_utils import case_id, make_inputs, reference_f64
+from tests.kernel_utils import case_id, grad_fn_to_lower, make_inputs, reference_f64
 from tests.tolerances import assert_close
 
 ON_TPU = jax.default_backend() == "tpu"
@@ -114,24 +114,6 @@ def test_auto_picks_pallas_tpu_on_tpu(monkeypatch):
 # ----------------------------------------------------------------------------- tpu lowering
 
 
-def _fwd_bwd(T, D, Hq=4, Hkv=2, segments=False, pruning=None, dtype=jnp.bfloat16, B=1):
-  """A jitted loss-gradient function at the default tiles and shape structs for it."""
-
-  def f(q, k, v, lf, seg):
-    def loss(q, k, v, lf):
-      o = api._forgetting_attention(q, k, v, lf, segment_ids=seg if segments else None,
-                                    sm_scale=None, pruning=pruning, impl="pallas_tpu",
-                                    block_sizes=None, interpret=False, return_stats=False)
-      return jnp.sum(o.astype(jnp.float32))
-
-    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, lf)
-
-  sd = jax.ShapeDtypeStruct
-  shapes = (sd((B, T, Hq, D), dtype), sd((B, T, Hkv, D), dtype), sd((B, T, Hkv, D), dtype),
-            sd((B, T, Hq), jnp.float32), sd((B, T), jnp.int32))
-  return jax.jit(f), shapes
-
-
 LOWER = [(64, False, False), (64, True, True), (128, False, True), (128, True, False)]
 
 
@@ -140,7 +122,8 @@ LOWER = [(64, False, False), (64, True, True), (128, False, True), (128, True, F
                               for d, s, p in LOWER])
 def test_lowers_for_tpu(D, segments, pruned):
   """Mosaic lowering checks block shapes, layouts and every op of the kernel bodies."""
-  fn, shapes = _fwd_bwd(4096, D, segments=segments, pruning=Pruning() if pruned else None)
+  fn, shapes = grad_fn_to_lower("pallas_tpu", 4096, D, segments=segments,
+                                pruning=Pruning() if pruned else None)
   text = fn.trace(*shapes).lower(lowering_platforms=("tpu",)).as_text()
   # Forward, dQ and dK/dV: three Mosaic kernels.
   assert len(re.findall(r"custom_call @tpu_custom_call", text)) == 3, "expected 3 Mosaic kernels"

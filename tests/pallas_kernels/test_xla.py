@@ -18,7 +18,8 @@ import pytest
 from pallas_kernels import BlockSizes, Pruning, forgetting_attention
 from pallas_kernels.forgetting_attention import xla
 from pallas_kernels.forgetting_attention.reference import forgetting_attention_reference
-from tests.kernel_utils import Inputs, case_id, make_inputs, make_log_fgate, reference_f64
+from tests.kernel_utils import (Inputs, case_id, grad_fn_to_lower, make_inputs, make_log_fgate,
+                                reference_f64)
 from tests.tolerances import assert_close
 
 F32, BF16, F16 = np.float32, jnp.bfloat16, np.float16
@@ -162,19 +163,8 @@ def test_memory_linear_in_sequence_length():
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_lowers_for_accelerators(platform):
-  """The blockwise path (what impl="auto" runs on TPU) lowers for TPU and GPU from a CPU,
-  forward and backward, with segments and pruning."""
-
-  def grads(q, k, v, lf, seg):
-    def loss(q, k, v, lf):
-      o = forgetting_attention(q, k, v, lf, segment_ids=seg, pruning=Pruning(), impl="xla")
-      return jnp.sum(o.astype(jnp.float32))
-
-    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, lf)
-
-  sd = jax.ShapeDtypeStruct
-  T, Hq, Hkv, D = 2048, 4, 2, 128
-  shapes = (sd((1, T, Hq, D), jnp.bfloat16), sd((1, T, Hkv, D), jnp.bfloat16),
-            sd((1, T, Hkv, D), jnp.bfloat16), sd((1, T, Hq), jnp.float32), sd((1, T), jnp.int32))
-  text = jax.jit(grads).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
+  """The blockwise path (any backend's fallback) lowers for TPU and GPU from a CPU, forward
+  and backward, with segments and pruning."""
+  fn, shapes = grad_fn_to_lower("xla", 2048, 128, segments=True, pruning=Pruning())
+  text = fn.trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
   assert "stablehlo.while" in text  # the tile loops survive as loops, not unrolled
