@@ -5,8 +5,8 @@ on the cumulative gate ``c`` (a double-float pair, see ``common``):
 
   forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale, block_sizes, interpret)
       -> o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32
-  backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale, block_sizes,
-           interpret) -> dq, dk, dv, dc [B, S, Hq] f32
+  backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_scale,
+           block_sizes, interpret) -> dq, dk, dv, dc [B, S, Hq] f32
   default_block_sizes(head_dim) -> BlockSizes (optional: tiles tuned for that backend)
 
 ``delta`` [B, Hq] (or None) is the ACP threshold: pairs with D_ij < delta are dropped
@@ -15,7 +15,8 @@ the reference's pruned function whatever its tiles. dc_t = sum_{j != t} dS_tj -
 sum_{i != t} dS_it is the gradient of the loss with respect to c_t; the diagonal, which the
 row and the column sum share, is left out because it cancels badly under strong forgetting
 (P_tt ~ 1). For the same reason dS is not formed from di = rowsum(o * do) - dlse of the
-rounded output: each backward anchors dS at the query's own key and takes dlse itself.
+rounded output: each backward anchors dS at the query's own key (``common``, "anchored dS");
+``o`` only feeds an estimate whose error that anchoring suppresses.
 Here, dlog_f is the reverse cumsum of dc.
 """
 
@@ -200,13 +201,13 @@ def _attention(q, k, v, log_fgate, segment_ids, delta, cfg):
 def _attention_fwd(q, k, v, log_fgate, segment_ids, delta, cfg):
   c_hi, c_lo = common.compensated_cumsum(log_fgate, axis=1)
   o, lse, kept = _module(cfg.impl).forward(q, k, v, c_hi, c_lo, segment_ids, delta, **_kwargs(cfg))
-  return (o, lse, kept), (q, k, v, c_hi, c_lo, segment_ids, delta, lse)
+  return (o, lse, kept), (q, k, v, c_hi, c_lo, segment_ids, delta, o, lse)
 
 
 def _attention_bwd(cfg, res, cotangents):
-  q, k, v, c_hi, c_lo, segment_ids, delta, lse = res
+  q, k, v, c_hi, c_lo, segment_ids, delta, o, lse = res
   do, dlse, _ = cotangents
-  dq, dk, dv, dc = _module(cfg.impl).backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse,
+  dq, dk, dv, dc = _module(cfg.impl).backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse,
                                               do.astype(q.dtype), dlse.astype(jnp.float32),
                                               **_kwargs(cfg))
   dlog_f = common.reverse_cumsum(dc, axis=1)

@@ -55,6 +55,48 @@ def reverse_cumsum(x: jax.Array, axis: int = 1) -> jax.Array:
   return jax.lax.cumsum(x, axis=axis, reverse=True)
 
 
+# ----------------------------------------------------------------------------- anchored dS
+#
+# The backward never forms dS_ij = P_ij (dP_ij - di_i) from di_i = o_i . do_i - dlse_i: under
+# strong forgetting P_ii ~ 1, o_i ~ v_i, and dP_ij - di_i cancels below the rounding of the
+# stored output. Every implementation anchors dS at the query's own key instead,
+#
+#   X_ij = dP_ij - dd_i   (dd_i = dP_ii = do_i . v_i, so X_ii = 0 exactly),
+#   g_i  = sum_j P_ij X_ij - dlse_i,       dS_ij = P_ij (X_ij - g_i),
+#
+# with g_i summed over the backward's own P and X, which keeps sum_j dS_ij = dlse_i to
+# rounding. A pass that must form dS before it has swept a row (the Pallas dQ kernels) uses
+# the estimate g~_i = o_i . do_i - dd_i - dlse_i (``row_term_estimate``) and anchors k the same
+# way, using that the exact dS rows sum to dlse:
+#
+#   dq_i / scale = sum_{j != i} dS_ij (k_j - k_i) + dlse_i k_i.
+#
+# With g~ in place of g this is off by (g_i - g~_i) sum_{j != i} P_ij (k_j - k_i): the error
+# of g~ (the rounding of o) times a factor that vanishes with 1 - P_ii, so dq keeps its
+# relative precision under strong forgetting, and the dQ pass needs no P K matmul.
+
+
+def own_key_dot(do: jax.Array, v: jax.Array) -> jax.Array:
+  """dd_i = do_i . v_i with v at the query's own position (the anchor of dS).
+
+  do: [B, T, Hq, D]; v: [B, S, Hkv, D] (queries are the last T positions); [B, Hq, T] f32.
+  """
+  B, T, Hq, D = do.shape
+  S, Hkv = v.shape[1], v.shape[2]
+  v_own = v[:, S - T:].reshape(B, T, Hkv, 1, D)
+  dd = jnp.einsum("bthgd,bthgd->bhgt", do.reshape(B, T, Hkv, Hq // Hkv, D), v_own,
+                  preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+  return dd.reshape(B, Hq, T)
+
+
+def row_term_estimate(o: jax.Array, do: jax.Array, dd: jax.Array, dlse: jax.Array) -> jax.Array:
+  """g~_i = o_i . do_i - dd_i - dlse_i, [B, Hq, T] float32 (o, do: [B, T, Hq, D]; dd, dlse:
+  [B, Hq, T]); the estimate of g in the comment above."""
+  di = jnp.einsum("bthd,bthd->bht", o, do, preferred_element_type=jnp.float32,
+                  precision=jax.lax.Precision.HIGHEST)
+  return di - dd - dlse.astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile sizes of the blockwise implementations.

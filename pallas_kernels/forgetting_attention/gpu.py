@@ -4,7 +4,8 @@ Three kernels, none with atomics:
 
   forward  grid (q blocks, B, Hq):  online softmax over the kept kv tiles of one q block.
   dQ       grid (q blocks, B, Hq):  loops over the kept kv tiles of one q block; also writes
-           the row term g of the anchored dS (see the comment above the backward kernels).
+           the row term g of the anchored dS and the row sums of dS (see the comment above
+           the backward kernels).
   dK/dV    grid (kv blocks, B, Hkv): one kv tile stays on chip while the kernel loops over
            the q heads of its GQA group and, for each, over that head's kept q tiles; it
            also writes dc = -(column sums of dS) per q head. Runs after dQ (it reads g).
@@ -38,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.forgetting_attention import pruning, tiling
+from pallas_kernels.forgetting_attention import common, pruning, tiling
 from pallas_kernels.forgetting_attention.common import BlockSizes
 
 _LOG2E = math.log2(math.e)
@@ -163,20 +164,21 @@ def _fwd_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, *rest, 
 
 # ----------------------------------------------------------------------------- backward
 #
-# dS_ij = P_ij (dP_ij - di_i) with di_i = rowsum(o_i * do_i) loses everything under strong
-# forgetting: P_ii ~ 1, o_i ~ v_i and dP_ii - di_i cancels below the rounding of the stored
-# output. The kernels anchor dS at the query's own key instead (dd_i = dP_ii = do_i . v_i):
+# Both kernels use the anchored dS of ``common`` ("anchored dS"): X_ij = dP_ij - dd_i is
+# exactly 0 on the diagonal and dS_ij = P_ij (X_ij - g_i). The dQ pass sums g_i exactly over
+# its row (for the dK/dV pass, which runs after it) but must form dS before the sweep ends,
+# so it uses the estimate g~ and anchors k at the own key:
 #
-#   X_ij = dP_ij - dd_i  (exactly 0 for j = i),   g_i = sum_j P_ij X_ij - dlse_i,
-#   dS_ij = P_ij (X_ij - g_i).
+#   dq_i = scale * (sum_{j != i} dS~_ij k_j - (sum_{j != i} dS~_ij - dlse_i) k_i),
 #
-# The dQ pass forms g_i in its own sweep over the row's kv tiles without a second pass:
-# dQ_i = scale * (sum_j P_ij X_ij k_j - g_i sum_j P_ij k_j), one extra matmul per tile. It
-# writes g for the dK/dV pass, which then has every term at full relative precision.
+# off by (g_i - g~_i) sum_{j != i} P_ij (k_j - k_i), which vanishes with 1 - P_ii. The row
+# sum of dS~ is taken over the values the matmul sees (rounded to the input dtype), so the
+# two terms cancel exactly where the keys are alike. Three tile matmuls (QK^T, dO V^T,
+# dS~ K); the dK/dV pass has four (QK^T, dO V^T, P^T dO, dS^T Q).
 
 
-def _dq_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, lse_ref,
-               dd_ref, dlse_ref, *rest, scale, bq, bk, off, has_seg):
+def _dq_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, kown_ref, chi_ref, clo_ref, do_ref,
+               lse_ref, dd_ref, gt_ref, dlse_ref, *rest, scale, bq, bk, off, has_seg):
   seg_ref = rest[0] if has_seg else None
   delta = rest[int(has_seg)][...]  # [bq]
   dq_ref, g_ref, r_ref = rest[-3:]
@@ -187,6 +189,7 @@ def _dq_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, 
   do = do_ref[...]
   lse2 = lse_ref[...] * _LOG2E  # [bq]
   dd = dd_ref[...]
+  gt = gt_ref[...]  # the estimate g~
   cq_hi = chi_ref[pl.ds(q_first, bq)]
   cq_lo = clo_ref[pl.ds(q_first, bq)]
   q_pos = q_first + jnp.arange(bq)
@@ -194,7 +197,7 @@ def _dq_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, 
   qk_scale = scale * _LOG2E
 
   def body(kb, carry, masked):
-    pxk, pk, g, p_off = carry
+    dsk, ds_row, gsum, p_off = carry
     ks = pl.ds(kb * bk, bk)
     k = k_ref[ks, :]
     v = v_ref[ks, :]
@@ -207,18 +210,23 @@ def _dq_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, 
       x = jnp.where(diag, 0.0, x)
     p = jnp.exp2(s - lse2[:, None])  # [bq, bk]
     px = p * x
-    p_row = jnp.sum(jnp.where(diag, 0.0, p) if masked else p, axis=1)
-    return (pxk + _dot(px.astype(k.dtype), k), pk + _dot(p.astype(k.dtype), k),
-            g + jnp.sum(px, axis=1), p_off + p_row)
+    ds = px - p * gt[:, None]
+    if masked:  # the own key's term is the k_i part of the anchoring
+      ds = jnp.where(diag, 0.0, ds)
+      p = jnp.where(diag, 0.0, p)
+    ds = ds.astype(k.dtype)
+    return (dsk + _dot(ds, k), ds_row + jnp.sum(ds.astype(jnp.float32), axis=1),
+            gsum + jnp.sum(px, axis=1), p_off + jnp.sum(p, axis=1))
 
-  zeros = jnp.zeros(q.shape, jnp.float32)
   zrow = jnp.zeros((bq,), jnp.float32)
-  carry = (zeros, zeros, zrow, zrow)
+  carry = (jnp.zeros(q.shape, jnp.float32), zrow, zrow, zrow)
   mid = start if has_seg else _split(start, end, lax.div(q_first + 1, bk))
   carry = lax.fori_loop(start, mid, functools.partial(body, masked=False), carry)
-  pxk, pk, gsum, p_off = lax.fori_loop(mid, end, functools.partial(body, masked=True), carry)
-  g = gsum - dlse_ref[...]
-  dq_ref[...] = (scale * (pxk - g[:, None] * pk)).astype(dq_ref.dtype)
+  dsk, ds_row, gsum, p_off = lax.fori_loop(mid, end, functools.partial(body, masked=True), carry)
+  dlse = dlse_ref[...]
+  k_own = kown_ref[...].astype(jnp.float32)  # [bq, Dp]: k at each query's own position
+  dq_ref[...] = (scale * (dsk - (ds_row - dlse)[:, None] * k_own)).astype(dq_ref.dtype)
+  g = gsum - dlse
   g_ref[...] = g
   # Row sum of dS without its diagonal: sum_{j != i} P_ij (X_ij - g_i), X_ii = 0.
   r_ref[...] = gsum - g * p_off
@@ -304,6 +312,9 @@ class _Geometry(tiling.TileGeometry):
   def pad_kv(self, x):  # [B, S, Hkv, D] -> [B, sk, Hkv, dp]
     return tiling.pad_axis(tiling.pad_axis(x, 1, self.sk), 3, self.dp)
 
+  def own_kv(self, x):  # [B, S, Hkv, D] -> [B, tp, Hkv, dp] at the query positions
+    return tiling.pad_axis(tiling.pad_axis(x[:, self.off:], 1, self.tp), 3, self.dp)
+
   def pad_c(self, c):  # [B, S, Hq] -> [B, Hq, sc], edge-replicated
     return tiling.pad_axis(c.transpose(0, 2, 1), 2, self.sc, mode="edge")
 
@@ -355,7 +366,7 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
   return o[:, :g.T, :, :g.D], lse[:, :, :g.T], kept
 
 
-def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale: float,
+def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_scale: float,
              block_sizes: BlockSizes, interpret: bool = False):
   """dq, dk, dv in the inputs' dtypes and dc [B, S, Hq] f32 (see ``api``).
 
@@ -370,7 +381,8 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale
   group = g.group
   qp, kp, vp, dop = g.pad_q(q), g.pad_kv(k), g.pad_kv(v), g.pad_q(do)
   chi, clo = g.pad_c(c_hi), g.pad_c(c_lo)
-  dd = tiling.own_key_dot(do, v)  # [B, Hq, T]: the anchor of dS
+  dd = common.own_key_dot(do, v)  # [B, Hq, T]: the anchor of dS
+  gt = common.row_term_estimate(o, do, dd, dlse)
   lsep, ddp, dlsep = g.pad_rows(lse), g.pad_rows(dd), g.pad_rows(dlse.astype(jnp.float32))
   segp = g.pad_seg(segment_ids) if has_seg else None
   params = _launch(_warps(block_sizes, g.bq, g.bk, g.dp), _stages(block_sizes, g.dp))
@@ -383,9 +395,11 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale
   c_spec = pl.BlockSpec((None, None, g.sc), lambda i, b, h: (b, h, 0))
   row_spec = pl.BlockSpec((None, None, g.bq), lambda i, b, h: (b, h, i))
   r_spec = pl.BlockSpec((None, None, g.nq), lambda i, b, h: (b, h, 0))
-  in_specs = [r_spec, r_spec, q_spec, kv_spec, kv_spec, c_spec, c_spec, q_spec, row_spec,
-              row_spec, row_spec]
-  args = [ranges.kv_start, ranges.kv_end, qp, kp, vp, chi, clo, dop, lsep, ddp, dlsep]
+  own_spec = pl.BlockSpec((None, g.bq, None, g.dp), lambda i, b, h: (b, i, h // group, 0))
+  in_specs = [r_spec, r_spec, q_spec, kv_spec, kv_spec, own_spec, c_spec, c_spec, q_spec,
+              row_spec, row_spec, row_spec, row_spec]
+  args = [ranges.kv_start, ranges.kv_end, qp, kp, vp, g.own_kv(k), chi, clo, dop, lsep, ddp,
+          g.pad_rows(gt), dlsep]
   if has_seg:
     in_specs.append(pl.BlockSpec((None, g.sc), lambda i, b, h: (b, 0)))
     args.append(segp)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from pallas_kernels.forgetting_attention import pruning
 from pallas_kernels.forgetting_attention.common import BlockSizes
@@ -63,16 +62,3 @@ def forward_ranges(g: TileGeometry, c_hi, c_lo, segment_ids, delta, block_sizes:
   kept = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, block_sizes.block_q,
                              block_sizes.block_k, delta).kept_tiles()
   return ranges, kept
-
-
-def own_key_dot(do: jax.Array, v: jax.Array) -> jax.Array:
-  """dd_i = do_i . v_i with v at the query's own position (the anchor of the backward's dS).
-
-  do: [B, T, Hq, D]; v: [B, S, Hkv, D]; returns [B, Hq, T] float32.
-  """
-  B, T, Hq, D = do.shape
-  S, Hkv = v.shape[1], v.shape[2]
-  v_own = v[:, S - T:].reshape(B, T, Hkv, 1, D)
-  dd = jnp.einsum("bthgd,bthgd->bhgt", do.reshape(B, T, Hkv, Hq // Hkv, D), v_own,
-                  preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
-  return dd.reshape(B, Hq, T)

@@ -6,7 +6,8 @@ way: every tile loop is a grid axis, and data-dependent tile skipping comes from
 prefetch.
 
   forward  grid (B, Hq, q blocks, kv steps):          acc, m, l in VMEM scratch
-  dQ       grid (B, Hq, q blocks, kv steps):          sum P X k, sum P k, g, off-diagonal P
+  dQ       grid (B, Hq, q blocks, kv steps):          dS~ K, row sums of dS~, P X and
+                                                      off-diagonal P
   dK/dV    grid (B, Hkv, kv blocks, group, q steps):  dk, dv across the GQA group's q heads;
                                                       dc per q head
 
@@ -19,12 +20,14 @@ issue no DMA, and ``pl.when`` skips their compute. Every computed tile applies t
 segment and element-wise ACP masks, so the function does not depend on the tiling.
 
 Layout: q, k, v, do are transposed to [B, H, T, Dp] with D padded to a multiple of 128 (the
-lane width). Per-query vectors (c at query positions, lse, dd, dlse, g, the ACP threshold)
-are [B, H, T, 1] columns with (bq, 1) blocks; per-key vectors (c at key positions, segment
+lane width); k at the query positions (the dQ pass's own keys) is [B, Hkv, T, Dp] like q.
+Per-query vectors (c at query positions, lse, dd, g~, dlse, g, the ACP threshold) are
+[B, H, T, 1] columns with (bq, 1) blocks; per-key vectors (c at key positions, segment
 ids) are [B, H, 1, S] rows with (1, bk) blocks, so bk is a multiple of 128 and bq of 16 (the
 bfloat16 sublane tile). Matmuls accumulate in float32 (float32 inputs at full precision).
 Padding follows ``gpu.py``: padded keys lie after every real query (the causal mask hides
-them), padded queries get do = 0, dd = 0, dlse = 0, lse = 0 and an edge-replicated c.
+them), padded queries get do = 0, dd = 0, g~ = 0, dlse = 0, lse = 0, own key 0 and an
+edge-replicated c.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.forgetting_attention import pruning, tiling
+from pallas_kernels.forgetting_attention import common, pruning, tiling
 from pallas_kernels.forgetting_attention.common import BlockSizes
 
 # A finite mask value: a fully masked tile gives exp(0) = 1 weights that the first unmasked
@@ -132,27 +135,32 @@ def _fwd_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, cqh_ref, cql_ref, ckh_r
 
 # ----------------------------------------------------------------------------- backward
 #
-# As in gpu.py, dS is anchored at the query's own key (dd_i = dP_ii = do_i . v_i):
-#   X_ij = dP_ij - dd_i (exactly 0 for j = i),  g_i = sum_j P_ij X_ij - dlse_i,
-#   dS_ij = P_ij (X_ij - g_i),
-# and dQ_i = scale (sum_j P_ij X_ij k_j - g_i sum_j P_ij k_j) needs no second sweep.
+# As in gpu.py, both kernels use the anchored dS of ``common`` ("anchored dS"):
+# X_ij = dP_ij - dd_i is exactly 0 on the diagonal and dS_ij = P_ij (X_ij - g_i). The dQ
+# pass forms dS~ from the estimate g~ before its sweep ends and anchors k at the own key,
+#
+#   dq_i = scale * (sum_{j != i} dS~_ij k_j - (sum_{j != i} dS~_ij - dlse_i) k_i),
+#
+# with the row sum of dS~ taken over the values the matmul sees (rounded to the input
+# dtype); it also sums g_i exactly for the dK/dV pass. Three tile matmuls (QK^T, dO V^T,
+# dS~ K); the dK/dV pass has four (QK^T, dO V^T, P^T dO, dS^T Q).
 
 
 def _dq_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, cqh_ref, cql_ref, ckh_ref, ckl_ref,
-               delta_ref, do_ref, lse_ref, dd_ref, dlse_ref, *rest, scale, bq, bk, off, nq,
-               nsteps, has_seg):
+               delta_ref, do_ref, lse_ref, dd_ref, gt_ref, dlse_ref, kown_ref, *rest, scale,
+               bq, bk, off, nq, nsteps, has_seg):
   if has_seg:
     segq_ref, segk_ref = rest[:2]
     rest = rest[2:]
-  dq_ref, g_ref, r_ref, pxk_ref, pk_ref, gsum_ref, poff_ref = rest
+  dq_ref, g_ref, r_ref, dsk_ref, dsrow_ref, gsum_ref, poff_ref = rest
   b, h, i, s = (pl.program_id(a) for a in range(4))
   idx = (b * pl.num_programs(1) + h) * nq + i
   kb = start_ref[idx] + s
 
   @pl.when(s == 0)
   def _init():
-    pxk_ref[...] = jnp.zeros(pxk_ref.shape, jnp.float32)
-    pk_ref[...] = jnp.zeros(pk_ref.shape, jnp.float32)
+    dsk_ref[...] = jnp.zeros(dsk_ref.shape, jnp.float32)
+    dsrow_ref[...] = jnp.zeros(dsrow_ref.shape, jnp.float32)
     gsum_ref[...] = jnp.zeros(gsum_ref.shape, jnp.float32)
     poff_ref[...] = jnp.zeros(poff_ref.shape, jnp.float32)
 
@@ -167,16 +175,20 @@ def _dq_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, cqh_ref, cql_ref, ckh_re
     x = jnp.where(diag, 0.0, _dot(do_ref[...], v_ref[...], tb=True) - dd_ref[...])  # [bq, bk]
     p = jnp.exp(logits - lse_ref[...])
     px = p * x
-    pxk_ref[...] += _dot(px.astype(k.dtype), k)
-    pk_ref[...] += _dot(p.astype(k.dtype), k)
+    # dS~ without the own key's term, which is the k_i part of the anchoring.
+    ds = jnp.where(diag, 0.0, px - p * gt_ref[...]).astype(k.dtype)
+    dsk_ref[...] += _dot(ds, k)
+    dsrow_ref[...] += jnp.sum(ds.astype(jnp.float32), axis=1, keepdims=True)
     gsum_ref[...] += jnp.sum(px, axis=1, keepdims=True)
     poff_ref[...] += jnp.sum(jnp.where(diag, 0.0, p), axis=1, keepdims=True)
 
   @pl.when(s == nsteps - 1)
   def _finish():
     gsum = gsum_ref[...]
-    g = gsum - dlse_ref[...]
-    dq_ref[...] = (scale * (pxk_ref[...] - g * pk_ref[...])).astype(dq_ref.dtype)
+    dlse = dlse_ref[...]
+    k_own = kown_ref[...].astype(jnp.float32)  # [bq, Dp]: k at each query's own position
+    dq_ref[...] = (scale * (dsk_ref[...] - (dsrow_ref[...] - dlse) * k_own)).astype(dq_ref.dtype)
+    g = gsum - dlse
     g_ref[...] = g
     # Row sum of dS without its diagonal: sum_{j != i} P_ij (X_ij - g_i), X_ii = 0.
     r_ref[...] = gsum - g * poff_ref[...]
@@ -245,6 +257,10 @@ class _Geometry(tiling.TileGeometry):
 
   def pad_kv(self, x):  # [B, S, Hkv, D] -> [B, Hkv, sk, dp]
     return tiling.pad_axis(tiling.pad_axis(x.transpose(0, 2, 1, 3), 2, self.sk), 3, self.dp)
+
+  def own_kv(self, x):  # [B, S, Hkv, D] -> [B, Hkv, tp, dp] at the query positions
+    return tiling.pad_axis(tiling.pad_axis(x[:, self.off:].transpose(0, 2, 1, 3), 2, self.tp),
+                           3, self.dp)
 
   def unpad_q(self, x):  # [B, Hq, tp, dp] -> [B, T, Hq, D]
     return x[:, :, :self.T, :self.D].transpose(0, 2, 1, 3)
@@ -345,7 +361,7 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
   return g.unpad_q(o), lse[:, :, :g.T, 0], kept
 
 
-def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale: float,
+def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_scale: float,
              block_sizes: BlockSizes, interpret=False):
   """dq, dk, dv in the inputs' dtypes and dc [B, S, Hq] f32 (see ``api``).
 
@@ -358,7 +374,8 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale
   ranges = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, g.bq, g.bk, delta)
   has_seg = segment_ids is not None
   nq, nk, Hq, group = g.nq, g.nk, g.Hq, g.group
-  dd = tiling.own_key_dot(do, v)  # [B, Hq, T]: the anchor of dS
+  dd = common.own_key_dot(do, v)  # [B, Hq, T]: the anchor of dS
+  gt = common.row_term_estimate(o, do, dd, dlse)
   qp, kp, vp, dop = g.pad_q(q), g.pad_kv(k), g.pad_kv(v), g.pad_q(do)
   shared = [qp, kp, vp, g.c_cols(c_hi), g.c_cols(c_lo), g.c_rows(c_hi), g.c_rows(c_lo),
             g.delta_cols(delta)]
@@ -371,16 +388,18 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale
   row_block = lambda b, h, i, s, st, en: i
   col_block = lambda b, h, i, s, st, en: _clamped(st, en, (b * Hq + h) * nq + i, s)
   qspec, kvspec, col, row, seg_specs = _specs(g, has_seg, head, row_block, col_block)
+  own = pl.BlockSpec((None, None, g.bq, g.dp),
+                     lambda b, h, i, s, st, en: (b, lax.div(h, group), i, 0))
   dq, gp, rp = pl.pallas_call(
       functools.partial(_dq_kernel, nq=nq, nsteps=nk, **static),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2,
           grid=(g.B, Hq, nq, nk),
-          in_specs=[qspec, kvspec, kvspec, col, col, row, row, col, qspec, col, col, col]
-          + seg_specs,
+          in_specs=[qspec, kvspec, kvspec, col, col, row, row, col, qspec, col, col, col, col,
+                    own] + seg_specs,
           out_specs=[qspec, col, col],
           scratch_shapes=[pltpu.VMEM((g.bq, g.dp), jnp.float32),
-                          pltpu.VMEM((g.bq, g.dp), jnp.float32),
+                          pltpu.VMEM((g.bq, 1), jnp.float32),
                           pltpu.VMEM((g.bq, 1), jnp.float32),
                           pltpu.VMEM((g.bq, 1), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
@@ -390,8 +409,8 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=_interpret(interpret),
       name="forgetting_attention_dq",
-  )(_flat(ranges.kv_start), _flat(ranges.kv_end), *shared, dop, lsep, ddp, g.cols(dlse),
-    *segs)
+  )(_flat(ranges.kv_start), _flat(ranges.kv_end), *shared, dop, lsep, ddp, g.cols(gt),
+    g.cols(dlse), g.own_kv(k), *segs)
 
   # dK/dV (+dc): one kv block of one kv head stays put while the inner axes run over the
   # group's q heads and, for each, over that head's kept q blocks.

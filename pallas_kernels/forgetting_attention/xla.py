@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.forgetting_attention import pruning
+from pallas_kernels.forgetting_attention import common, pruning
 from pallas_kernels.forgetting_attention.common import BlockSizes
 
 
@@ -252,7 +252,7 @@ def _row_terms(qs, ks, dos, lse_b, dd_b, lo, hi, kv_start, kv_end, delta_h, sm_s
   return lax.scan(q_block, None, xs)[1]
 
 
-def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale: float,
+def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_scale: float,
              block_sizes: BlockSizes, interpret: bool = False):
   """dq, dk, dv (input dtypes) and dc [B, S, Hq] f32 = row sums minus column sums of dS.
 
@@ -271,7 +271,7 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale
   and, inside, the query blocks that see them (the mirrored kept ranges) recomputes P from
   lse and forms dV += P^T dO, dK += dS^T Q, dQ += dS K (dQ accumulated in a float32 buffer).
   """
-  del interpret
+  del interpret, o  # g is summed exactly in its own pass: no estimate from o needed
   B, T, Hq, D = q.shape
   S, Hkv = k.shape[1], k.shape[2]
   G = Hq // Hkv
@@ -285,8 +285,7 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, lse, do, dlse, *, sm_scale
   lse_b = _to_blocks(lse.transpose(0, 2, 1), bq, Hkv)  # [nq, B, Hkv, G, bq]
   dlse_b = _to_blocks(dlse.astype(jnp.float32).transpose(0, 2, 1), bq, Hkv)
   # dP_ii = do_i . v_i with v at each query's own position.
-  dd_b = _dot("bthgd,bthd->bthg", do.reshape(B, T, Hkv, G, D), v[:, S - T:])
-  dd_b = _to_blocks(dd_b.reshape(B, T, Hq), bq, Hkv)  # [nq, B, Hkv, G, bq]
+  dd_b = _to_blocks(common.own_key_dot(do, v).transpose(0, 2, 1), bq, Hkv)  # [nq, B, Hkv, G, bq]
   kv_start, kv_end = _heads(ranges.kv_start, Hkv), _heads(ranges.kv_end, Hkv)  # [nq, B, Hkv, G]
   g, r = _row_terms(qs, ks, dos, lse_b, dd_b, kv_start.min(axis=(1, 2, 3)),
                     kv_end.max(axis=(1, 2, 3)), kv_start, kv_end, delta_h, sm_scale)
