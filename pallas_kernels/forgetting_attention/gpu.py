@@ -154,7 +154,7 @@ def _fwd_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, *rest, 
   carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
            jnp.zeros((bq,), jnp.float32))
   # Tiles whose last key is at or before the block's first query need no mask.
-  mid = start if has_seg else _split(start, end, lax.div(q_first + 1, bk))
+  mid = start if has_seg else _split(start, end, tiling.idiv(q_first + 1, bk))
   carry = lax.fori_loop(start, mid, functools.partial(body, masked=False), carry)
   acc, m, l = lax.fori_loop(mid, end, functools.partial(body, masked=True), carry)
   l = jnp.where(l == 0.0, 1.0, l)
@@ -220,7 +220,7 @@ def _dq_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, kown_ref, chi_ref, clo_ref
 
   zrow = jnp.zeros((bq,), jnp.float32)
   carry = (jnp.zeros(q.shape, jnp.float32), zrow, zrow, zrow)
-  mid = start if has_seg else _split(start, end, lax.div(q_first + 1, bk))
+  mid = start if has_seg else _split(start, end, tiling.idiv(q_first + 1, bk))
   carry = lax.fori_loop(start, mid, functools.partial(body, masked=False), carry)
   dsk, ds_row, gsum, p_off = lax.fori_loop(mid, end, functools.partial(body, masked=True), carry)
   dlse = dlse_ref[...]
@@ -246,7 +246,7 @@ def _dkv_kernel(qs_ref, qe_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, l
   seg_k = seg_ref[ks] if has_seg else None
   qk_scale = scale * _LOG2E
   # q blocks from this index on lie entirely after the tile's last key: no mask needed.
-  first_unmasked = lax.div(jnp.maximum((j + 1) * bk - off - 1 + bq - 1, 0), bq)
+  first_unmasked = tiling.idiv(jnp.maximum((j + 1) * bk - off - 1 + bq - 1, 0), bq)
 
   def head(gi, carry):
     dk, dv = carry

@@ -1,17 +1,26 @@
 """Padding, tile geometry and per-pass set-up shared by the Pallas kernels (gpu.py, tpu.py).
 
 Each backend pads T, S and D to its own legal tile shapes and lays the arrays out its own
-way; the sizes, the kept-tile ranges at those sizes and the anchor of the backward's dS are
-the same for both, and live here.
+way; the sizes and the kept-tile ranges at those sizes are the same for both, and live
+here (the anchor of the backward's dS lives in ``common``, which every implementation uses).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from pallas_kernels.forgetting_attention import pruning
 from pallas_kernels.forgetting_attention.common import BlockSizes
+
+
+def idiv(x: jax.Array, n: int) -> jax.Array:
+  """x // n for a non-negative int32 index inside a kernel or an index map, with n a Python
+  int: ``lax.div`` with n made int32, so it also traces with jax_enable_x64 on (where a bare
+  Python int would become int64)."""
+  return lax.div(x, np.int32(n))
 
 
 def next_pow2(n: int) -> int:

@@ -306,7 +306,7 @@ def _specs(g, has_seg, head, row_block, col_block):
   """
   qspec = pl.BlockSpec((None, None, g.bq, g.dp), lambda *a: (a[0], head(*a), row_block(*a), 0))
   kvspec = pl.BlockSpec((None, None, g.bk, g.dp),
-                        lambda *a: (a[0], lax.div(head(*a), g.group), col_block(*a), 0))
+                        lambda *a: (a[0], tiling.idiv(head(*a), g.group), col_block(*a), 0))
   col = pl.BlockSpec((None, None, g.bq, 1), lambda *a: (a[0], head(*a), row_block(*a), 0))
   row = pl.BlockSpec((None, None, 1, g.bk), lambda *a: (a[0], head(*a), 0, col_block(*a)))
   segs = [pl.BlockSpec((None, g.bq, 1), lambda *a: (a[0], row_block(*a), 0)),
@@ -389,7 +389,7 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_sc
   col_block = lambda b, h, i, s, st, en: _clamped(st, en, (b * Hq + h) * nq + i, s)
   qspec, kvspec, col, row, seg_specs = _specs(g, has_seg, head, row_block, col_block)
   own = pl.BlockSpec((None, None, g.bq, g.dp),
-                     lambda b, h, i, s, st, en: (b, lax.div(h, group), i, 0))
+                     lambda b, h, i, s, st, en: (b, tiling.idiv(h, group), i, 0))
   dq, gp, rp = pl.pallas_call(
       functools.partial(_dq_kernel, nq=nq, nsteps=nk, **static),
       grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -2,9 +2,13 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pallas_kernels import BlockSizes, Pruning, forgetting_attention
+from pallas_kernels.forgetting_attention import pruning
+from tests.kernel_utils import make_inputs, reference_f64
+from tests.tolerances import assert_close
 
 
 def _args(B=1, T=8, S=8, Hq=4, Hkv=2, D=16, dtype=jnp.float32):
@@ -52,3 +56,25 @@ def test_bad_options():
 def test_pallas_gpu_refuses_non_gpu_backend():
   with pytest.raises(ValueError, match="impl='pallas_gpu' needs a GPU backend"):
     forgetting_attention(*_args(), impl="pallas_gpu")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
+def test_float32_inputs_with_x64_enabled(impl):
+  """A program that turns jax_enable_x64 on (Python ints become int64) still gets the
+  float32 result: the kernels' index arithmetic stays int32."""
+  inp = make_inputs(1, 40, 56, 2, 1, 32, jnp.float32, gate="medium", segments=2, seed=3)
+  tiles = BlockSizes(16, 128) if impl == "pallas_tpu" else BlockSizes(16, 16)
+  with jax.enable_x64(True):
+    def loss(q, k, v, lf):
+      o = forgetting_attention(q, k, v, lf, segment_ids=inp.segment_ids, impl=impl,
+                               block_sizes=tiles, pruning=Pruning(),
+                               interpret=impl != "xla" and jax.default_backend() != impl[7:])
+      return jnp.sum(o * inp.do), o
+
+    (dq, dk, dv, dlf), o = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+        inp.q, inp.k, inp.v, inp.log_fgate)
+  ref = reference_f64(inp, prune_threshold=np.asarray(
+      pruning.threshold(inp.q, inp.k, Pruning(), 32 ** -0.5)))
+  for name, x in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv), ("dlog_fgate", dlf)):
+    assert x.dtype == jnp.float32, name
+    assert_close(x, ref[name], jnp.float32, name)
