@@ -82,6 +82,13 @@ def reference_f64(inp: Inputs, sm_scale=None, prune_threshold=None, grads=True):
     return out
 
 
+def interpret_for(impl: str) -> bool:
+  """Whether ``impl`` must run in interpret mode here: a Pallas implementation away from the
+  backend it compiles for (api's table); never for reference / xla."""
+  backend = jax.default_backend()
+  return api._BACKENDS.get(impl, backend) != backend
+
+
 def case_id(B, T, S, Hq, Hkv, D, dtype, gate, segments):
   seg = f"-SEG{segments}" if segments else ""
   return f"B{B}-T{T}-S{S}-H{Hq}-HKV{Hkv}-D{D}-{np.dtype(dtype).name}-{gate}{seg}"

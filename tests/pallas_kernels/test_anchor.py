@@ -14,11 +14,9 @@ import pytest
 
 from pallas_kernels.forgetting_attention import api
 from pallas_kernels.forgetting_attention.common import BlockSizes
-from tests.kernel_utils import case_id, make_inputs, reference_f64
+from tests.kernel_utils import case_id, interpret_for, make_inputs, reference_f64
 from tests.tolerances import assert_close
 
-# The backend each Pallas implementation compiles for; elsewhere it runs in interpret mode.
-BACKEND = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
 # Small tiles, so that the diagonal falls in several kinds of tile (TPU needs 128 keys).
 TILES = {"xla": BlockSizes(16, 32), "pallas_gpu": BlockSizes(16, 32, 32, 16),
          "pallas_tpu": BlockSizes(16, 128, 32, 128)}
@@ -42,8 +40,7 @@ def test_gradients_under_extreme_forgetting(impl, case):
   def f(q, k, v, lf):
     return api._forgetting_attention(q, k, v, lf, segment_ids=inp.segment_ids, sm_scale=None,
                                      pruning=None, impl=impl, block_sizes=TILES[impl],
-                                     interpret=BACKEND.get(impl, jax.default_backend())
-                                     != jax.default_backend(), return_stats=False)
+                                     interpret=interpret_for(impl), return_stats=False)
 
   o, vjp = jax.vjp(jax.jit(f), inp.q, inp.k, inp.v, inp.log_fgate)
   got = dict(zip(("dq", "dk", "dv", "dlog_fgate"), vjp(inp.do)), o=o)

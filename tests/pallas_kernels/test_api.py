@@ -7,7 +7,7 @@ import pytest
 
 from pallas_kernels import BlockSizes, Pruning, forgetting_attention
 from pallas_kernels.forgetting_attention import pruning
-from tests.kernel_utils import make_inputs, reference_f64
+from tests.kernel_utils import interpret_for, make_inputs, reference_f64
 from tests.tolerances import assert_close
 
 
@@ -68,7 +68,7 @@ def test_float32_inputs_with_x64_enabled(impl):
     def loss(q, k, v, lf):
       o = forgetting_attention(q, k, v, lf, segment_ids=inp.segment_ids, impl=impl,
                                block_sizes=tiles, pruning=Pruning(),
-                               interpret=impl != "xla" and jax.default_backend() != impl[7:])
+                               interpret=interpret_for(impl))
       return jnp.sum(o * inp.do), o
 
     (dq, dk, dv, dlf), o = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
