@@ -65,13 +65,13 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from fox_jax.config import ModelConfig
 from fox_jax.layers import Constant
 from fox_jax.model import DecoderLM
+from fox_jax.safetensors_io import read_checkpoint_dir, read_safetensors  # noqa: F401
 
 AUTHORS_MODEL_TYPE = "forgetting_transformer-project_fox"
 FLA_MODEL_TYPE = "forgetting_transformer"
@@ -104,57 +104,6 @@ _FLA_INERT_KEYS = frozenset("""
     initializer_range fuse_norm fuse_swiglu fuse_cross_entropy fuse_linear_cross_entropy
     use_l2warp elementwise_affine
 """.split())
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-# -- reading checkpoints ------------------------------------------------------------------
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Tensors of one safetensors file as numpy arrays (bfloat16 via ml_dtypes), memory-mapped."""
-  with open(path, "rb") as f:
-    header_len = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(header_len))
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    out[name] = data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-  return out
-
-
-def read_checkpoint_dir(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(config.json as a dict, tensors) of a Hugging Face checkpoint directory.
-
-  Reads ``model.safetensors`` or the shards listed in ``model.safetensors.index.json``.
-  """
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
-    raise ValueError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
-  with open(config_path) as f:
-    config = json.load(f)
-  single = os.path.join(path, "model.safetensors")
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.isfile(single):
-    return config, read_safetensors(single)
-  if os.path.isfile(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    tensors = {}
-    for shard in shards:
-      tensors.update(read_safetensors(os.path.join(path, shard)))
-    return config, tensors
-  raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                   "(only safetensors checkpoints can be read)")
-
 
 # -- configs ------------------------------------------------------------------------------
 

@@ -1,0 +1,248 @@
+"""Malformed and hostile checkpoints: each must fail with one ValueError naming the file.
+
+Checkpoints are downloads, so the importer treats them as untrusted: wrong dtypes, non-finite
+weights, overlapping tensors, shard names leaving the directory, malformed configs, indexes
+and safetensors headers. Most tests stop at the reader (``read_safetensors``,
+``read_checkpoint_dir``) or at the config and build no model.
+"""
+
+import json
+import os
+import re
+import shutil
+import struct
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from fox_jax import convert
+from tests.fox_jax.test_convert import DATA
+
+WEIGHT = "model.layers.0.mlp.down_proj.weight"  # [64, 256] in every fixture
+
+
+def fixture(tmp_path, name="fox_llama"):
+  """A writable copy of a fixture's config.json and model.safetensors: (dir, config, tensors)."""
+  d = tmp_path / name
+  d.mkdir()
+  for f in ("config.json", "model.safetensors"):
+    shutil.copy(os.path.join(DATA, name, f), d / f)
+  with open(d / "config.json") as f:
+    config = json.load(f)
+  return d, config, dict(load_file(str(d / "model.safetensors")))
+
+
+def save(d, config=None, tensors=None):
+  if config is not None:
+    (d / "config.json").write_text(json.dumps(config))
+  if tensors is not None:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              str(d / "model.safetensors"))
+
+
+def raw_safetensors(path, header, data=b"", header_len=None):
+  """A safetensors file written byte by byte: 8-byte little-endian header length, header."""
+  text = header if isinstance(header, bytes) else json.dumps(header).encode()
+  size = len(text) if header_len is None else header_len
+  path.write_bytes(struct.pack("<Q", size) + text + data)
+
+
+def shard_index(d, weight_map):
+  """Replaces model.safetensors by an index with this weight map."""
+  if (d / "model.safetensors").exists():
+    os.remove(d / "model.safetensors")
+  (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+# -- item 11: dtypes, non-finite values, overlapping tensors ------------------------------
+
+@pytest.mark.parametrize("dtype,stored", [("int32", "I32"), ("int64", "I64"), ("uint8", "U8"),
+                                          ("bool", "BOOL")])
+def test_integer_weight_rejected(tmp_path, dtype, stored):
+  d, config, tensors = fixture(tmp_path)
+  tensors[WEIGHT] = tensors[WEIGHT].astype(dtype)
+  save(d, tensors=tensors)
+  with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{WEIGHT}' is stored as "
+                     rf"{stored}; weights must be floating point"):
+    convert.read_checkpoint_dir(str(d))
+
+
+@pytest.mark.parametrize("offsets_b", [[0, 16], [8, 24], [12, 28]])
+def test_overlapping_tensors_rejected(tmp_path, offsets_b):
+  path = tmp_path / "x.safetensors"
+  raw_safetensors(path, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                         "b": {"dtype": "F32", "shape": [4], "data_offsets": offsets_b}},
+                  bytes(32))
+  with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: tensors 'a' and 'b' share bytes"):
+    convert.read_safetensors(str(path))
+
+
+def test_adjacent_and_empty_tensors_accepted(tmp_path):
+  # The overlap check must not refuse what is legal: touching spans and empty tensors.
+  path = tmp_path / "x.safetensors"
+  raw_safetensors(path, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "b": {"dtype": "F16", "shape": [4], "data_offsets": [8, 16]},
+                         "c": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]},
+                         "__metadata__": {"format": "pt"}},
+                  np.arange(2, dtype=np.float32).tobytes() + np.ones(4, np.float16).tobytes())
+  got = convert.read_safetensors(str(path))
+  np.testing.assert_array_equal(got["a"], [0, 1])
+  np.testing.assert_array_equal(got["b"], np.ones(4, np.float16))
+  assert got["c"].shape == (0,)
+
+
+# -- item 12: files confined to the checkpoint directory ----------------------------------
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "system file", "symlinked shard",
+                                  "symlinked folder"])
+def test_shard_outside_directory_rejected(tmp_path, case):
+  good, _, tensors = fixture(tmp_path)  # a valid checkpoint next door
+  d, _, _ = fixture(tmp_path, "fox_pro")
+  name = {"dotdot": "../fox_llama/model.safetensors",
+          "absolute": str(good / "model.safetensors"), "system file": "/etc/passwd",
+          "symlinked shard": "link.safetensors", "symlinked folder": "sub/model.safetensors"}[case]
+  (d / "link.safetensors").symlink_to(good / "model.safetensors")
+  (d / "sub").symlink_to(good)
+  shard_index(d, {k: name for k in tensors})
+  problem = "is an absolute path" if name.startswith("/") else "lies outside the checkpoint"
+  with pytest.raises(ValueError, match=rf"model\.safetensors\.index\.json: weight_map entry "
+                     rf"'.*': '{re.escape(name)}' {problem}"):
+    convert.read_checkpoint_dir(str(d))
+
+
+def test_symlinked_file_outside_directory_rejected(tmp_path):
+  good, _, _ = fixture(tmp_path)
+  d, _, _ = fixture(tmp_path, "fox_pro")
+  os.remove(d / "model.safetensors")
+  (d / "model.safetensors").symlink_to(good / "model.safetensors")
+  with pytest.raises(ValueError, match=r"model\.safetensors: resolves to .*outside the "
+                     "checkpoint directory"):
+    convert.read_checkpoint_dir(str(d))
+
+
+def test_hugging_face_cache_layout_accepted(tmp_path):
+  # Not a fix but the limit of one: the hub cache's snapshot files are symlinks into the
+  # repository's blobs/, and such a snapshot directory must still import.
+  repo = tmp_path / "models--org--fox"
+  (repo / "blobs").mkdir(parents=True)
+  snapshot = repo / "snapshots" / "0123abc"
+  snapshot.mkdir(parents=True)
+  for name in ("config.json", "model.safetensors"):
+    shutil.copy(os.path.join(DATA, "fox_llama", name), repo / "blobs" / f"hash-{name}")
+    (snapshot / name).symlink_to(os.path.join("..", "..", "blobs", f"hash-{name}"))
+  config, tensors = convert.read_checkpoint_dir(str(snapshot))
+  assert config["model_type"] == convert.AUTHORS_MODEL_TYPE and WEIGHT in tensors
+
+
+# -- item 13: malformed configs, indexes and safetensors files ----------------------------
+
+
+def _index_cases():
+  def write(d, tensors, index):
+    shard_index(d, {})
+    (d / "model.safetensors.index.json").write_text(
+        index if isinstance(index, str) else json.dumps(index))
+
+  def shards(d, tensors, split, mapped):
+    names = sorted(tensors)
+    save_file({k: tensors[k] for k in names[:split]}, str(d / "a.safetensors"))
+    save_file({k: tensors[k] for k in names[3:]}, str(d / "b.safetensors"))
+    shard_index(d, {k: "a.safetensors" if i < mapped else "b.safetensors"
+                    for i, k in enumerate(names)})
+
+  index = r"model\.safetensors\.index\.json"
+  return {
+      "no weight_map": (lambda d, t: write(d, t, {"metadata": {}}),
+                        rf"{index}: weight_map must be an object .*got null"),
+      "weight_map a list": (lambda d, t: write(d, t, {"weight_map": ["a"]}),
+                            rf"{index}: weight_map must be an object .*got a list"),
+      "index a list": (lambda d, t: write(d, t, "[]"),
+                       rf"{index}: index must be a JSON object, got a list"),
+      "index not json": (lambda d, t: write(d, t, "{"), rf"{index}: index is not valid JSON"),
+      "empty weight_map": (lambda d, t: write(d, t, {"weight_map": {}}),
+                           rf"{index}: weight_map lists no tensors"),
+      "shard not a name": (lambda d, t: write(d, t, {"weight_map": {"x": 3}}),
+                           rf"{index}: weight_map entry 'x': 3 is not a shard file name"),
+      "missing shard": (lambda d, t: write(d, t, {"weight_map": {"x": "model-1.safetensors"}}),
+                        rf"{index}: shard 'model-1.safetensors' .*does not exist"),
+      # a.safetensors holds the first 3 tensors, the index maps only 2 to it
+      "shard with a tensor mapped elsewhere": (
+          lambda d, t: shards(d, t, 3, 2),
+          r"a\.safetensors: holds tensor '.*', which model\.safetensors\.index\.json maps to "
+          r"'b\.safetensors'"),
+      # a.safetensors holds 2 tensors, the index maps 3 to it
+      "shard lacking a mapped tensor": (
+          lambda d, t: shards(d, t, 2, 3),
+          rf"{index}: weight_map puts tensor '.*' in 'a\.safetensors', which does not hold it"),
+  }
+
+
+@pytest.mark.parametrize("case", list(_index_cases()))
+def test_bad_index(tmp_path, case):
+  make, message = _index_cases()[case]
+  d, _, tensors = fixture(tmp_path)
+  make(d, tensors)
+  with pytest.raises(ValueError, match=message):
+    convert.read_checkpoint_dir(str(d))
+
+
+F32 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+# name -> (header (dict or raw bytes), data, header length to write or None, message)
+MALFORMED = {
+    "empty file": (None, b"", None, "0 bytes, too short for a safetensors file"),
+    "huge header length": ({"a": F32}, bytes(16), 2**62,
+                           r"header length 4611686018427387904 exceeds the file size"),
+    "header length past the end": ({"a": F32}, bytes(16), 10**6,
+                                   "header length 1000000 exceeds the file size"),
+    "header not json": (b"{nope", b"", None, "safetensors header is not valid JSON"),
+    "header too deep": (b"[" * 50000 + b"]" * 50000, b"", None,
+                        "safetensors header is not valid JSON"),
+    "header a list": ([1, 2], b"", None, "safetensors header must be a JSON object, got a list"),
+    "duplicate name": (b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, '
+                       b'"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}',
+                       bytes(16), None, "name 'a' appears twice"),
+    "entry not an object": ({"a": 3}, b"", None, "tensor 'a': header entry must be an object"),
+    "dtype missing": ({"a": {"shape": [4], "data_offsets": [0, 16]}}, bytes(16), None,
+                      "tensor 'a' has unsupported dtype None"),
+    "dtype a list": ({"a": dict(F32, dtype=["F32"])}, bytes(16), None,
+                     r"tensor 'a' has unsupported dtype \['F32'\]"),
+    "shape a string": ({"a": dict(F32, shape="4")}, bytes(16), None,
+                       "tensor 'a': shape must be a list of non-negative integers"),
+    "shape negative": ({"a": dict(F32, shape=[-4])}, bytes(16), None,
+                       "tensor 'a': shape must be a list of non-negative integers"),
+    "offsets floats": ({"a": dict(F32, data_offsets=[0.0, 16.0])}, bytes(16), None,
+                       "tensor 'a': data_offsets must be two integers"),
+    "offsets reversed": ({"a": dict(F32, shape=[0], data_offsets=[16, 0])}, bytes(16), None,
+                         "tensor 'a': data_offsets must be two integers 0 <= start <= end"),
+    "size and shape differ": ({"a": dict(F32, shape=[3])}, bytes(16), None,
+                              r"tensor 'a': data_offsets \[0, 16\] hold 16 bytes, but F32 of "
+                              r"shape \[3\] needs 12"),
+    "huge shape": ({"a": dict(F32, shape=[2**40, 2**40])}, bytes(16), None,
+                   "tensor 'a': data_offsets .* hold 16 bytes"),
+    "truncated data": ({"a": dict(F32, shape=[8], data_offsets=[0, 32])}, bytes(16), None,
+                       r"tensor 'a': data_offsets \[0, 32\] run past the end of the data "
+                       r"\(16 bytes\): the file is truncated"),
+    "metadata a list": ({"__metadata__": [1]}, b"", None, "__metadata__ must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_safetensors(tmp_path, case):
+  header, data, header_len, message = MALFORMED[case]
+  path = tmp_path / "model.safetensors"
+  if header is None:
+    path.write_bytes(data)
+  else:
+    raw_safetensors(path, header, data, header_len)
+  with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: .*{message}"):
+    convert.read_safetensors(str(path))
+
+
+def test_truncated_real_checkpoint(tmp_path):
+  d, _, _ = fixture(tmp_path)
+  data = (d / "model.safetensors").read_bytes()
+  (d / "model.safetensors").write_bytes(data[:-100])
+  with pytest.raises(ValueError, match=r"model\.safetensors: tensor '.*': data_offsets .* run "
+                     "past the end of the data .*truncated"):
+    convert.read_checkpoint_dir(str(d))
