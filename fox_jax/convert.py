@@ -12,8 +12,13 @@ Two sources:
 Every option of the source config is either mapped onto ``ModelConfig``, checked to have a
 value the import reproduces exactly, or (for options that cannot change the forward pass:
 token ids, caching, fused-kernel switches, initialisation) ignored; anything else raises a
-ValueError naming the option. Loading checks each tensor's shape, that every checkpoint
-tensor is used and that every model parameter is filled.
+ValueError naming the option, as does a missing required option or a value of the wrong
+type. Loading checks each tensor's shape, that it is floating point and finite, that every
+checkpoint tensor is used and that every model parameter is filled.
+
+Checkpoints are untrusted input. Files are read and validated by ``fox_jax.safetensors_io``
+(safetensors headers against the file size, shard names confined to the checkpoint
+directory). Every problem is a one-line ValueError naming the file at fault.
 
 Names (L = layer index; d = d_model, V = vocab, Hq / Hkv = query / key-value heads, D = head
 dim, F = MLP width; "W^T" = transpose of the torch ``nn.Linear.weight`` [out, in], then
@@ -59,6 +64,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from typing import Any, Callable, Mapping, Optional
@@ -71,7 +77,15 @@ from flax import nnx
 from fox_jax.config import ModelConfig
 from fox_jax.layers import Constant
 from fox_jax.model import DecoderLM
-from fox_jax.safetensors_io import read_checkpoint_dir, read_safetensors  # noqa: F401
+from fox_jax.safetensors_io import (CONFIG_NAME, FLOAT_NUMPY_DTYPES, brief, read_checkpoint_dir,
+                                    read_safetensors)
+
+__all__ = [
+    "AUTHORS_MODEL_TYPE", "FLA_MODEL_TYPE", "Rule", "authors_config", "authors_rules",
+    "build_from_tensors", "fla_config", "fla_rules", "load_authors_checkpoint",
+    "load_converted", "load_fla_checkpoint", "load_fla_model", "main", "read_checkpoint_dir",
+    "read_safetensors", "save_converted",
+]
 
 AUTHORS_MODEL_TYPE = "forgetting_transformer-project_fox"
 FLA_MODEL_TYPE = "forgetting_transformer"
@@ -106,6 +120,17 @@ _FLA_INERT_KEYS = frozenset("""
 """.split())
 
 # -- configs ------------------------------------------------------------------------------
+# Source configs are JSON from a download: each value is type-checked here, so that a
+# missing or mistyped option is a ValueError naming it rather than a KeyError or TypeError,
+# and a string "false" is not read as true.
+
+_REQUIRED = object()  # default of an option the config must give
+
+
+def _check_mapping(hf, source: str) -> None:
+  if not isinstance(hf, Mapping):
+    raise ValueError(f"{source} config must be a JSON object, got {type(hf).__name__}")
+
 
 def _check_known_keys(hf: Mapping[str, Any], known: set, source: str) -> None:
   unknown = sorted(set(hf) - known - _HF_GENERIC_KEYS)
@@ -117,15 +142,51 @@ def _check_known_keys(hf: Mapping[str, Any], known: set, source: str) -> None:
 def _require(hf: Mapping[str, Any], key: str, allowed, source: str) -> None:
   value = hf.get(key)
   if value not in allowed:
-    raise ValueError(f"{source} config: {key}={value!r} cannot be imported "
+    raise ValueError(f"{source} config: {key}={brief(value)} cannot be imported "
                      f"(supported: {list(allowed)})")
 
 
+def _int(hf: Mapping[str, Any], key: str, source: str, default=None):
+  """A positive integer option; ``default`` when absent or null, unless ``_REQUIRED``."""
+  if default is _REQUIRED and key not in hf:
+    raise ValueError(f"{source} config: missing required key {key!r}")
+  value = hf.get(key)
+  if value is None and default is not _REQUIRED:
+    return default
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{source} config: {key} must be a positive integer, got {brief(value)}")
+  return value
+
+
+def _number(hf: Mapping[str, Any], key: str, source: str, default):
+  """A finite real option; ``default`` when absent or null."""
+  value = hf.get(key)
+  if value is None:
+    return default
+  try:
+    ok = not isinstance(value, bool) and math.isfinite(value)
+  except (TypeError, OverflowError):  # not a number, or an integer beyond float range
+    ok = False
+  if not ok:
+    raise ValueError(f"{source} config: {key} must be a finite number, got {brief(value)}")
+  return float(value)
+
+
+def _flag(hf: Mapping[str, Any], key: str, source: str, default=False):
+  """A boolean option; ``default`` when absent or null."""
+  value = hf.get(key)
+  if value is None:
+    return default
+  if not isinstance(value, bool):
+    raise ValueError(f"{source} config: {key} must be true or false, got {brief(value)}")
+  return value
+
+
 def _mlp_fields(hf: Mapping[str, Any], source: str) -> dict:
-  if hf.get("intermediate_size") is not None:
-    return dict(mlp_hidden=int(hf["intermediate_size"]))
-  ratio = hf.get("hidden_ratio")
-  return dict(mlp_ratio=float(4 if ratio is None else ratio))
+  width = _int(hf, "intermediate_size", source)
+  if width is not None:
+    return dict(mlp_hidden=width)
+  return dict(mlp_ratio=_number(hf, "hidden_ratio", source, 4.0))
 
 
 def _build_config(fields: dict, source: str, overrides: Mapping[str, Any]) -> ModelConfig:
@@ -150,19 +211,22 @@ def authors_config(hf: Mapping[str, Any], tensors: Optional[Mapping[str, Any]] =
   (``attn_impl``, ``dtype``, ...). ``tensors`` settles ``qk_norm_share_param_across_head``
   in configs that predate it."""
   src = "authors'"
-  if hf.get("model_type") != AUTHORS_MODEL_TYPE:
-    raise ValueError(f"model_type is {hf.get('model_type')!r}, expected {AUTHORS_MODEL_TYPE!r}"
-                     + (" (an fla checkpoint: use load_fla_checkpoint)"
-                        if hf.get("model_type") == FLA_MODEL_TYPE else ""))
+  _check_mapping(hf, src)
+  model_type = hf.get("model_type")
+  if model_type != AUTHORS_MODEL_TYPE:
+    hint = " (an fla checkpoint: use load_fla_checkpoint)" if model_type == FLA_MODEL_TYPE else ""
+    raise ValueError(f"model_type is {brief(model_type)}, expected {AUTHORS_MODEL_TYPE!r}{hint}")
   _check_known_keys(hf, _AUTHORS_KEYS, src)
   # The authors' layer raises on any num_kv_heads (GQA untested there).
   _require(hf, "num_kv_heads", (None,), src)
   _require(hf, "hidden_act", ("swish", "sigmoid"), src)
   _require(hf, "ogate_act", ("sigmoid", "silu", None), src)
   _require(hf, "fgate_type", ("full", "bias_only", "fixed", "none"), src)
-  num_heads, d_model = int(hf["num_heads"]), int(hf["hidden_size"])
-  shared = hf.get("qk_norm_share_param_across_head")
-  if shared is None and hf.get("qk_norm"):
+  vocab_size, d_model, num_layers, num_heads = (_int(hf, key, src, _REQUIRED) for key in (
+      "vocab_size", "hidden_size", "num_hidden_layers", "num_heads"))
+  qk_norm = _flag(hf, "qk_norm", src)
+  shared = _flag(hf, "qk_norm_share_param_across_head", src, None)
+  if shared is None and qk_norm:
     weight = (tensors or {}).get("model.layers.0.attn.q_norm.weight")
     if weight is None:
       raise ValueError("authors' config has qk_norm but no qk_norm_share_param_across_head, "
@@ -170,24 +234,25 @@ def authors_config(hf: Mapping[str, Any], tensors: Optional[Mapping[str, Any]] =
     shared = tuple(weight.shape) != (d_model,)
   gate = hf.get("fgate_type", "full")
   times = {}
-  if gate in ("bias_only", "fixed") and hf.get("decay_time_min") is not None:
-    times = dict(decay_time_min=float(hf["decay_time_min"]),
-                 decay_time_max=float(hf["decay_time_max"]))
+  if gate in ("bias_only", "fixed"):
+    low, high = (_number(hf, key, src, None) for key in ("decay_time_min", "decay_time_max"))
+    if (low, high) != (None, None):  # ModelConfig refuses one without the other
+      times = dict(decay_time_min=low, decay_time_max=high)
   pruning = None
-  if hf.get("log_pruning_tolerance") is not None:
-    pruning = dict(log_tolerance=float(hf["log_pruning_tolerance"]), qk_bound="auto")
+  tolerance = _number(hf, "log_pruning_tolerance", src, None)
+  if tolerance is not None:
+    pruning = dict(log_tolerance=tolerance, qk_bound="auto")
   fields = dict(
-      vocab_size=int(hf["vocab_size"]), d_model=d_model,
-      num_layers=int(hf["num_hidden_layers"]), num_heads=num_heads,
+      vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
       mlp_act="silu" if hf.get("hidden_act", "swish") == "swish" else "sigmoid",
-      forget_gate=gate, qk_norm=bool(hf.get("qk_norm", False)),
-      qk_norm_shared_across_heads=bool(shared), output_gate=bool(hf.get("use_output_gate")),
+      forget_gate=gate, qk_norm=qk_norm, qk_norm_shared_across_heads=bool(shared),
+      output_gate=_flag(hf, "use_output_gate", src),
       output_gate_act=hf.get("ogate_act") or "sigmoid",
-      output_norm=bool(hf.get("use_output_norm")), k_shift=bool(hf.get("use_k_shift")),
-      v_shift=bool(hf.get("use_v_shift")), rope=bool(hf.get("use_rope")),
-      rope_base=float(hf.get("rope_base", 500000.0)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      norm_eps=float(hf.get("norm_eps", 1e-6)), qk_norm_eps=1e-5, pruning=pruning,
+      output_norm=_flag(hf, "use_output_norm", src), k_shift=_flag(hf, "use_k_shift", src),
+      v_shift=_flag(hf, "use_v_shift", src), rope=_flag(hf, "use_rope", src),
+      rope_base=_number(hf, "rope_base", src, 500000.0),
+      tie_embeddings=_flag(hf, "tie_word_embeddings", src),
+      norm_eps=_number(hf, "norm_eps", src, 1e-6), qk_norm_eps=1e-5, pruning=pruning,
       dtype="float32", param_dtype="float32", **times, **_mlp_fields(hf, src))
   return _build_config(fields, src, overrides)
 
@@ -202,22 +267,24 @@ _FLA_KEYS = _FLA_INERT_KEYS | set("""
 def fla_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
   """ModelConfig of fla's ``ForgettingTransformerConfig`` (as a dict, ``config.to_dict()``)."""
   src = "fla"
+  _check_mapping(hf, src)
   if hf.get("model_type", FLA_MODEL_TYPE) != FLA_MODEL_TYPE:
-    raise ValueError(f"model_type is {hf.get('model_type')!r}, expected {FLA_MODEL_TYPE!r}")
+    raise ValueError(f"model_type is {brief(hf.get('model_type'))}, expected "
+                     f"{FLA_MODEL_TYPE!r}")
   _check_known_keys(hf, _FLA_KEYS, src)
   _require(hf, "qkv_bias", (False, None), src)
   _require(hf, "window_size", (None,), src)
   _require(hf, "attnres_block_size", (None,), src)
   _require(hf, "hidden_act", ("swish",), src)
-  num_heads = int(hf["num_heads"])
+  vocab_size, d_model, num_layers, num_heads = (_int(hf, key, src, _REQUIRED) for key in (
+      "vocab_size", "hidden_size", "num_hidden_layers", "num_heads"))
   fields = dict(
-      vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
-      num_layers=int(hf["num_hidden_layers"]), num_heads=num_heads,
-      num_kv_heads=int(hf.get("num_kv_heads") or num_heads), forget_gate="full",
-      qk_norm=bool(hf.get("qk_norm", False)), qk_norm_shared_across_heads=False,
-      output_gate=bool(hf.get("use_output_gate", False)), output_gate_act="sigmoid",
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      norm_eps=float(hf.get("norm_eps", 1e-6)), qk_norm_eps=1e-5,
+      vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
+      num_kv_heads=_int(hf, "num_kv_heads", src, num_heads), forget_gate="full",
+      qk_norm=_flag(hf, "qk_norm", src), qk_norm_shared_across_heads=False,
+      output_gate=_flag(hf, "use_output_gate", src), output_gate_act="sigmoid",
+      tie_embeddings=_flag(hf, "tie_word_embeddings", src),
+      norm_eps=_number(hf, "norm_eps", src, 1e-6), qk_norm_eps=1e-5,
       dtype="float32", param_dtype="float32", **_mlp_fields(hf, src))
   return _build_config(fields, src, overrides)
 
@@ -348,13 +415,34 @@ def _key(path) -> tuple:
   return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
 
 
+def _checked_weight(name: str, array, source: str) -> np.ndarray:
+  """``array`` in float32; ValueError unless it is floating point and finite in float32."""
+  dtype = np.asarray(array).dtype
+  if dtype not in FLOAT_NUMPY_DTYPES:
+    raise ValueError(f"{source}: tensor {name!r} has dtype {dtype}; weights must be floating "
+                     "point")
+  with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 range -> inf
+    values = np.asarray(array, dtype=np.float32)
+  bad = values.size - np.count_nonzero(np.isfinite(values))
+  if bad:
+    raise ValueError(f"{source}: tensor {name!r} has {bad} non-finite value(s) (NaN or "
+                     f"infinite in float32) among {values.size}; they would make the logits NaN")
+  return values
+
+
 def build_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
                        rules: list[Rule], source: str = "checkpoint") -> DecoderLM:
   """A DecoderLM of ``cfg`` whose parameters all come from ``tensors`` through ``rules``.
 
   The model is built abstractly (no random init), so memory holds only the checkpoint and
-  the converted arrays. Raises ValueError for a missing tensor, a wrong shape, a tensor no
-  rule uses, or a model variable no rule fills.
+  the converted arrays. Raises ValueError for a missing tensor, a wrong shape, a tensor that
+  is not floating point or holds non-finite values, a tensor no rule uses, or a model
+  variable no rule fills.
+
+  Non-finite weights are refused rather than warned about: a NaN or infinite weight makes
+  every logit that depends on it NaN, so a model holding one is useless, and a warning is
+  easily lost in a conversion log. The check is on the float32 values the model receives,
+  so float64 weights beyond float32's range count as infinite.
   """
   tensors = dict(tensors)
   # Tied checkpoints may still carry the output matrix; accept it when it is the embedding.
@@ -369,7 +457,7 @@ def build_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
   if jax.tree_util.tree_leaves(rest):
     raise ValueError(f"model has variables other than parameters and constants: {rest}")
   targets = {_key(path): var for path, var in nnx.to_flat_state(filled)}
-  used, done = set(), set()
+  used, done, checked = set(), set(), set()
   for rule in rules:
     if rule.source not in tensors:
       raise ValueError(f"{source}: missing tensor {rule.source!r} (expected shape "
@@ -382,7 +470,11 @@ def build_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
       raise ValueError(f"model has no parameter {'.'.join(map(str, rule.target))} "
                        f"(for tensor {rule.source!r})")
     var = targets[rule.target]
-    value = rule.transform(np.asarray(array, dtype=np.float32))
+    if rule.source in checked:  # the fused MLP matrix feeds two rules
+      value = rule.transform(np.asarray(array, dtype=np.float32))
+    else:
+      value = rule.transform(_checked_weight(rule.source, array, source))
+      checked.add(rule.source)
     if tuple(value.shape) != tuple(var.shape):
       raise ValueError(f"tensor {rule.source!r} maps to shape {value.shape} but parameter "
                        f"{'.'.join(map(str, rule.target))} has shape {tuple(var.shape)}")
@@ -399,15 +491,25 @@ def build_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
   return nnx.merge(graphdef, filled)
 
 
+def _import_dir(path: str, hf: dict, tensors: dict, make_config, make_rules,
+                overrides: Mapping[str, Any], *config_args) -> tuple[ModelConfig, DecoderLM]:
+  """(config, model) of a checkpoint directory already read; config errors name its file."""
+  try:
+    cfg = make_config(hf, *config_args, **overrides)
+  except ValueError as e:
+    raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
+  return cfg, build_from_tensors(cfg, tensors, make_rules(cfg), source=path)
+
+
 def load_authors_checkpoint(path: str, **overrides) -> tuple[ModelConfig, DecoderLM]:
   """Loads an authors' checkpoint directory (config.json + model.safetensors).
 
   ``overrides`` replace ModelConfig fields that the checkpoint does not fix, e.g.
   ``attn_impl="xla"``, ``dtype="bfloat16"``, ``pruning=...``. Returns (config, model).
+  Any problem with the checkpoint is a ValueError naming the file at fault.
   """
   hf, tensors = read_checkpoint_dir(path)
-  cfg = authors_config(hf, tensors, **overrides)
-  return cfg, build_from_tensors(cfg, tensors, authors_rules(cfg), source=path)
+  return _import_dir(path, hf, tensors, authors_config, authors_rules, overrides, tensors)
 
 
 def load_fla_model(model_or_state_dict, config=None, **overrides) -> tuple[ModelConfig, DecoderLM]:
@@ -432,8 +534,7 @@ def load_fla_model(model_or_state_dict, config=None, **overrides) -> tuple[Model
 def load_fla_checkpoint(path: str, **overrides) -> tuple[ModelConfig, DecoderLM]:
   """Loads a directory written by fla's ``save_pretrained`` (safetensors)."""
   hf, tensors = read_checkpoint_dir(path)
-  cfg = fla_config(hf, **overrides)
-  return cfg, build_from_tensors(cfg, tensors, fla_rules(cfg), source=path)
+  return _import_dir(path, hf, tensors, fla_config, fla_rules, overrides)
 
 
 def _to_numpy(t) -> np.ndarray:

@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from fox_jax import convert
-from tests.fox_jax.test_convert import DATA
+from tests.fox_jax.test_convert import DATA, FLA_CONFIG
 
 WEIGHT = "model.layers.0.mlp.down_proj.weight"  # [64, 256] in every fixture
 
@@ -66,6 +66,27 @@ def test_integer_weight_rejected(tmp_path, dtype, stored):
   with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{WEIGHT}' is stored as "
                      rf"{stored}; weights must be floating point"):
     convert.read_checkpoint_dir(str(d))
+
+
+def test_integer_weight_in_state_dict_rejected():
+  cfg = convert.fla_config(FLA_CONFIG)
+  state = {r.source: np.zeros(r.source_shape, np.float32) for r in convert.fla_rules(cfg)}
+  state["model.norm.weight"] = np.ones(64, np.int32)
+  with pytest.raises(ValueError, match="fla state dict: tensor 'model.norm.weight' has dtype "
+                     "int32; weights must be floating point"):
+    convert.load_fla_model(state, FLA_CONFIG)
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "float64 beyond float32"])
+def test_non_finite_weight_rejected(tmp_path, case):
+  d, config, tensors = fixture(tmp_path)
+  w = tensors[WEIGHT].astype(np.float64 if case == "float64 beyond float32" else np.float32)
+  w[0, :3] = dict(nan=np.nan, inf=-np.inf).get(case, 1e300)
+  tensors[WEIGHT] = w
+  save(d, tensors=tensors)
+  with pytest.raises(ValueError, match=rf"{re.escape(str(d))}: tensor '{WEIGHT}' has 3 non-finite value\(s\) "
+                     r"\(NaN or infinite in float32\) among 16384"):
+    convert.load_authors_checkpoint(str(d))
 
 
 @pytest.mark.parametrize("offsets_b", [[0, 16], [8, 24], [12, 28]])
@@ -136,6 +157,30 @@ def test_hugging_face_cache_layout_accepted(tmp_path):
 
 
 # -- item 13: malformed configs, indexes and safetensors files ----------------------------
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: [c], "config must be a JSON object, got a list"),
+    (lambda c: "{not json", "config is not valid JSON"),
+    (lambda c: "[" * 100000 + "]" * 100000, "config is not valid JSON"),
+    (lambda c: {k: v for k, v in c.items() if k != "num_heads"},
+     "missing required key 'num_heads'"),
+    (lambda c: {k: v for k, v in c.items() if k != "vocab_size"},
+     "missing required key 'vocab_size'"),
+    (lambda c: {k: v for k, v in c.items() if k != "num_hidden_layers"},
+     "missing required key 'num_hidden_layers'"),
+    (lambda c: dict(c, hidden_size=None), "hidden_size must be a positive integer, got None"),
+    (lambda c: dict(c, num_heads="4"), "num_heads must be a positive integer, got '4'"),
+    (lambda c: dict(c, qk_norm="false"), "qk_norm must be true or false, got 'false'"),
+    (lambda c: dict(c, rope_base=[1]), r"rope_base must be a finite number, got \[1\]"),
+    (lambda c: dict(c, fgate_type="bias_only", decay_time_min=2.0),
+     "decay_time_min and decay_time_max must be given together"),
+])
+def test_bad_config(tmp_path, edit, message):
+  d, config, _ = fixture(tmp_path)
+  value = edit(config)
+  (d / "config.json").write_text(value if isinstance(value, str) else json.dumps(value))
+  with pytest.raises(ValueError, match=rf"{re.escape(str(d))}/config\.json: .*{message}"):
+    convert.load_authors_checkpoint(str(d))
 
 
 def _index_cases():
