@@ -18,7 +18,8 @@ checkpoint tensor is used and that every model parameter is filled.
 
 Checkpoints are untrusted input. Files are read and validated by ``fox_jax.safetensors_io``
 (safetensors headers against the file size, shard names confined to the checkpoint
-directory). Every problem is a one-line ValueError naming the file at fault.
+directory); converted checkpoints are written and read by ``fox_jax.converted``. Every
+problem is a one-line ValueError naming the file at fault.
 
 Names (L = layer index; d = d_model, V = vocab, Hq / Hkv = query / key-value heads, D = head
 dim, F = MLP width; "W^T" = transpose of the torch ``nn.Linear.weight`` [out, in], then
@@ -56,14 +57,15 @@ hence ``ModelConfig.qk_norm_eps``. Older authors' configs lack
 
 Command: ``fox-convert CHECKPOINT_DIR OUTPUT_DIR`` writes ``OUTPUT_DIR/model_config.json``
 and an orbax checkpoint of the parameters in ``OUTPUT_DIR/params``; ``load_converted``
-reads them back.
+reads them back. OUTPUT_DIR must be new or empty; ``--overwrite`` replaces an earlier
+conversion there. Bad input prints one line ``fox-convert: <message>`` on stderr and exits
+with status 2, leaving no output behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -75,6 +77,8 @@ import numpy as np
 from flax import nnx
 
 from fox_jax.config import ModelConfig
+from fox_jax.converted import (check_output_dir, load_converted, save_converted,
+                               staged_output, write_conversion)
 from fox_jax.layers import Constant
 from fox_jax.model import DecoderLM
 from fox_jax.safetensors_io import (CONFIG_NAME, FLOAT_NUMPY_DTYPES, brief, read_checkpoint_dir,
@@ -544,69 +548,60 @@ def _to_numpy(t) -> np.ndarray:
   return np.asarray(t)
 
 
-# -- converted checkpoints ----------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+  """Usage errors as one line, like every other error of the command."""
 
-def save_converted(out_dir: str, cfg: ModelConfig, model: DecoderLM, *,
-                   overwrite: bool = False) -> None:
-  """Writes ``model_config.json`` and an orbax checkpoint ``params`` (parameters and
-  constants, as nested dicts of arrays) into ``out_dir``."""
-  import orbax.checkpoint as ocp
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(os.path.join(out_dir, "params")) and not overwrite:
-    raise ValueError(f"{out_dir} already holds converted params (overwrite to replace them)")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "model_config.json"), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-  state = nnx.to_pure_dict(nnx.state(model, (nnx.Param, Constant)))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(out_dir, "params"), state, force=overwrite)
+  def error(self, message):
+    self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def load_converted(out_dir: str, **overrides) -> tuple[ModelConfig, DecoderLM]:
-  """Reads what ``save_converted`` (``fox-convert``) wrote; returns (config, model)."""
-  import orbax.checkpoint as ocp
-  out_dir = os.path.abspath(out_dir)
-  with open(os.path.join(out_dir, "model_config.json")) as f:
-    cfg = ModelConfig.from_dict(json.load(f))
-  if overrides:
-    cfg = cfg.replace(**overrides)
-  abstract = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(os.path.join(out_dir, "params"), target)
-  nnx.replace_by_pure_dict(state, restored)
-  return cfg, nnx.merge(graphdef, state)
+def _one_line(e: Exception) -> str:
+  if isinstance(e, OSError) and e.strerror:
+    text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+  else:
+    text = str(e) or type(e).__name__
+  return " ".join(text.splitlines())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="fox-convert",
       description="Convert a PyTorch FoX checkpoint directory (the authors' Hugging Face "
       f"format, model_type {AUTHORS_MODEL_TYPE!r}, or fla's {FLA_MODEL_TYPE!r} saved with "
       "save_pretrained; config.json + safetensors) into OUTPUT_DIR/model_config.json and an "
       "orbax checkpoint OUTPUT_DIR/params for fox_jax (read back with "
-      "fox_jax.convert.load_converted).")
-  parser.add_argument("checkpoint_dir", help="directory with config.json and model.safetensors")
-  parser.add_argument("output_dir", help="where to write model_config.json and params/")
+      "fox_jax.convert.load_converted). Any problem with the input is one line on stderr "
+      "and exit status 2, and leaves nothing in OUTPUT_DIR.")
+  parser.add_argument("checkpoint_dir", help="directory with config.json and model.safetensors "
+                      "(or model.safetensors.index.json and its shards)")
+  parser.add_argument("output_dir", help="where to write model_config.json and params/: a new "
+                      "or empty directory (see --overwrite)")
   parser.add_argument("--attn-impl", default=None, help="ModelConfig.attn_impl to record "
                       "(auto, xla, reference, pallas_gpu; default: auto)")
   parser.add_argument("--overwrite", action="store_true",
-                      help="replace a conversion already in OUTPUT_DIR")
+                      help="replace the conversion already in OUTPUT_DIR (its model_config.json "
+                      "and params/; other files stay). A non-empty directory holding no "
+                      "conversion is refused regardless")
   args = parser.parse_args(argv)
   overrides = {} if args.attn_impl is None else dict(attn_impl=args.attn_impl)
+  out_dir = os.path.abspath(args.output_dir)
   try:
-    hf, _ = read_checkpoint_dir(args.checkpoint_dir)
-    loader = (load_fla_checkpoint if hf.get("model_type") == FLA_MODEL_TYPE
-              else load_authors_checkpoint)
-    cfg, model = loader(args.checkpoint_dir, **overrides)
-    save_converted(args.output_dir, cfg, model, overwrite=args.overwrite)
-  except ValueError as e:
-    print(f"fox-convert: {e}", file=sys.stderr)
+    check_output_dir(out_dir, args.overwrite)  # before reading a large checkpoint
+    hf, tensors = read_checkpoint_dir(args.checkpoint_dir)
+    with staged_output(out_dir, args.overwrite) as staging:
+      if hf.get("model_type") == FLA_MODEL_TYPE:
+        cfg, model = _import_dir(args.checkpoint_dir, hf, tensors, fla_config, fla_rules,
+                                 overrides)
+      else:
+        cfg, model = _import_dir(args.checkpoint_dir, hf, tensors, authors_config,
+                                 authors_rules, overrides, tensors)
+      write_conversion(staging, cfg, model)
+  except (ValueError, OSError) as e:
+    print(f"fox-convert: {_one_line(e)}", file=sys.stderr)
     return 2
   n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
   print(f"fox-convert: {n:,} parameters ({cfg.num_layers} layers, d_model {cfg.d_model}, "
-        f"forget gate {cfg.forget_gate!r}) -> {os.path.abspath(args.output_dir)}")
+        f"forget gate {cfg.forget_gate!r}) -> {out_dir}")
   return 0
 
 

@@ -205,12 +205,22 @@ def test_cli_roundtrip(tmp_path, capsys):
   assert convert.main([src, str(out), "--attn-impl", "reference"]) == 0
   assert "fox-convert:" in capsys.readouterr().out
   assert convert.main([src, str(out)]) == 2
-  assert "already holds converted params" in capsys.readouterr().err
+  assert "already holds a conversion; pass --overwrite" in capsys.readouterr().err
+  (out / "notes.txt").write_text("kept")  # --overwrite replaces the conversion only
   assert convert.main([src, str(out), "--attn-impl", "reference", "--overwrite"]) == 0
+  assert sorted(os.listdir(out)) == ["model_config.json", "notes.txt", "params"]
+  assert os.listdir(tmp_path) == ["converted"]  # no staging directory left
   cfg, model = convert.load_converted(str(out))
   assert cfg.attn_impl == "reference" and cfg.rope and cfg.forget_gate == "none"
   expected = load_file(os.path.join(src, "expected.safetensors"))
   assert_logits_match(forward(model, expected["input_ids"]), expected["logits"], "converted")
+  # params that do not match the model config fail with a message naming them
+  fields = json.loads((out / "model_config.json").read_text())
+  (out / "model_config.json").write_text(json.dumps(dict(fields, vocab_size=98)))
+  with pytest.raises(ValueError, match=r"converted/params: cannot be restored as the model "
+                     r"model_config\.json describes \(parameter embed\.embedding is stored with "
+                     r"shape \(97, 64\), the model needs \(98, 64\)\)"):
+    convert.load_converted(str(out))
 
 
 def test_cli_errors(tmp_path, capsys):

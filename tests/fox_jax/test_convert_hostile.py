@@ -3,9 +3,12 @@
 Checkpoints are downloads, so the importer treats them as untrusted: wrong dtypes, non-finite
 weights, overlapping tensors, shard names leaving the directory, malformed configs, indexes
 and safetensors headers. Most tests stop at the reader (``read_safetensors``,
-``read_checkpoint_dir``) or at the config and build no model.
+``read_checkpoint_dir``) or at the config and build no model. The ``fox-convert`` tests check
+the command's contract: one line ``fox-convert: <message>`` on stderr, exit status 2, and no
+output left behind.
 """
 
+import errno
 import json
 import os
 import re
@@ -53,6 +56,15 @@ def shard_index(d, weight_map):
   if (d / "model.safetensors").exists():
     os.remove(d / "model.safetensors")
   (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def run_cli(capsys, *args):
+  """(exit status, the stderr lines) of fox-convert."""
+  try:
+    status = convert.main([str(a) for a in args])
+  except SystemExit as e:
+    status = e.code
+  return status, capsys.readouterr().err.splitlines()
 
 
 # -- item 11: dtypes, non-finite values, overlapping tensors ------------------------------
@@ -291,3 +303,122 @@ def test_truncated_real_checkpoint(tmp_path):
   with pytest.raises(ValueError, match=r"model\.safetensors: tensor '.*': data_offsets .* run "
                      "past the end of the data .*truncated"):
     convert.read_checkpoint_dir(str(d))
+
+
+# -- fox-convert and converted checkpoints -------------------------------------------------
+
+def _cli_cases():
+  def config_list(d, t):
+    (d / "config.json").write_text("[]")
+
+  def missing_shard(d, t):
+    shard_index(d, {k: "model-00001-of-00002.safetensors" for k in t})
+
+  def integer_weight(d, t):
+    save(d, tensors=dict(t, **{WEIGHT: t[WEIGHT].astype(np.int64)}))
+
+  def nan_weight(d, t):
+    w = t[WEIGHT].copy()
+    w[1, 2] = np.nan
+    save(d, tensors=dict(t, **{WEIGHT: w}))
+
+  def no_num_heads(d, t):
+    config = json.loads((d / "config.json").read_text())
+    del config["num_heads"]
+    save(d, config=config)
+
+  def escaping_shard(d, t):
+    shard_index(d, {k: "../elsewhere/model.safetensors" for k in t})
+
+  def huge_header(d, t):
+    raw_safetensors(d / "model.safetensors", {}, b"", 2**40)
+
+  def not_a_directory(d, t):
+    shutil.rmtree(d)
+    d.write_text("")
+
+  def missing(d, t):
+    shutil.rmtree(d)
+
+  return {
+      "config a list": (config_list, "config.json: config must be a JSON object"),
+      "missing shard": (missing_shard, "model.safetensors.index.json: shard"),
+      "integer weight": (integer_weight, "model.safetensors: tensor"),
+      "NaN weight": (nan_weight, "has 1 non-finite value"),
+      "no num_heads": (no_num_heads, "config.json: authors' config: missing required key"),
+      "escaping shard": (escaping_shard, "lies outside the checkpoint directory"),
+      "huge header": (huge_header, "model.safetensors: safetensors header length"),
+      "checkpoint not a directory": (not_a_directory, "not a directory"),
+      "checkpoint missing": (missing, "no such directory"),
+  }
+
+
+@pytest.mark.parametrize("case", list(_cli_cases()))
+def test_cli_bad_checkpoint_one_line(tmp_path, capsys, case):
+  make, message = _cli_cases()[case]
+  d, _, tensors = fixture(tmp_path)
+  make(d, tensors)
+  out_parent = tmp_path / "out"
+  out_parent.mkdir()
+  status, err = run_cli(capsys, d, out_parent / "new" / "converted")
+  assert status == 2 and len(err) == 1, err
+  assert err[0].startswith("fox-convert: ") and message in err[0], err
+  assert os.listdir(out_parent) == []  # neither the output nor its new parent is left
+
+
+def test_cli_usage_error_one_line(capsys):
+  status, err = run_cli(capsys)
+  assert status == 2 and len(err) == 1 and err[0].startswith("fox-convert: "), err
+
+
+def test_cli_refuses_non_empty_directory(tmp_path, capsys):
+  d, _, _ = fixture(tmp_path)
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("keep")
+  for extra in ([], ["--overwrite"]):  # not a conversion: refused even with --overwrite
+    status, err = run_cli(capsys, d, mine, *extra)
+    assert status == 2 and len(err) == 1 and "not empty and holds no earlier conversion" in err[0]
+  assert os.listdir(mine) == ["notes.txt"]
+
+
+def test_cli_output_under_a_file(tmp_path, capsys):
+  d, _, _ = fixture(tmp_path)
+  (tmp_path / "a-file").write_text("")
+  for out in (tmp_path / "a-file", tmp_path / "a-file" / "converted"):
+    status, err = run_cli(capsys, d, out)
+    assert status == 2 and len(err) == 1 and err[0].startswith(f"fox-convert: {out}: "), err
+
+
+def test_cli_write_failure_leaves_nothing(tmp_path, capsys, monkeypatch):
+  import orbax.checkpoint as ocp
+
+  def disk_full(self, path, *args, **kwargs):
+    os.makedirs(path)  # something half-written first
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", disk_full)
+  src = os.path.join(DATA, "fox_llama")
+  status, err = run_cli(capsys, src, tmp_path / "new" / "converted")
+  assert status == 2 and len(err) == 1 and "No space left on device" in err[0], err
+  assert os.listdir(tmp_path) == []
+  empty = tmp_path / "empty"  # a directory the user made stays, and stays empty
+  empty.mkdir()
+  status, err = run_cli(capsys, src, empty)
+  assert status == 2 and len(err) == 1, err
+  assert os.listdir(tmp_path) == ["empty"] and os.listdir(empty) == []
+
+
+def test_load_converted_bad_directory(tmp_path):
+  with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path))}/nothing: no such directory"):
+    convert.load_converted(str(tmp_path / "nothing"))
+  with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path))}: no model_config\.json"):
+    convert.load_converted(str(tmp_path))
+  (tmp_path / "params").mkdir()
+  for text, message in [("[]", "model config must be a JSON object, got a list"),
+                        ("{", "model config is not valid JSON"),
+                        ('{"bogus": 1}', r"not a valid ModelConfig: unknown ModelConfig "
+                         r"fields: \['bogus'\]")]:
+    (tmp_path / "model_config.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path))}/model_config\.json: {message}"):
+      convert.load_converted(str(tmp_path))

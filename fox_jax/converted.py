@@ -1,0 +1,212 @@
+"""Converted checkpoints: what ``fox-convert`` writes and ``load_converted`` reads.
+
+An output directory holds ``model_config.json`` (``ModelConfig.to_dict``) and ``params``,
+an orbax checkpoint of the model's parameters and constants as nested dicts of arrays.
+Both are written into a fresh staging directory and moved into place only once complete,
+so a failed or interrupted conversion leaves no half-written output behind. An output
+directory must be absent or empty; with ``overwrite`` it may hold an earlier conversion,
+whose two entries are replaced (other files there stay). A non-empty directory that holds
+no conversion is refused even then: it is someone's data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+
+import jax
+from flax import nnx
+
+from fox_jax.config import ModelConfig
+from fox_jax.layers import Constant
+from fox_jax.model import DecoderLM
+from fox_jax.safetensors_io import read_json_object
+
+MODEL_CONFIG_NAME = "model_config.json"
+PARAMS_NAME = "params"
+
+
+def check_output_dir(out_dir: str, overwrite: bool) -> None:
+  """ValueError unless ``out_dir`` may receive a conversion: absent, empty, or (with
+  ``overwrite``) holding an earlier one. A non-empty directory without MODEL_CONFIG_NAME
+  is refused even with ``overwrite``: it is someone's data, not a conversion."""
+  if not os.path.isdir(out_dir):
+    if os.path.lexists(out_dir):
+      raise ValueError(f"{out_dir}: exists and is not a directory")
+    ancestor = os.path.dirname(out_dir)
+    while not os.path.lexists(ancestor):
+      ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+      raise ValueError(f"{out_dir}: cannot be created, {ancestor} is not a directory")
+    return
+  if not os.listdir(out_dir):
+    return
+  if not os.path.isfile(os.path.join(out_dir, MODEL_CONFIG_NAME)):
+    raise ValueError(f"{out_dir}: not empty and holds no earlier conversion (no "
+                     f"{MODEL_CONFIG_NAME}); choose a new or empty directory")
+  if not overwrite:
+    raise ValueError(f"{out_dir}: already holds a conversion; pass --overwrite "
+                     "(overwrite=True in Python) to replace it")
+
+
+def _make_dirs(path: str, created: list) -> None:
+  """``os.makedirs(path)`` that records in ``created`` each directory it makes."""
+  missing = []
+  while not os.path.lexists(path):
+    missing.append(path)
+    path = os.path.dirname(path)
+  for d in reversed(missing):
+    os.mkdir(d)
+    created.append(d)
+
+
+def _move_into_place(staging: str, out_dir: str, existed: bool) -> None:
+  if not existed:
+    os.rename(staging, out_dir)
+    return
+  params, replaced = os.path.join(out_dir, PARAMS_NAME), os.path.join(staging, "replaced")
+  had_params = os.path.lexists(params)
+  if had_params:  # removed with the staging directory once the new params are in place
+    os.rename(params, replaced)
+  try:
+    os.rename(os.path.join(staging, PARAMS_NAME), params)
+  except OSError:
+    if had_params:
+      os.rename(replaced, params)
+    raise
+  os.replace(os.path.join(staging, MODEL_CONFIG_NAME), os.path.join(out_dir, MODEL_CONFIG_NAME))
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str, overwrite: bool):
+  """Yields an empty staging directory; when the body succeeds, its MODEL_CONFIG_NAME and
+  PARAMS_NAME move into ``out_dir``.
+
+  The staging directory is a sibling of a new ``out_dir`` (renamed into place at the end),
+  or lies inside an existing one (so that a directory the user made keeps its identity and
+  permissions). On failure it is removed, with any parent directories this call created;
+  a directory that existed before is never removed. An OSError in the body is reported as
+  a ValueError naming ``out_dir``.
+  """
+  out_dir = os.path.abspath(out_dir)
+  check_output_dir(out_dir, overwrite)
+  existed = os.path.isdir(out_dir)
+  created = []
+  parent = out_dir if existed else os.path.dirname(out_dir)
+  # mkdir (not tempfile.mkdtemp, whose mode is 0700) so that a renamed staging directory
+  # gets the permissions a new directory would.
+  staging = os.path.join(parent, f".{os.path.basename(out_dir)}.fox-convert-{uuid.uuid4().hex}")
+  try:
+    _make_dirs(parent, created)
+    os.mkdir(staging)
+  except OSError as e:  # e.g. no permission to write in the parent
+    _remove_dirs(created)
+    where = os.path.dirname(e.filename) if e.filename == staging else e.filename
+    raise ValueError(f"{out_dir}: cannot be written ({e.strerror}: {where})") from None
+  finished = False
+  try:
+    try:
+      yield staging
+    except OSError as e:  # the body writes the conversion: report the output directory
+      raise ValueError(f"{out_dir}: cannot write the conversion ({e.strerror or e})") from e
+    try:
+      _move_into_place(staging, out_dir, existed)
+    except OSError as e:
+      raise ValueError(f"{out_dir}: cannot move the conversion into place ({e.strerror}: "
+                       f"{e.filename})") from None
+    finished = True
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+    if not finished:
+      _remove_dirs(created)
+
+
+def _remove_dirs(created: list) -> None:
+  for d in reversed(created):
+    try:
+      os.rmdir(d)
+    except OSError:  # no longer empty: something else wrote there meanwhile
+      pass
+
+
+def write_conversion(directory: str, cfg: ModelConfig, model: DecoderLM) -> None:
+  import orbax.checkpoint as ocp
+  with open(os.path.join(directory, MODEL_CONFIG_NAME), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+  state = nnx.to_pure_dict(nnx.state(model, (nnx.Param, Constant)))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, PARAMS_NAME), state)
+
+
+def save_converted(out_dir: str, cfg: ModelConfig, model: DecoderLM, *,
+                   overwrite: bool = False) -> None:
+  """Writes ``model_config.json`` and an orbax checkpoint ``params`` (parameters and
+  constants, as nested dicts of arrays) into ``out_dir``.
+
+  ``out_dir`` must be absent or empty; ``overwrite`` also allows one holding an earlier
+  conversion, whose two entries are then replaced (other files there are kept). Nothing is
+  left behind when writing fails. Raises ValueError naming the directory otherwise.
+  """
+  with staged_output(out_dir, overwrite) as staging:
+    write_conversion(staging, cfg, model)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_stored_shapes(metadata, target) -> None:
+  """ValueError unless the stored parameters are the ``target``'s names and shapes."""
+  stored = _shapes(getattr(metadata, "item_metadata", metadata))
+  needed = _shapes(target)
+  for name in sorted(set(stored) | set(needed)):
+    if name not in stored:
+      raise ValueError(f"parameter {name} (shape {needed[name]}) is not stored")
+    if name not in needed:
+      raise ValueError(f"stored parameter {name} is not in the model")
+    if stored[name] != needed[name]:
+      raise ValueError(f"parameter {name} is stored with shape {stored[name]}, the model "
+                       f"needs {needed[name]}")
+
+
+def load_converted(out_dir: str, **overrides) -> tuple[ModelConfig, DecoderLM]:
+  """Reads what ``save_converted`` (``fox-convert``) wrote; returns (config, model).
+
+  A missing directory or file, a model config that is not a valid ModelConfig, or params
+  that do not restore as that model are a ValueError naming the file; ``overrides``
+  replace config fields (``attn_impl``, ...).
+  """
+  import orbax.checkpoint as ocp
+  out_dir = os.path.abspath(out_dir)
+  config_path = os.path.join(out_dir, MODEL_CONFIG_NAME)
+  params = os.path.join(out_dir, PARAMS_NAME)
+  if not os.path.isdir(out_dir):
+    raise ValueError(f"{out_dir}: no such directory")
+  for path, present in ((config_path, os.path.isfile), (params, os.path.isdir)):
+    if not present(path):
+      raise ValueError(f"{out_dir}: no {os.path.basename(path)} (not written by fox-convert?)")
+  fields = read_json_object(config_path, "model config")
+  try:
+    cfg = ModelConfig.from_dict(fields)
+  except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
+    raise ValueError(f"{config_path}: not a valid ModelConfig: {e}") from None
+  if overrides:
+    cfg = cfg.replace(**overrides)
+  abstract = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      # Shapes first: orbax's own mismatch error is a page long and leaves pending reads.
+      _check_stored_shapes(ckptr.metadata(params), target)
+      restored = ckptr.restore(params, target)
+  except (ValueError, OSError) as e:  # damaged files
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"{params}: cannot be restored as the model {MODEL_CONFIG_NAME} "
+                     f"describes ({detail[:300]})") from e
+  nnx.replace_by_pure_dict(state, restored)
+  return cfg, nnx.merge(graphdef, state)
