@@ -162,6 +162,8 @@ def _shapes(tree) -> dict[str, tuple]:
 def _check_stored_shapes(metadata, target) -> None:
   """ValueError unless the stored parameters are the ``target``'s names and shapes."""
   stored = _shapes(getattr(metadata, "item_metadata", metadata))
+  if not stored:
+    raise ValueError("no parameters could be read: damaged, or not an orbax checkpoint")
   needed = _shapes(target)
   for name in sorted(set(stored) | set(needed)):
     if name not in stored:

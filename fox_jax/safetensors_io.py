@@ -138,7 +138,7 @@ def _entry(path: str, name: str, info, data_len: int) -> tuple[str, tuple, int, 
   need = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
   if end - start != need:
     raise ValueError(f"{where}: data_offsets [{start}, {end}] hold {end - start} bytes, but "
-                     f"{dtype} of shape {shape} needs {need}")
+                     f"{dtype} of shape {brief(shape)} needs {need}")
   return dtype, tuple(shape), start, end
 
 

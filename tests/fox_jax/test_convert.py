@@ -221,6 +221,13 @@ def test_cli_roundtrip(tmp_path, capsys):
                      r"model_config\.json describes \(parameter embed\.embedding is stored with "
                      r"shape \(97, 64\), the model needs \(98, 64\)\)"):
     convert.load_converted(str(out))
+  (out / "model_config.json").write_text(json.dumps(fields))
+  for root, _, files in os.walk(out / "params"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"damaged")
+  with pytest.raises(ValueError, match=r"converted/params: cannot be restored .*damaged"):
+    convert.load_converted(str(out))
 
 
 def test_cli_errors(tmp_path, capsys):
