@@ -57,6 +57,22 @@ def _default_impl() -> str:
   return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
 
 
+def _as_array(x, name: str):
+  """Arrays (jax, numpy) as they are; other array-likes (nested lists) through jnp.asarray."""
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return x
+  if isinstance(x, (str, bytes)):
+    raise ValueError(f"{name} must be an array, got {type(x).__name__}")
+  try:
+    return jnp.asarray(x)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be an array, got {type(x).__name__}") from None
+
+
+def _scale(sm_scale, head_dim: int) -> float:
+  return head_dim ** -0.5 if sm_scale is None else common.finite_number(sm_scale, "sm_scale")
+
+
 def _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning):
   if impl not in IMPLS + ("auto",):
     raise ValueError(f"impl must be one of {IMPLS + ('auto',)}, got {impl!r}")
@@ -67,12 +83,20 @@ def _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning):
   if k.shape != v.shape:
     raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
   Bk, S, Hkv, Dk = k.shape
+  if B < 1:
+    raise ValueError(f"q batch must be >= 1, got shape {q.shape}")
   if Bk != B:
     raise ValueError(f"k has batch {Bk} but q has batch {B}")
   if Dk != D:
     raise ValueError(f"k has head dim {Dk} but q has head dim {D}")
+  if D < 1:
+    raise ValueError(f"q head dim must be >= 1, got shape {q.shape}")
   if D > MAX_HEAD_DIM:
     raise ValueError(f"q head dim must be <= {MAX_HEAD_DIM}, got {D}")
+  if Hkv < 1:
+    raise ValueError(f"k must have at least one head, got shape {k.shape}")
+  if Hq < 1:
+    raise ValueError(f"q must have at least one head, got shape {q.shape}")
   if Hq % Hkv != 0:
     raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
   if S < T:
@@ -124,8 +148,9 @@ def forgetting_attention(
     k, v: [B, S, Hkv, D], Hq a multiple of Hkv (GQA). One dtype for q, k, v: float32,
       bfloat16 or float16 (float64 for ``impl="reference"``); accumulation is float32.
     log_fgate: [B, S, Hq] float32 log forget gates (<= 0) at every key position.
-    segment_ids: [B, S] integer ids of packed documents; no attention across them.
-    sm_scale: logit scale (default D ** -0.5). The decay is not scaled.
+    segment_ids: [B, S] integer ids of packed documents; no attention across them. Only
+      equality matters (64-bit ids are compared exactly).
+    sm_scale: logit scale, a finite number (default D ** -0.5). The decay is not scaled.
     pruning: a :class:`Pruning` to skip tiles whose weights are provably negligible.
     impl: "reference" | "xla" | "pallas_gpu" | "pallas_tpu" | "auto" (pallas_gpu on GPU,
       pallas_tpu on TPU, else xla). An implementation that cannot run here raises; nothing
@@ -134,10 +159,18 @@ def forgetting_attention(
     interpret: run Pallas kernels in interpret mode (for CPU tests).
     return_stats: also return :class:`AttentionStats` (log-sum-exp, kept / total tiles).
 
+  Array arguments may be any array-like (numpy arrays, nested lists: converted with
+  ``jnp.asarray``); every dimension must be >= 1.
+
   Returns:
     o: [B, T, Hq, D] in q.dtype, and the stats if ``return_stats``.
   """
+  q, k, v, log_fgate = (_as_array(x, name) for x, name in
+                        ((q, "q"), (k, "k"), (v, "v"), (log_fgate, "log_fgate")))
+  if segment_ids is not None:
+    segment_ids = _as_array(segment_ids, "segment_ids")
   _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning)
+  _scale(sm_scale, q.shape[-1])
   impl = _default_impl() if impl == "auto" else impl
   backend = _BACKENDS.get(impl)
   if backend is not None and not interpret and jax.default_backend() != backend:
@@ -153,7 +186,7 @@ def _forgetting_attention(q, k, v, log_fgate, *, segment_ids, sm_scale, pruning,
                           block_sizes, interpret, return_stats):
   """Dispatch without the backend check: lets tests lower pallas_gpu for cuda and pallas_tpu
   for tpu from a CPU."""
-  scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+  scale = _scale(sm_scale, q.shape[-1])
   delta = None if pruning is None else pruning_lib.threshold(q, k, pruning, scale)
   if impl == "reference":
     o, lse = forgetting_attention_reference(q, k, v, log_fgate, segment_ids=segment_ids,
@@ -189,8 +222,26 @@ def _blockwise(q, k, v, log_fgate, segment_ids, delta, cfg):
   """One compiled program per configuration, so eager callers don't dispatch op by op
   (inside a user's jit this inlines)."""
   if segment_ids is not None:
-    segment_ids = segment_ids.astype(jnp.int32)
+    segment_ids = _int32_segment_ids(segment_ids)
   return _attention(q, k, v, log_fgate, segment_ids, delta, cfg)
+
+
+def _int32_segment_ids(segment_ids: jax.Array) -> jax.Array:
+  """[B, S] int32 ids equal exactly where ``segment_ids`` are equal (the kernels read int32).
+
+  Ids of up to 32 bits are cast (uint32 wraps around, which keeps every equality). 64-bit ids
+  (jax_enable_x64) would merge ids that differ only above bit 32, so they are ranked within
+  each row instead: a sort, order-preserving, so sorted ids stay sorted for the tile ranges.
+  """
+  if jnp.dtype(segment_ids.dtype).itemsize <= 4:
+    return segment_ids.astype(jnp.int32)
+  B, S = segment_ids.shape
+  order = jnp.argsort(segment_ids, axis=1)  # [B, S]
+  ranked = jnp.take_along_axis(segment_ids, order, axis=1)
+  new = jnp.concatenate([jnp.zeros((B, 1), jnp.int32),
+                         (ranked[:, 1:] != ranked[:, :-1]).astype(jnp.int32)], axis=1)
+  dense = jnp.cumsum(new, axis=1, dtype=jnp.int32)  # rank of each sorted id
+  return jnp.zeros((B, S), jnp.int32).at[jnp.arange(B)[:, None], order].set(dense)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

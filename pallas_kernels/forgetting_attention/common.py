@@ -11,10 +11,14 @@ difference is exact (Sterbenz), so D keeps full float32 relative precision where
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _two_sum(a, b):
@@ -97,6 +101,40 @@ def row_term_estimate(o: jax.Array, do: jax.Array, dd: jax.Array, dlse: jax.Arra
   return di - dd - dlse.astype(jnp.float32)
 
 
+def finite_number(value, name: str) -> float:
+  """``value`` as a Python float: a Python, numpy or concrete JAX real scalar that is finite.
+
+  Strings, booleans, arrays with elements and traced values raise a ValueError naming ``name``.
+  """
+  if isinstance(value, (bool, np.bool_, str, bytes)) or isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name} must be a finite number, got {value!r}")
+  if not isinstance(value, numbers.Real):
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape != () or dtype is None or not (jnp.issubdtype(dtype, jnp.floating)
+                                            or jnp.issubdtype(dtype, jnp.integer)):
+      raise ValueError(f"{name} must be a finite number, got {value!r}")
+  value = float(value)
+  if not math.isfinite(value):
+    raise ValueError(f"{name} must be a finite number, got {value!r}")
+  return value
+
+
+def _positive_int(value, name: str, power_of_two: bool) -> int:
+  """``value`` as a Python int (integral floats and numpy integers too), or a ValueError."""
+  what = "a positive power of two" if power_of_two else "a positive integer"
+  n = None
+  if not isinstance(value, (bool, np.bool_)):
+    try:
+      n = operator.index(value)
+    except TypeError:
+      if isinstance(value, numbers.Real) and float(value).is_integer():
+        n = int(value)
+  if n is None or n < 1 or (power_of_two and n & (n - 1)):
+    raise ValueError(f"{name} must be {what}, got {value!r}")
+  return n
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile sizes of the blockwise implementations.
@@ -114,10 +152,13 @@ class BlockSizes:
   num_stages: Optional[int] = None
 
   def __post_init__(self):
-    for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
-      val = getattr(self, name)
-      if val is not None and (val < 1 or (val & (val - 1)) != 0):
-        raise ValueError(f"block_sizes.{name} must be a positive power of two, got {val}")
+    # Stored as Python ints, so that 16.0 and np.int64(16) give the same (hashable) tiles.
+    for f in dataclasses.fields(self):
+      val = getattr(self, f.name)
+      if val is None and f.name not in ("block_q", "block_k"):
+        continue
+      object.__setattr__(self, f.name, _positive_int(val, f"block_sizes.{f.name}",
+                                                     power_of_two=f.name.startswith("block")))
 
   @property
   def bwd(self) -> tuple[int, int]:

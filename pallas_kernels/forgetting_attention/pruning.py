@@ -24,6 +24,8 @@ from typing import NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.forgetting_attention.common import finite_number
+
 
 @dataclasses.dataclass(frozen=True)
 class QKNormBound:
@@ -47,17 +49,20 @@ class Pruning:
   qk_bound: Union[str, float, QKNormBound] = "auto"
 
   def __post_init__(self):
-    if not (isinstance(self.log_tolerance, (int, float)) and self.log_tolerance < 0):
+    # Numbers are stored as Python floats (numpy and JAX scalars are accepted).
+    tol = finite_number(self.log_tolerance, "pruning.log_tolerance")
+    if not tol < 0:
       raise ValueError(f"pruning.log_tolerance must be a negative float, got {self.log_tolerance!r}")
+    object.__setattr__(self, "log_tolerance", tol)
     b = self.qk_bound
     if isinstance(b, str):
       if b != "auto":
         raise ValueError(f"pruning.qk_bound must be 'auto', a float or a QKNormBound, got {b!r}")
-    elif isinstance(b, (int, float)):
-      if not b >= 0:
-        raise ValueError(f"pruning.qk_bound must be >= 0, got {b!r}")
     elif not isinstance(b, QKNormBound):
-      raise ValueError(f"pruning.qk_bound must be 'auto', a float or a QKNormBound, got {type(b)}")
+      u = finite_number(b, "pruning.qk_bound")
+      if not u >= 0:
+        raise ValueError(f"pruning.qk_bound must be >= 0, got {b!r}")
+      object.__setattr__(self, "qk_bound", u)
 
 
 def qk_bound(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> jax.Array:
@@ -75,14 +80,14 @@ def qk_bound(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> j
   if isinstance(b, str):
     qn = jnp.max(jnp.linalg.norm(q.astype(jnp.float32), axis=-1), axis=1)  # [B, Hq]
     kn = jnp.max(jnp.linalg.norm(k.astype(jnp.float32), axis=-1), axis=1)  # [B, Hkv]
-    u = (sm_scale * f32_margin) * qn * jnp.repeat(kn, Hq // Hkv, axis=1)
+    u = (abs(sm_scale) * f32_margin) * qn * jnp.repeat(kn, Hq // Hkv, axis=1)
   elif isinstance(b, QKNormBound):
     gq = jnp.max(jnp.abs(b.q_scale.astype(jnp.float32)), axis=-1)
     gk = jnp.max(jnp.abs(b.k_scale.astype(jnp.float32)), axis=-1)
     gq = jnp.broadcast_to(gq, (Hq,)) if gq.ndim == 0 else gq
     gk = jnp.broadcast_to(gk, (Hkv,)) if gk.ndim == 0 else gk
     dtype_margin = (1.0 + float(jnp.finfo(q.dtype).eps)) ** 2
-    u = (sm_scale * Dh * f32_margin * dtype_margin) * gq * jnp.repeat(gk, Hq // Hkv)
+    u = (abs(sm_scale) * Dh * f32_margin * dtype_margin) * gq * jnp.repeat(gk, Hq // Hkv)
     u = jnp.broadcast_to(u, (B, Hq))
   else:
     u = jnp.full((B, Hq), float(b), jnp.float32)

@@ -78,3 +78,96 @@ def test_float32_inputs_with_x64_enabled(impl):
   for name, x in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv), ("dlog_fgate", dlf)):
     assert x.dtype == jnp.float32, name
     assert_close(x, ref[name], jnp.float32, name)
+
+
+# ----------------------------------------------------------------------------- degenerate input
+
+
+@pytest.mark.parametrize("shapes,match", [
+    (dict(D=0), r"q head dim must be >= 1"),
+    (dict(Hq=0, Hkv=0), r"k must have at least one head"),
+    (dict(Hq=0), r"q must have at least one head"),
+    (dict(B=0), r"q batch must be >= 1"),
+], ids=["D0", "heads0", "q-heads0", "B0"])
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_empty_dims_name_the_argument(shapes, match, impl):
+  with pytest.raises(ValueError, match=match):
+    forgetting_attention(*_args(**shapes), impl=impl)
+
+
+def test_block_sizes_accept_integral_values_only():
+  bs = BlockSizes(16.0, np.int64(32), block_q_bwd=np.float32(64.0), num_warps=4.0)
+  assert (bs.block_q, bs.block_k, bs.block_q_bwd, bs.num_warps) == (16, 32, 64, 4)
+  assert all(type(x) is int for x in (bs.block_q, bs.block_k, bs.block_q_bwd, bs.num_warps))
+  assert bs == BlockSizes(16, 32, 64, num_warps=4) and hash(bs) == hash(BlockSizes(16, 32, 64, num_warps=4))
+  for kw, field in ((dict(block_q=16.5), "block_q"), (dict(block_k="16"), "block_k"),
+                    (dict(block_k_bwd=True), "block_k_bwd"), (dict(block_q=None), "block_q"),
+                    (dict(num_stages=0), "num_stages"), (dict(num_warps=2.5), "num_warps")):
+    with pytest.raises(ValueError, match=f"block_sizes.{field} must be"):
+      BlockSizes(**kw)
+
+
+def test_pruning_accepts_scalar_numbers_and_rejects_non_finite():
+  for tol in (np.float32(-10.0), np.float64(-10.0), jnp.float32(-10.0), np.int64(-10)):
+    p = Pruning(log_tolerance=tol, qk_bound=np.float32(2.5))
+    assert type(p.log_tolerance) is float and p.log_tolerance == -10.0 and p.qk_bound == 2.5
+  for tol in (float("nan"), float("-inf"), np.float32("nan"), "-10", True, jnp.zeros(2)):
+    with pytest.raises(ValueError, match="pruning.log_tolerance"):
+      Pruning(log_tolerance=tol)
+  for bound in (float("nan"), float("inf"), -1.0, np.float32("inf")):
+    with pytest.raises(ValueError, match="pruning.qk_bound"):
+      Pruning(qk_bound=bound)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), np.float32("-inf"), "0.5"])
+def test_sm_scale_must_be_finite(scale):
+  with pytest.raises(ValueError, match="sm_scale"):
+    forgetting_attention(*_args(), sm_scale=scale, impl="reference")
+
+
+def test_sm_scale_accepts_scalar_numbers():
+  args = _args()
+  expected = forgetting_attention(*args, sm_scale=0.5, impl="reference")
+  for scale in (np.float32(0.5), jnp.float32(0.5)):
+    np.testing.assert_array_equal(forgetting_attention(*args, sm_scale=scale, impl="reference"),
+                                  expected)
+
+
+def test_array_likes_are_accepted():
+  """Python lists (and numpy arrays) work like the jax arrays they convert to."""
+  inp = make_inputs(1, 8, 8, 2, 1, 16, jnp.float32, segments=2, seed=4)
+  as_list = lambda x: np.asarray(x).tolist()
+  for impl in ("reference", "xla"):
+    expected = forgetting_attention(inp.q, inp.k, inp.v, inp.log_fgate,
+                                    segment_ids=inp.segment_ids, impl=impl)
+    got = forgetting_attention(*map(as_list, (inp.q, inp.k, inp.v, inp.log_fgate)),
+                               segment_ids=as_list(inp.segment_ids), impl=impl)
+    np.testing.assert_array_equal(got, expected)
+  with pytest.raises(ValueError, match="q must be an array"):
+    forgetting_attention("q", inp.k, inp.v, inp.log_fgate)
+  with pytest.raises(ValueError, match="segment_ids must be an array"):
+    forgetting_attention(inp.q, inp.k, inp.v, inp.log_fgate, segment_ids=[[0, 1], [2]])
+
+
+# Ids that int32 cannot tell apart (they differ only above 2**32), in runs that come back:
+# equal ids that are not adjacent, and ids that are not sorted.
+_WIDE_IDS = (np.arange(40) // 7 % 3 == 1) * 2 ** 32 + (np.arange(40) // 7 % 3 == 2) * 2 ** 33 + 5
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+def test_int64_segment_ids_keep_their_equalities(impl):
+  inp = make_inputs(2, 40, 40, 2, 1, 16, jnp.float32, seed=8)
+  with jax.enable_x64(True):
+    seg = jnp.asarray(np.stack([_WIDE_IDS, _WIDE_IDS[::-1]]), jnp.int64)
+    inp = inp._replace(segment_ids=seg)
+
+    def loss(q, k, v, lf):
+      o = forgetting_attention(q, k, v, lf, segment_ids=seg, impl=impl,
+                               block_sizes=BlockSizes(16, 16), interpret=interpret_for(impl))
+      return jnp.sum(o * inp.do), o
+
+    (dq, dk, dv, dlf), o = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
+        inp.q, inp.k, inp.v, inp.log_fgate)
+    ref = reference_f64(inp)
+  for name, x in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv), ("dlog_fgate", dlf)):
+    assert_close(x, ref[name], jnp.float32, name)

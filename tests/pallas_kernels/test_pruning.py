@@ -291,6 +291,9 @@ def test_threshold_auto_bounds_every_logit_without_gradient():
   np.testing.assert_allclose(delta, -7.0 - 2 * u - math.log(56), rtol=SCALAR_F32_RTOL)
   grad = jax.grad(lambda q: pruning.threshold(q, inp.k, prune, scale).sum())(inp.q)
   assert not np.any(np.asarray(grad, np.float32))
+  # A negative scale flips the logits' signs, not their magnitudes.
+  np.testing.assert_array_equal(np.asarray(pruning.threshold(inp.q, inp.k, prune, -scale)),
+                                np.asarray(pruning.threshold(inp.q, inp.k, prune, scale)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: np.dtype(d).name)
