@@ -99,11 +99,12 @@ def _logits(q, k, cq_hi, cq_lo, ck_hi, ck_lo, qk_scale, delta):
   pair with D_ij < delta element-wise, inside kept tiles too, so the function computed does
   not depend on the tiling (the forward and backward tiles differ) and equals the
   reference's. The compare runs with and without pruning: one code path, so pruning that
-  finds nothing to prune changes no bit of any result.
+  finds nothing to prune changes no bit of any result. It asks "below delta" so that a NaN
+  decay (a NaN gate) is kept and reaches the output instead of being masked away.
   """
   decay = (cq_hi[:, None] - ck_hi[None, :]) + (cq_lo[:, None] - ck_lo[None, :])
   s = _dot(q, k, tb=True) * qk_scale + decay * _LOG2E
-  return jnp.where(decay >= delta[:, None], s, _MASK)
+  return jnp.where(decay < delta[:, None], _MASK, s)
 
 
 def _mask(s, q_pos, k_pos, seg_q, seg_k):

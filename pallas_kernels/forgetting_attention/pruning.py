@@ -94,11 +94,28 @@ def qk_bound(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> j
   return jax.lax.stop_gradient(u)
 
 
+def finite_heads(q: jax.Array, k: jax.Array) -> jax.Array:
+  """[B, Hq] bool: every element of the head's q and of its kv head's k is finite."""
+  Hq, Hkv = q.shape[2], k.shape[2]
+  qf = jnp.all(jnp.isfinite(q), axis=(1, 3))  # [B, Hq]
+  kf = jnp.all(jnp.isfinite(k), axis=(1, 3))  # [B, Hkv]
+  return qf & jnp.repeat(kf, Hq // Hkv, axis=1)
+
+
 def threshold(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> jax.Array:
-  """delta = log_eps - 2U - log(S), [B, Hq] float32."""
+  """delta = log_eps - 2U - log(S), [B, Hq] float32; -inf (prune nothing) for a head whose
+  q or k holds a NaN or an infinity.
+
+  A non-finite input breaks every bound (a NaN "auto" bound would give a NaN delta, and a
+  NaN compare drops the pair, so the whole head would come out as silent zeros). With
+  pruning off for that head, the NaN reaches exactly the outputs it reaches without
+  pruning, for every kind of bound.
+  """
   S = k.shape[1]
   u = qk_bound(q, k, pruning, sm_scale)
-  return (pruning.log_tolerance - 2.0 * u - math.log(S)).astype(jnp.float32)
+  delta = (pruning.log_tolerance - 2.0 * u - math.log(S)).astype(jnp.float32)
+  ok = jax.lax.stop_gradient(finite_heads(q, k)) & jnp.isfinite(delta)
+  return jnp.where(ok, delta, -jnp.inf)
 
 
 class TileRanges(NamedTuple):
@@ -172,7 +189,8 @@ def tile_ranges(
         lo[:, :, q_first][..., None] - lo[:, :, k_last][:, :, None, :])  # [B, H, nq, nk]
     # A diagonal tile (last key after the first query) holds D_ii = 0 >= delta: always kept.
     corner = jnp.where(k_last[None, :] >= q_first[:, None], 0.0, corner)
-    kept = kept & (corner >= delta[:, :, None, None])
+    # "not below" rather than ">=": a NaN corner (NaN gate) or a NaN delta keeps the tile.
+    kept = kept & ~(corner < delta[:, :, None, None])
   if segment_ids is not None:
     seg = segment_ids.astype(jnp.int32)
     info = jnp.iinfo(jnp.int32)

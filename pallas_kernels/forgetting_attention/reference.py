@@ -57,7 +57,8 @@ def forgetting_attention_reference(
     same = seg_q[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
     mask = mask & same[:, None]
   if prune_threshold is not None:
-    mask = mask & (decay >= prune_threshold.astype(dt)[:, :, None, None])
+    # Dropped only when below the threshold: a NaN decay (NaN gate) is kept and propagates.
+    mask = mask & ~(decay < prune_threshold.astype(dt)[:, :, None, None])
 
   logits = jnp.where(mask, logits, -jnp.inf)
   lse = jax.nn.logsumexp(logits, axis=-1)  # [B, H, T]

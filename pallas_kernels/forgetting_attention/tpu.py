@@ -73,15 +73,16 @@ def _masked_logits(q, k, cq_hi, cq_lo, ck_hi, ck_lo, delta, q_pos, k_pos, seg_q,
   """Natural-log logits of one tile [bq, bk] f32 with every mask applied, and the diagonal.
 
   D_ij = (c_hi_i - c_hi_j) + (c_lo_i - c_lo_j) (see ``common``); pairs with D_ij < delta
-  (ACP, -inf without pruning), after the query or in another segment get ``_MASK``.
+  (ACP, -inf without pruning), after the query or in another segment get ``_MASK``. The
+  masks are phrased as "drop" so that a NaN decay (a NaN gate) is kept and propagates.
   cq_*, delta, q_pos, seg_q are [bq, 1] columns; ck_*, k_pos, seg_k are [1, bk] rows.
   """
   decay = (cq_hi - ck_hi) + (cq_lo - ck_lo)
   s = _dot(q, k, tb=True) * scale + decay
-  keep = (decay >= delta) & (k_pos <= q_pos)
+  drop = (decay < delta) | (k_pos > q_pos)
   if seg_q is not None:
-    keep = keep & (seg_q == seg_k)
-  return jnp.where(keep, s, _MASK), q_pos == k_pos
+    drop = drop | (seg_q != seg_k)
+  return jnp.where(drop, _MASK, s), q_pos == k_pos
 
 
 def _positions(q_first, k_first, bq, bk):

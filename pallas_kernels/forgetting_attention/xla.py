@@ -158,7 +158,7 @@ def _tile(q, k, cq_hi, cq_lo, ck_hi, ck_lo, seg_q, seg_k, pos_q, pos_k, delta, t
   if seg_q is not None:
     mask = mask & (seg_q[:, :, None] == seg_k[:, None, :])[:, None, None]
   if delta is not None:
-    mask = mask & (decay >= delta[..., None, None])
+    mask = mask & ~(decay < delta[..., None, None])  # a NaN decay is kept, not dropped
   return s + decay, mask
 
 
@@ -210,9 +210,10 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float, block_s
             jnp.zeros((B, Hkv, G, bq), jnp.float32),
             jnp.zeros((B, Hkv, G, bq, D), jnp.float32))
     m, l, acc = lax.fori_loop(lo_i, hi_i, kv_step, init)
-    l_safe = jnp.where(l > 0, l, 1.0)
+    # Rows that see no key get o = 0, lse = -inf; a NaN l (NaN input) stays NaN in both.
+    l_safe = jnp.where(l == 0, 1.0, l)
     o = (acc / l_safe[..., None]).astype(q.dtype)
-    lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+    lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(l_safe))
     return None, (o, lse)
 
   xs = (qs.q, qs.c_hi, qs.c_lo, qs.seg, qs.pos, lo, hi, kv_start, kv_end)

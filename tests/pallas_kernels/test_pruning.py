@@ -483,3 +483,73 @@ def test_pruned_cache_gets_exactly_zero_gradient(impl):
   np.testing.assert_array_equal(np.asarray(stats.kept_tiles), pruning.causal_tiles(T, T, 32, 32))
   recent = inp._replace(k=inp.k[:, S - T:], v=inp.v[:, S - T:], log_fgate=inp.log_fgate[:, S - T:])
   assert_close(got["o"], reference_f64(recent, grads=False)["o"], jnp.float32, "o")
+
+
+# ------------------------------------------------------------------ non-finite input
+
+NAN_TILES = {"reference": BLOCKS, "xla": BlockSizes(16, 16), "pallas_gpu": BlockSizes(16, 16),
+             "pallas_tpu": BlockSizes(16, 128)}
+
+
+def _nan_inputs():
+  """Strong gates (most tiles prunable), a cache of 16 keys, GQA."""
+  return make_inputs(1, 48, 64, 2, 1, 16, jnp.float32, gate="strong", seed=21)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_gpu", "pallas_tpu"])
+def test_nan_query_with_pruning_is_nan_not_zero(impl):
+  """A NaN in q makes the "auto" bound of its head NaN. That head must then prune nothing (as
+  if pruning were off): the query's row is NaN, every other row is the unpruned result, the
+  other head is pruned as usual, and the gradients are not silently finite."""
+  inp = _nan_inputs()
+  row, head = 20, 1
+  q = np.asarray(inp.q).copy()
+  q[0, row, head, 3] = np.nan
+  inp = inp._replace(q=jnp.asarray(q))
+  prune = Pruning(log_tolerance=-10.0)
+  got, stats = _op_grads(inp, prune, impl, blocks=NAN_TILES[impl],
+                         interpret=impl.startswith("pallas"))
+  lse = np.array(stats.lse)
+  assert np.all(np.isnan(got["o"][0, row, head])) and np.isnan(lse[0, head, row])
+  assert np.all(np.isnan(got["dq"][0, row, head]))
+  # The expected function: head 0 pruned at its threshold, head 1 not pruned at all.
+  clean = inp._replace(q=jnp.asarray(np.nan_to_num(q)))
+  delta = _delta(clean, prune).copy()
+  delta[0, head] = -np.inf
+  expected = reference_f64(clean, prune_threshold=delta, grads=False)
+  o, ref_o, ref_lse = got["o"].copy(), expected["o"].copy(), expected["lse"].copy()
+  o[0, row, head] = ref_o[0, row, head] = 0.0
+  lse[0, head, row] = ref_lse[0, head, row] = 0.0
+  assert_close(o, ref_o, jnp.float32, "o")
+  assert_close(lse, ref_lse, jnp.float32, "lse")
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_gpu"])
+def test_nan_key_is_never_pruned_away(impl):
+  """With a bound that does not look at q and k (a float), a NaN key in the cache lies in
+  tiles that the gates alone would prune for every query. Non-finite q or k must switch
+  pruning off for the head instead: every query sees that key, so every row is NaN."""
+  inp = _nan_inputs()
+  k = np.asarray(inp.k).copy()
+  k[0, 2, 0, 5] = np.nan
+  inp = inp._replace(k=jnp.asarray(k))
+  got, stats = _op_grads(inp, Pruning(log_tolerance=-10.0, qk_bound=5.0), impl,
+                         blocks=NAN_TILES[impl], interpret=impl.startswith("pallas"))
+  assert np.all(np.isnan(got["o"])) and np.all(np.isnan(np.asarray(stats.lse)))
+
+
+def test_tile_ranges_keep_nan_decay_and_nan_threshold():
+  """A NaN corner decay or a NaN threshold keeps a tile (the compare must not drop NaN)."""
+  T = S = 96
+  inp = make_inputs(1, T, S, 2, 1, 16, np.float32, gate="strong", seed=22)
+  lf = np.asarray(inp.log_fgate).copy()
+  unpruned = _ranges(jnp.asarray(lf), None, T, 16, 16, None)
+  delta = jnp.asarray([[-30.0, np.nan]], jnp.float32)
+  r = _ranges(jnp.asarray(lf), None, T, 16, 16, delta)
+  assert np.sum(np.asarray(r.kept_tiles())[0, 0]) < np.sum(np.asarray(unpruned.kept_tiles())[0, 0])
+  for a, b in zip(r, unpruned):
+    np.testing.assert_array_equal(np.asarray(a)[:, 1], np.asarray(b)[:, 1])
+  lf[0, 40, 0] = np.nan  # c is NaN from position 40 on: q blocks 3.. keep every causal tile
+  r = _ranges(jnp.asarray(lf), None, T, 16, 16, jnp.full((1, 2), -30.0, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(r.kv_start)[0, 0, 3:], 0)
+  np.testing.assert_array_equal(np.asarray(r.kv_end)[0, 0, 3:], np.asarray(unpruned.kv_end)[0, 0, 3:])
