@@ -1,11 +1,16 @@
-"""Console entry points ``fox-train`` and ``fox-eval``.
+"""Console entry points ``fox-train`` and ``fox-eval`` (argparse, one flag style).
 
-  fox-train --config experiments/configs/fox_pro_tiny.py --workdir runs/fox \
-      --config.optim.peak_lr=1e-3
+  fox-train --config experiments/configs/cpu_fox_pro.py --workdir runs/fox \
+      --config.optim.peak_lr=1e-3 --config.model.overrides.num_kv_heads=2
   fox-train --workdir runs/fox          # resume with the config saved in the run directory
   fox-train ... --distributed           # one process per host (TPU pod, SLURM, Kubernetes)
   fox-train ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0   # by hand
   fox-eval runs/fox runs/transformer --out runs/compare
+
+A user's mistake (a flag, a config field, a path, a run directory in use or trained with
+another config) is one line on stderr and exit code 2, with nothing written; a run that
+started and had to stop (a non-finite step, a failed save) is one line and exit code 1,
+with what was saved kept. SIGTERM or Ctrl-C saves a checkpoint and exits 0.
 """
 
 from __future__ import annotations
@@ -13,53 +18,146 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
+from typing import Optional, Sequence
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from fox_jax.errors import RunError, UsageError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Python config file (get_config()); fields overridable as --config.a.b=v.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics.")
-_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps (resumable).")
-_DISTRIBUTED = flags.DEFINE_boolean(
-    "distributed", False, "Join the other processes of a multi-host run with "
-    "jax.distributed.initialize (detected on TPU pods, SLURM, Kubernetes; implied by "
-    "--coordinator).")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator", None, "host:port of process 0's coordinator, for hand-launched runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0 .. N - 1.")
+_CONFIG_HELP = """\
+config fields:
+  --config.<block>.<field>=<value> sets any field of the config file (blocks: model, data,
+  optim, mesh, run, eval; see fox_jax/run_config.py), parsed as the field's type, e.g.
+    --config.optim.peak_lr=1e-3 --config.data.seq_len=512 --config.mesh.tensor=2
+    --config.run.keep_checkpoints=5 --config.eval.length_multiples=(1,4,16)
+  --config.model.overrides.<field>=<value> sets any field of fox_jax.config.ModelConfig,
+  also one the config file does not set:
+{model_fields}
+  and --config.model.overrides.block_sizes.block_q=64, ...pruning.log_tolerance=-10.
+
+resuming:
+  Rerunning a run directory resumes from its newest checkpoint that restores. Fields that
+  may change on resume:
+{safe}
+  Any other change is refused (use a new --workdir).
+"""
 
 
-def _train(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Orbax reports every save at INFO; the progress bar and metrics.jsonl say enough.
-  logging.set_verbosity(logging.WARNING)
-  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line errors: 'fox-train: <message> (see fox-train --help)', exit 2."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _train_parser() -> argparse.ArgumentParser:
+  from fox_jax import run_config
+  from fox_jax.config import ModelConfig
+  import dataclasses
+  fields = ", ".join(f.name for f in dataclasses.fields(ModelConfig))
+  epilog = _CONFIG_HELP.format(
+      model_fields=textwrap.fill(fields, 88, initial_indent="    ", subsequent_indent="    "),
+      safe=textwrap.fill(", ".join(run_config.SAFE_ON_RESUME), 88, initial_indent="    ",
+                         subsequent_indent="    "))
+  p = _Parser(prog="fox-train", formatter_class=argparse.RawDescriptionHelpFormatter,
+              description="Train a FoX or Transformer language model into a run directory "
+              "(config.json, checkpoints/, metrics.jsonl, tensorboard/), or resume one.",
+              epilog=epilog)
+  p.add_argument("--config", metavar="FILE",
+                 help="Python config file whose get_config() returns the run's ConfigDict "
+                 "(experiments/configs/*.py); optional when resuming --workdir")
+  p.add_argument("--workdir", metavar="DIR", required=True,
+                 help="run directory: created if missing, resumed if it holds checkpoints")
+  p.add_argument("--max_steps", type=int, metavar="N",
+                 help="stop after step N (with a checkpoint; rerun to go on)")
+  p.add_argument("--distributed", action="store_true",
+                 help="join the other processes of a multi-host run with "
+                 "jax.distributed.initialize (detected on TPU pods, SLURM, Kubernetes)")
+  p.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="process 0's coordinator address, for hand-launched multi-host runs")
+  p.add_argument("--num_processes", type=int, metavar="N", help="processes in the run")
+  p.add_argument("--process_id", type=int, metavar="I", help="this process's id, 0 .. N-1")
+  return p
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """(other arguments, [(dotted key, text)]) of ``--config.a.b=v`` / ``--config.a.b v``."""
+  rest, overrides = [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg.startswith("--config."):
+      key, eq, text = arg[len("--config."):].partition("=")
+      if not eq:
+        if i + 1 >= len(args):
+          raise UsageError(f"{arg} needs a value ({arg}=VALUE)")
+        i += 1
+        text = args[i]
+      overrides.append((key, text))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _quiet_logs() -> None:
+  # Orbax logs every save at INFO and its own failures at ERROR with tracebacks; the
+  # progress bar, metrics.jsonl and the one-line reports below say what matters.
+  from absl import logging
+  logging.set_verbosity(logging.FATAL)
+
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+  """``fox-train``; returns the exit code (the console script exits with it)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  # Before anything slow: a SIGTERM or Ctrl-C from here on ends with a message.
+  from fox_jax.signals import Interrupted, StopSignals
+  with StopSignals() as signals:
+    try:
+      code = _train(argv, signals)
+    except Interrupted as e:
+      print(f"fox-train: stopped by {e.signal_name} during start-up, before any step; "
+            f"rerun to start or resume", file=sys.stderr)
+      code = 0
+    except UsageError as e:
+      print(f"fox-train: {e}", file=sys.stderr)
+      code = 2
+    except RunError as e:
+      print(f"fox-train: {e}", file=sys.stderr)
+      code = 1
+    except KeyboardInterrupt:
+      print("fox-train: stopped by a second SIGINT without saving; the checkpoints saved "
+            "before it are kept", file=sys.stderr)
+      code = 130
+  return code
+
+
+def _train(argv: Sequence[str], signals) -> int:
+  parser = _train_parser()
+  rest, overrides = split_overrides(argv)
+  args = parser.parse_args(rest)
+  explicit = (args.coordinator, args.num_processes, args.process_id)
   if any(v is not None for v in explicit) and any(v is None for v in explicit):
-    raise app.UsageError("--coordinator, --num_processes and --process_id go together")
-  from fox_jax import multihost
+    raise UsageError("--coordinator, --num_processes and --process_id go together")
+  _quiet_logs()
+  from fox_jax import multihost, run_config, rundir
   # Before anything asks for devices: afterwards the backend is fixed to this process alone.
-  if _DISTRIBUTED.value or _COORDINATOR.value is not None:
+  if args.distributed or args.coordinator is not None:
     multihost.initialize(*explicit)
   from fox_jax import train as train_lib
-  workdir = _WORKDIR.value
-  if workdir is None:
-    raise app.UsageError("--workdir is required")
-  config = _CONFIG.value
-  if config is None:
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-      raise app.UsageError(f"--config is required: {workdir} holds no saved config")
-    config = train_lib.load_config(workdir)
-  try:
-    result = train_lib.train(config, workdir, max_steps=_MAX_STEPS.value)
-  except train_lib.NonFiniteError as e:
-    print(f"fox-train: {e}", file=sys.stderr)
-    return 1
-  msg = (f"stopped by SIGTERM at step {result.step}; checkpoint saved, rerun to resume"
-         if result.status == "preempted" else f"finished at step {result.step}")
+  if args.config is not None:
+    config = run_config.load_config_file(args.config)
+  else:
+    if not os.path.exists(rundir.config_path(args.workdir)):
+      raise UsageError(f"--config is required: {args.workdir} holds no saved config")
+    config = rundir.load_config(args.workdir)
+  run_config.apply_overrides(config, overrides)
+  result = train_lib.train(config, args.workdir, max_steps=args.max_steps, signals=signals)
+  if result.status == "preempted":
+    msg = f"stopped by {result.signal} at step {result.step}; checkpoint saved, rerun to resume"
+  else:
+    msg = f"finished at step {result.step}"
   if result.val_loss is not None:
     msg += f"; validation loss {result.val_loss:.4f}"
   if multihost.is_main():
@@ -67,23 +165,29 @@ def _train(argv):
   return 0
 
 
-def train_main():
-  app.run(_train)
+def _eval_parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="fox-eval", description="Loss against position (and beyond the training "
+              "length) and validation loss of one or more run directories, plotted together.")
+  p.add_argument("runs", nargs="+", help="run directories written by fox-train")
+  p.add_argument("--out", default=None,
+                 help="directory for comparison.png, comparison.json and report.md "
+                 "(default: the first run's eval directory)")
+  p.add_argument("--step", type=int, default=None,
+                 help="evaluate this checkpoint step (default: the newest that restores; "
+                 "with several runs, the same step of each)")
+  return p
 
 
-def eval_main(argv=None):
-  parser = argparse.ArgumentParser(
-      prog="fox-eval", description="Loss against position (and beyond the training length) "
-      "and validation loss of one or more run directories, plotted together.")
-  parser.add_argument("runs", nargs="+", help="run directories written by fox-train")
-  parser.add_argument("--out", default=None,
-                      help="directory for comparison.png, comparison.json and report.md "
-                      "(default: the first run's eval directory)")
-  args = parser.parse_args(argv)
-  logging.set_verbosity(logging.WARNING)
-  from fox_jax import evaluate
-  out = args.out or os.path.join(args.runs[0], "eval")
-  results = evaluate.compare(args.runs, out)
+def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+  args = _eval_parser().parse_args(argv)
+  _quiet_logs()
+  try:
+    from fox_jax import evaluate
+    out = args.out or os.path.join(args.runs[0], "eval")
+    results = evaluate.compare(args.runs, out, step=args.step)
+  except UsageError as e:
+    print(f"fox-eval: {e}", file=sys.stderr)
+    return 2
   print(evaluate.report_markdown(results))
   print(f"fox-eval: wrote {os.path.join(out, 'comparison.png')} and {os.path.join(out, 'report.md')}")
   return 0

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Sequence
+import sys
+from typing import Callable, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from fox_jax import checkpoint as ckpt_lib
+from fox_jax import rundir
 from fox_jax import train as train_lib
 from fox_jax.data import Batch, PackedDataset, contiguous_windows, corpus_from_config
+from fox_jax.errors import UsageError
 
 RESULT_FILE = "per_token_loss.json"
 PLOT_FILE = "per_token_loss.png"
@@ -46,18 +49,48 @@ def smooth(x: np.ndarray, window: int) -> np.ndarray:
   return (csum[hi] - csum[lo]) / (hi - lo)
 
 
+def _report_broken(broken: ckpt_lib.BrokenCheckpoint) -> None:
+  print(f"fox-eval: checkpoint step {broken.step} cannot be restored ({broken.reason}); "
+        f"left in place, trying the one before", file=sys.stderr, flush=True)
+
+
+def restore_params(workdir: str, setup, *, step: Optional[int] = None,
+                   on_broken: Callable[[ckpt_lib.BrokenCheckpoint], None] = _report_broken):
+  """(step, params) of a run's checkpoint: ``step``, or the newest that restores.
+
+  Reads only: creates nothing in the run directory and moves no broken checkpoint.
+  """
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise UsageError(f"{workdir} holds no checkpoint to evaluate")
+    if step is None:
+      restored = checkpointer.restore_latest(setup.abstract_state, on_broken)
+      return restored.step, restored.state["params"]
+    if step not in steps:
+      raise UsageError(f"{workdir} has no checkpoint at step {step} (it has {steps})")
+    try:
+      state, _ = checkpointer.restore(step, setup.abstract_state)
+    except ckpt_lib.BrokenCheckpoint as e:
+      raise UsageError(str(e)) from None
+    return step, state["params"]
+  finally:
+    checkpointer.close()
+
+
 def evaluate_run(workdir: str, *, step: Optional[int] = None) -> dict:
-  """Evaluates a run's checkpoint (default: latest); writes ``<run>/eval/*.json|png``."""
-  c = train_lib.load_config(workdir)
+  """Evaluates a run's checkpoint (default: the newest that restores); writes
+  ``<run>/eval/*.json|png``."""
+  c = rundir.load_config(workdir)
   setup = train_lib.build(c)
-  checkpointer = ckpt_lib.Checkpointer(workdir, c.run.keep_checkpoints)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}")
-  state, _ = checkpointer.restore(step, setup.abstract_state)
-  checkpointer.close()
+  step, params = restore_params(workdir, setup, step=step)
   eval_fn = setup.eval_fn
-  corpus = corpus_from_config(c.data, "heldout")
+  try:
+    corpus = corpus_from_config(c.data, "heldout")
+  except (ValueError, OSError) as e:
+    raise UsageError(f"{rundir.config_path(workdir)}: data.path: {e}") from None
+  state = {"params": params}
   heldout = PackedDataset(corpus, c.data.seq_len, c.data.seed)
   val = train_lib.validation_loss(setup, eval_fn, state["params"], heldout, c.run.val_rows,
                                   c.eval.batch_size)
@@ -71,11 +104,31 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None) -> dict:
       "val_loss": val, "loss_by_position": curve.tolist(), "smooth": int(c.eval.smooth),
       **summary(curve, T)}
   out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
+  _make_output_dir(out)
   with open(os.path.join(out, RESULT_FILE), "w") as f:
     json.dump(result, f, indent=1)
   plot([result], os.path.join(out, PLOT_FILE))
   return result
+
+
+def check_output_dir(path: str) -> None:
+  """UsageError unless ``path`` is a writable directory or can be created as one (creates
+  nothing, so that a failed evaluation leaves nothing behind)."""
+  probe = os.path.abspath(path)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise UsageError(f"cannot create output directory {path}: {probe} is not a directory")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise UsageError(f"output directory {path} is not writable ({probe})")
+
+
+def _make_output_dir(path: str) -> None:
+  check_output_dir(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"cannot create output directory {path}: {e.strerror}") from None
 
 
 def run_label(c, workdir: str) -> str:
@@ -145,10 +198,14 @@ def report_markdown(results: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def compare(run_dirs: Sequence[str], out_dir: str, *, evaluate: bool = True) -> list[dict]:
+def compare(run_dirs: Sequence[str], out_dir: str, *, evaluate: bool = True,
+            step: Optional[int] = None) -> list[dict]:
   """Evaluates each run (or reads its saved result) and writes one plot and one report."""
-  results = [evaluate_run(d) if evaluate else load_result(d) for d in run_dirs]
-  os.makedirs(out_dir, exist_ok=True)
+  check_output_dir(out_dir)
+  for d in run_dirs:
+    check_output_dir(os.path.join(d, "eval"))
+  results = [evaluate_run(d, step=step) if evaluate else load_result(d) for d in run_dirs]
+  _make_output_dir(out_dir)
   plot(results, os.path.join(out_dir, "comparison.png"))
   with open(os.path.join(out_dir, "comparison.json"), "w") as f:
     json.dump([{k: v for k, v in r.items() if k != "loss_by_position"} for r in results], f,

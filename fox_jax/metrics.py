@@ -1,7 +1,10 @@
 """Training metrics: JSON lines, TensorBoard event files and a model-FLOPs estimate.
 
 TensorBoard files are written with the ``tensorboard`` package alone (no TensorFlow):
-scalar summaries in an event file under ``<run>/tensorboard``.
+scalar summaries in an event file under ``<run>/tensorboard``. Each session of a run starts
+its event file with a SessionLog START at its first step, so TensorBoard drops the events
+that an earlier session logged after the checkpoint this one resumed from (the same
+steps are cut from ``metrics.jsonl`` by ``rundir.truncate_jsonl``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ from typing import Mapping, Optional
 
 import jax
 from tensorboard.compat.proto import event_pb2
+
+from fox_jax.errors import RunError
+
+METRICS_FILE = "metrics.jsonl"
 from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -52,21 +59,31 @@ def flops_per_token(num_matmul_params: int, num_layers: int, num_heads: int, hea
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to ``metrics.jsonl`` and TensorBoard."""
+  """Appends one JSON object per logged step to ``metrics.jsonl`` and TensorBoard.
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  A failed write (a full disk) raises RunError naming the file.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, first_step: int = 1):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.join(workdir, METRICS_FILE)
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(self.path, "a", buffering=1)
       self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+      start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+      self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(first_step),
+                                         session_log=start))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items() if v is not None}
-    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
+    try:
+      self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
+    except OSError as e:
+      raise RunError(f"writing {self.path} failed ({e.strerror}); checkpoints saved so far "
+                     f"are kept") from e
     wall = time.time()
     for tag, value in clean.items():
       event = event_pb2.Event(wall_time=wall, step=int(step), summary=scalar_pb(tag, value))
@@ -79,9 +96,12 @@ class MetricsWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
       self.enabled = False
+      try:
+        self._jsonl.close()
+      except OSError:  # a failed write was reported when it happened
+        pass
+      self._tb.close()
 
 
 def read_jsonl(path: str) -> list[dict]:

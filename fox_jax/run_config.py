@@ -1,8 +1,11 @@
 """The run configuration: one ml_collections ConfigDict per experiment.
 
 Experiment files under ``experiments/configs/`` start from :func:`base_config` and change
-what they need; every field can be overridden on the command line
-(``--config.optim.peak_lr=1e-3``). The resolved config is saved in the run directory.
+what they need (:func:`load_config_file`); every field can be overridden on the command line
+(``--config.optim.peak_lr=1e-3``, :func:`apply_overrides`), every field of
+``fox_jax.config.ModelConfig`` included (``--config.model.overrides.num_kv_heads=2``), also
+when the file does not set it. :func:`validate` checks every field before any device work.
+The resolved config is saved in the run directory.
 
 Blocks:
   model  preset name (``fox_jax.config.get_preset``) and ``overrides`` of its fields
@@ -12,11 +15,40 @@ Blocks:
   mesh   sizes of (data, fsdp, context, tensor); -1 = the remaining devices
   run    seed, logging / checkpoint / validation cadence, checkpoints kept, peak FLOP/s
   eval   lengths for loss against position (multiples of data.seq_len), documents, smoothing
+
+Resuming a run directory with another config: the fields in :data:`SAFE_ON_RESUME` may
+change (cadence, checkpoints kept, evaluation, mesh, micro-batching, the batch and the
+token budget); any other difference changes the model, the optimizer or the data order, and
+the run refuses to start (:func:`resume_changes`).
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import difflib
+import fnmatch
+import importlib.util
+import json
+import math
+import os
+import typing
+from typing import Any, Mapping, Optional, Sequence
+
 import ml_collections
+
+from fox_jax.errors import UsageError
+
+DATA_SOURCES = ("builtin", "text")
+
+# Fields that may differ when a run directory is resumed: they change neither the model,
+# nor the optimizer's recipe, nor which rows come next. The schedule is a function of the
+# tokens seen, so a new batch or token budget continues it from where the run is.
+SAFE_ON_RESUME = (
+    "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_every",
+    "run.val_rows", "run.progress_bar", "run.peak_flops_per_device", "eval.*", "mesh.*",
+    "optim.grad_accum", "optim.total_tokens", "data.global_batch",
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -73,19 +105,8 @@ def tokens_per_step(c: ml_collections.ConfigDict) -> int:
 
 
 def total_steps(c: ml_collections.ConfigDict) -> int:
-  """Optimizer steps covering ``optim.total_tokens`` (rounded up)."""
+  """Optimizer steps covering ``optim.total_tokens`` (rounded up) at this config's batch."""
   return -(-int(c.optim.total_tokens) // tokens_per_step(c))
-
-
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError on inconsistent sizes before any device work starts."""
-  if c.data.global_batch % c.optim.grad_accum:
-    raise ValueError(f"data.global_batch ({c.data.global_batch}) must be a multiple of "
-                     f"optim.grad_accum ({c.optim.grad_accum})")
-  if c.data.seq_len < 1 or c.data.global_batch < 1:
-    raise ValueError("data.seq_len and data.global_batch must be positive")
-  if any(m < 1 for m in c.eval.length_multiples):
-    raise ValueError(f"eval.length_multiples must be >= 1, got {c.eval.length_multiples}")
 
 
 def cpu_demo_config(preset: str) -> ml_collections.ConfigDict:
@@ -106,3 +127,325 @@ def cpu_demo_config(preset: str) -> ml_collections.ConfigDict:
   c.run.checkpoint_every = 100
   c.eval.length_multiples = (1, 4)
   return c
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(ok: bool, field: str, rule: str, value) -> None:
+  if not ok:
+    raise UsageError(f"config.{field} must be {rule}, got {value!r}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises UsageError naming the first field that cannot be used; touches no device."""
+  for block in ("model", "data", "optim", "mesh", "run", "eval"):
+    if block not in c:
+      raise UsageError(f"config has no '{block}' block (start from run_config.base_config())")
+  d, o, r, e = c.data, c.optim, c.run, c.eval
+  _check(d.source in DATA_SOURCES, "data.source", f"one of {DATA_SOURCES}", d.source)
+  if d.source == "text":
+    _check(isinstance(d.path, str) and bool(d.path), "data.path",
+           "a directory or a glob of text files with data.source='text'", d.path)
+  _check(_is_real(d.heldout_fraction) and 0 < d.heldout_fraction < 1, "data.heldout_fraction",
+         "in (0, 1)", d.heldout_fraction)
+  for name in ("seq_len", "global_batch"):
+    _check(_is_int(d[name]) and d[name] >= 1, f"data.{name}", "an int >= 1", d[name])
+  _check(_is_int(d.seed), "data.seed", "an int", d.seed)
+
+  _check(_is_real(o.peak_lr) and o.peak_lr > 0, "optim.peak_lr", "a finite number > 0",
+         o.peak_lr)
+  _check(_is_real(o.warmup_tokens) and o.warmup_tokens >= 0, "optim.warmup_tokens",
+         "a finite number >= 0", o.warmup_tokens)
+  _check(_is_real(o.total_tokens) and o.total_tokens >= 1, "optim.total_tokens",
+         "a finite number >= 1", o.total_tokens)
+  for name in ("b1", "b2"):
+    _check(_is_real(o[name]) and 0 <= o[name] < 1, f"optim.{name}", "in [0, 1)", o[name])
+  _check(_is_real(o.eps) and o.eps > 0, "optim.eps", "a finite number > 0", o.eps)
+  _check(_is_real(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay",
+         "a finite number >= 0", o.weight_decay)
+  _check(_is_real(o.clip_norm) and o.clip_norm > 0, "optim.clip_norm", "a finite number > 0",
+         o.clip_norm)
+  _check(_is_int(o.grad_accum) and o.grad_accum >= 1, "optim.grad_accum", "an int >= 1",
+         o.grad_accum)
+  if d.global_batch % o.grad_accum:
+    raise UsageError(f"config.data.global_batch ({d.global_batch}) must be a multiple of "
+                     f"config.optim.grad_accum ({o.grad_accum})")
+
+  for name, size in c.mesh.items():
+    _check(_is_int(size) and (size >= 1 or size == -1), f"mesh.{name}",
+           "an int >= 1 or -1 (the remaining devices)", size)
+
+  _check(_is_int(r.seed), "run.seed", "an int", r.seed)
+  for name, why in (("log_every", ""), ("checkpoint_every", ""),
+                    ("keep_checkpoints", " (0 would keep no checkpoint)"),
+                    ("val_rows", " (the validation loss averages over them)")):
+    _check(_is_int(r[name]) and r[name] >= 1, f"run.{name}", f"an int >= 1{why}", r[name])
+  _check(_is_int(r.eval_every) and r.eval_every >= 0, "run.eval_every",
+         "an int >= 0 (0: validate only at the end)", r.eval_every)
+  _check(_is_real(r.peak_flops_per_device) and r.peak_flops_per_device >= 0,
+         "run.peak_flops_per_device", "a finite number >= 0 (0: known devices only)",
+         r.peak_flops_per_device)
+  _check(isinstance(r.progress_bar, bool), "run.progress_bar", "True or False", r.progress_bar)
+
+  lm = tuple(e.length_multiples) if isinstance(e.length_multiples, (tuple, list)) else ()
+  _check(bool(lm) and all(_is_int(m) and m >= 1 for m in lm), "eval.length_multiples",
+         "a non-empty tuple of ints >= 1", e.length_multiples)
+  for name in ("max_docs", "batch_size", "smooth"):
+    _check(_is_int(e[name]) and e[name] >= 1, f"eval.{name}", "an int >= 1", e[name])
+
+
+def resolve_paths(c: ml_collections.ConfigDict) -> None:
+  """Makes ``data.path`` absolute (``~`` expanded), so a resume from another working
+  directory reads the same files."""
+  if c.data.path:
+    c.data.path = os.path.abspath(os.path.expanduser(c.data.path))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a Python config file; one-line UsageError for every failure."""
+  if not os.path.isfile(path):
+    raise UsageError(f"--config: no such file: {path}")
+  spec = importlib.util.spec_from_file_location("fox_experiment_config", path)
+  try:
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except Exception as e:  # the user's file: report where, not our traceback
+    where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+    raise UsageError(f"--config {path}{where}: {type(e).__name__}: {e}") from e
+  if not callable(getattr(module, "get_config", None)):
+    raise UsageError(f"--config {path} defines no get_config()")
+  try:
+    c = module.get_config()
+  except Exception as e:
+    raise UsageError(f"--config {path}: get_config() raised {type(e).__name__}: {e}") from e
+  if not isinstance(c, ml_collections.ConfigDict):
+    raise UsageError(f"--config {path}: get_config() must return an ml_collections.ConfigDict, "
+                     f"got {type(c).__name__}")
+  return c
+
+
+def config_from_json(text: str, source: str) -> ml_collections.ConfigDict:
+  """A config saved by :func:`config_to_json`; UsageError naming ``source`` if unreadable."""
+  try:
+    fields = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise UsageError(f"{source} is not valid JSON ({e.msg} at line {e.lineno})") from e
+  if not isinstance(fields, dict) or "model" not in fields:
+    raise UsageError(f"{source} does not hold a fox-train config")
+  c = ml_collections.ConfigDict(fields)
+  if "eval" in c and isinstance(c.eval.get("length_multiples"), list):
+    c.eval.length_multiples = tuple(c.eval.length_multiples)
+  return c
+
+
+def config_to_json(c: ml_collections.ConfigDict) -> str:
+  return c.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _model_field_types() -> dict[str, Any]:
+  from fox_jax.config import ModelConfig
+  hints = typing.get_type_hints(ModelConfig)
+  return {f.name: hints[f.name] for f in dataclasses.fields(ModelConfig)}
+
+
+def _nested_field_types(tp) -> Optional[dict[str, Any]]:
+  """Field types of a dataclass-valued model field (BlockSizes, Pruning), else None."""
+  for arg in typing.get_args(tp) or (tp,):
+    if dataclasses.is_dataclass(arg):
+      hints = typing.get_type_hints(arg)
+      return {f.name: hints[f.name] for f in dataclasses.fields(arg)}
+  return None
+
+
+def _parse_typed(text: str, tp, key: str):
+  """``text`` as a value of annotation ``tp`` (int, float, bool, str, Optional / Union)."""
+  args = typing.get_args(tp)
+  if typing.get_origin(tp) is typing.Union:
+    if type(None) in args and text.strip().lower() in ("none", "null"):
+      return None
+    errors = []
+    for arg in (a for a in args if a is not type(None)):
+      try:
+        return _parse_typed(text, arg, key)
+      except UsageError as e:
+        errors.append(str(e))
+    raise UsageError(errors[0] if errors else f"--config.{key}: cannot parse {text!r}")
+  if tp is bool:
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise UsageError(f"--config.{key} takes true or false, got {text!r}")
+  if tp is int:
+    try:
+      return int(text)
+    except ValueError:
+      pass
+    try:
+      value = float(text)
+    except ValueError:
+      value = math.nan
+    if math.isfinite(value) and value.is_integer():  # e.g. total_tokens=2.5e9
+      return int(value)
+    raise UsageError(f"--config.{key} takes an int, got {text!r}")
+  if tp is float:
+    try:
+      return float(text)
+    except ValueError:
+      raise UsageError(f"--config.{key} takes a number, got {text!r}") from None
+  if tp is str:
+    return text
+  if dataclasses.is_dataclass(tp) or tp in (tuple, list, dict):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      raise UsageError(f"--config.{key} takes a Python literal, got {text!r}") from None
+    if tp is tuple and isinstance(value, (int, float)):
+      value = (value,)
+    if tp in (tuple, list) and isinstance(value, list):
+      value = tuple(value)
+    expected = dict if dataclasses.is_dataclass(tp) else tp
+    if not isinstance(value, expected):
+      raise UsageError(f"--config.{key} takes a {expected.__name__}, got {text!r}")
+    return value
+  raise UsageError(f"--config.{key}: cannot parse {text!r}")
+
+
+def _type_of(value):
+  if isinstance(value, bool):
+    return bool
+  for tp in (int, float, str, tuple, list):
+    if isinstance(value, tp):
+      return tp
+  return None
+
+
+def _flat_keys(c, prefix="") -> list[str]:
+  keys = []
+  for name, value in c.items():
+    key = f"{prefix}{name}"
+    keys.append(key)
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      keys += _flat_keys(value, key + ".")
+  return keys
+
+
+def _unknown(key: str, known: Sequence[str]) -> UsageError:
+  close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+  hint = f" (did you mean --config.{close[0]}?)" if close else ""
+  return UsageError(f"--config.{key}: no such config field{hint}")
+
+
+def _set_model_override(c, parts: list[str], text: str) -> None:
+  key = ".".join(parts)
+  fields = _model_field_types()
+  name = parts[2]
+  if name not in fields:
+    raise _unknown(key, [f"model.overrides.{f}" for f in fields])
+  overrides = c.model.overrides.to_dict() if c.model.get("overrides") else {}
+  tp = fields[name]
+  if len(parts) == 3:
+    value = _parse_typed(text, tp, key)
+  elif len(parts) == 4 and _nested_field_types(tp) is not None:
+    sub = _nested_field_types(tp)
+    if parts[3] not in sub:
+      raise _unknown(key, [f"model.overrides.{name}.{f}" for f in sub])
+    value = dict(overrides.get(name) or {})
+    value[parts[3]] = _parse_typed(text, sub[parts[3]], key)
+  else:
+    raise _unknown(key, [f"model.overrides.{f}" for f in fields])
+  overrides[name] = value
+  c.model.overrides = ml_collections.ConfigDict(overrides)
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:
+  """Sets each ``(dotted key, text)``; the text is parsed as the field's type.
+
+  ``model.overrides.<field>`` accepts every ModelConfig field (typed by its annotation),
+  and ``model.overrides.block_sizes.<f>`` / ``pruning.<f>`` their sub-fields; elsewhere the
+  key must exist in the config. Unknown keys get a suggestion.
+  """
+  for key, text in overrides:
+    parts = key.split(".")
+    if len(parts) >= 3 and parts[:2] == ["model", "overrides"]:
+      _set_model_override(c, parts, text)
+      continue
+    node = c
+    for i, part in enumerate(parts):
+      is_leaf = i == len(parts) - 1
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise _unknown(key, _flat_keys(c))
+      if is_leaf:
+        current = node[part]
+        if isinstance(current, ml_collections.ConfigDict):
+          raise UsageError(f"--config.{key} is a block; set its fields, e.g. "
+                           f"--config.{key}.{next(iter(current.keys()), 'x')}=...")
+        tp = _type_of(current)
+        value = _parse_typed(text, tp, key) if tp else _parse_literal(text)
+        node[part] = value
+      else:
+        node = node[part]
+
+
+def _parse_literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def flatten(c) -> dict[str, Any]:
+  """{dotted key: JSON value} of every leaf (tuples as lists, so saved and new compare)."""
+  data = json.loads(c.to_json_best_effort()) if isinstance(c, ml_collections.ConfigDict) else c
+  out = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if isinstance(v, dict) and v:
+        walk(v, f"{prefix}{k}.")
+      else:
+        out[f"{prefix}{k}"] = v
+  walk(data, "")
+  return out
+
+
+def _safe(key: str) -> bool:
+  return any(fnmatch.fnmatchcase(key, pattern) for pattern in SAFE_ON_RESUME)
+
+
+def resume_changes(saved: ml_collections.ConfigDict,
+                   new: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """{field: (saved, new)} of the allowed changes; UsageError listing the refused ones."""
+  a, b = flatten(saved), flatten(new)
+  missing = object()
+  diff = {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+          if a.get(k, missing) != b.get(k, missing)}
+  show = lambda v: "(unset)" if v is missing else json.dumps(v)
+  refused = {k: v for k, v in diff.items() if not _safe(k)}
+  if refused:
+    listed = "; ".join(f"{k}: {show(x)} -> {show(y)}" for k, (x, y) in refused.items())
+    raise UsageError(
+        f"the run directory was trained with another config; refused changes: {listed}. "
+        f"These change the model, the optimizer or the data order; use a new --workdir. "
+        f"Allowed on resume: {', '.join(SAFE_ON_RESUME)}")
+  return {k: (None if x is missing else x, None if y is missing else y)
+          for k, (x, y) in diff.items()}

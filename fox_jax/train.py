@@ -9,8 +9,15 @@ The train state is a plain dict of arrays (orbax and optax need nothing else):
 
 One step takes a batch [A, B, T] of A micro-batches, accumulates gradients over them
 with ``lax.scan``, clips, and applies AdamW; its loss is the mean over all non-padding
-tokens of the A * B rows, so accumulation changes memory, not the result. A step whose
-loss or gradient norm is not finite returns the state unchanged and says so.
+tokens of the A * B rows, so accumulation changes memory, not the result. Its learning
+rate is an argument, computed on the host from the tokens seen (``optim.step_learning_rate``).
+A step whose loss, gradient norm, new parameters or new optimizer state are not all finite
+returns the state unchanged and says so, so the state in hand is always finite.
+
+:func:`train` owns the run directory while it runs (``fox_jax.rundir``: a lock, the saved
+config and its history, metrics truncated to the restored step) and reports what a user
+can act on as ``UsageError`` before anything is written, and what stops a started run as
+``RunError`` after saving what can be saved.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import dataclasses
 import functools
 import json
 import os
-import signal
+import shutil
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -35,25 +43,39 @@ from fox_jax import checkpoint as ckpt_lib
 from fox_jax import metrics as metrics_lib
 from fox_jax import optim
 from fox_jax import run_config
+from fox_jax import rundir
 from fox_jax import sharding
 from fox_jax.config import ModelConfig, get_preset
 from fox_jax.data import Batch, PackedDataset, corpus_from_config
+from fox_jax.errors import RunError, UsageError
+from fox_jax.signals import Interrupted, StopSignals
 from fox_jax.model import DecoderLM
 
 
-class NonFiniteError(RuntimeError):
-  """Raised when a step's loss or gradient is not finite; ``step`` is that step (1-based)."""
+class NonFiniteError(RunError):
+  """A step whose loss, gradient or update is not finite; ``step`` is that step (1-based).
+
+  The step was not applied; ``last_good`` is the checkpoint holding the state before it.
+  """
 
   def __init__(self, step: int, last_good: Optional[int]):
     self.step, self.last_good = step, last_good
-    super().__init__(f"non-finite loss or gradient at step {step}; "
+    super().__init__(f"non-finite loss, gradient or update at step {step}; "
                      f"last good checkpoint is step {last_good}")
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
-  """The ModelConfig named by ``c.model`` (preset plus overrides)."""
+  """The ModelConfig named by ``c.model`` (preset plus overrides); UsageError naming the
+  field if it cannot be built."""
   overrides = c.model.overrides.to_dict() if c.model.get("overrides") else {}
-  return get_preset(c.model.preset, **overrides)
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(overrides) - known)
+  if unknown:
+    raise UsageError(f"config.model.overrides: unknown ModelConfig fields {unknown}")
+  try:
+    return get_preset(c.model.preset, **overrides)
+  except (ValueError, TypeError) as e:
+    raise UsageError(f"config.model: {e}") from None
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -84,7 +106,6 @@ class Setup:
   abstract_params: Any          # nnx.State of ShapeDtypeStructs (with logical metadata)
   rest: Any                     # non-parameter model state (nnx.State)
   tx: optax.GradientTransformation
-  schedule: optax.Schedule
   state_shardings: Any
   abstract_state: Any
   num_params: int
@@ -128,7 +149,10 @@ def build(c: ml_collections.ConfigDict, devices=None) -> Setup:
 def _build(c: ml_collections.ConfigDict, devices) -> Setup:
   run_config.validate(c)
   mcfg = model_config(c)
-  mesh = sharding.make_mesh(c.mesh.to_dict(), devices)
+  try:
+    mesh = sharding.make_mesh(c.mesh.to_dict(), devices)
+  except ValueError as e:
+    raise UsageError(f"config.mesh: {e}") from None
   with sharding.activation_rules(mesh):
     abstract_model = nnx.eval_shape(lambda: DecoderLM(mcfg, rngs=nnx.Rngs(0)))
     # Non-trainable state (e.g. a 'fixed' forget gate's constants) is needed as values;
@@ -137,7 +161,7 @@ def _build(c: ml_collections.ConfigDict, devices) -> Setup:
   graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
   param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
   pure_params = nnx.to_pure_dict(abstract_params)
-  tx, schedule = optim.make_optimizer(c.optim, run_config.tokens_per_step(c))
+  tx = optim.make_optimizer(c.optim)
   abstract_opt = jax.eval_shape(tx.init, pure_params)
   replicated = sharding.replicated(mesh)
   opt_shardings = optax.tree_map_params(
@@ -155,7 +179,7 @@ def _build(c: ml_collections.ConfigDict, devices) -> Setup:
   matmul_params = num_params - mcfg.vocab_size * mcfg.d_model
   fpt = metrics_lib.flops_per_token(matmul_params, mcfg.num_layers, mcfg.num_heads,
                                     mcfg.head_dim, c.data.seq_len)
-  return Setup(c, mcfg, mesh, graphdef, abstract_params, rest, tx, schedule,
+  return Setup(c, mcfg, mesh, graphdef, abstract_params, rest, tx,
                state_shardings, abstract_state, num_params, fpt)
 
 
@@ -184,10 +208,16 @@ def loss_sums(setup: Setup, params, batch: Batch):
   return jnp.sum(losses), jnp.sum(mask), kept, total
 
 
-def make_train_step(setup: Setup) -> Callable:
-  """The step as a pure function (state, batch [A, B, T]) -> (state, metrics)."""
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
-  def step(state, batch: Batch):
+
+def make_train_step(setup: Setup) -> Callable:
+  """The step as a pure function (state, batch [A, B, T], lr []) -> (state, metrics)."""
+
+  def step(state, batch: Batch, lr):
     params = state["params"]
     count = jnp.maximum(jnp.sum(batch.segment_ids > 0).astype(jnp.float32), 1.0)
 
@@ -208,13 +238,17 @@ def make_train_step(setup: Setup) -> Callable:
     (grads, loss, kept, total), _ = jax.lax.scan(accumulate, init, batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], params)
+    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
     new_params = optax.apply_updates(params, updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
     new = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": rng}
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A finite loss and gradient can still give a non-finite update (a huge learning rate,
+    # an overflowing second moment): the new state itself is checked.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params)
+              & _all_finite(opt_state))
     # A non-finite step changes nothing, so the state in hand is the last good one.
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": setup.schedule(state["step"]),
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
                "finite": finite, "kept_tiles": kept, "total_tiles": total}
     return new, metrics
 
@@ -224,14 +258,15 @@ def make_train_step(setup: Setup) -> Callable:
 def jit_train_step(setup: Setup) -> Callable:
   """The step jitted with explicit shardings; the input state is donated."""
   batch_sh = Batch(*([setup.batch_sharding()] * 4))
+  replicated = sharding.replicated(setup.mesh)
   jitted = jax.jit(make_train_step(setup),
-                   in_shardings=(setup.state_shardings, batch_sh),
-                   out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+                   in_shardings=(setup.state_shardings, batch_sh, replicated),
+                   out_shardings=(setup.state_shardings, replicated),
                    donate_argnums=(0,))
 
-  def run(state, batch):
+  def run(state, batch, lr: float):
     with sharding.activation_rules(setup.mesh):
-      return jitted(state, batch)
+      return jitted(state, batch, np.float32(lr))
   return run
 
 
@@ -295,40 +330,13 @@ def validation_loss(setup: Setup, eval_fn, params, dataset: PackedDataset, rows:
   return total / max(count, 1.0)
 
 
-class _StopSignal:
-  """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
-
-  def __init__(self):
-    self.received = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    self.received = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def save_config(c: ml_collections.ConfigDict, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(c.to_json_best_effort(indent=2))
+  rundir.save_config(c, workdir)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config saved by a run in ``workdir``."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    c = ml_collections.ConfigDict(json.load(f))
-  c.eval.length_multiples = tuple(c.eval.length_multiples)
-  return c
+  """The resolved config saved by a run in ``workdir`` (UsageError if there is none)."""
+  return rundir.load_config(workdir)
 
 
 @dataclasses.dataclass
@@ -337,71 +345,162 @@ class TrainResult:
   step: int
   state: Any
   val_loss: Optional[float]
+  signal: Optional[str] = None  # "SIGTERM" | "SIGINT" when preempted
+
+
+def _datasets(c: ml_collections.ConfigDict) -> tuple[PackedDataset, PackedDataset]:
+  try:
+    return tuple(PackedDataset(corpus_from_config(c.data, split), c.data.seq_len, c.data.seed)
+                 for split in ("train", "heldout"))
+  except (ValueError, OSError) as e:
+    raise UsageError(f"config.data ({c.data.source}"
+                     f"{': ' + c.data.path if c.data.path else ''}): {e}") from None
+
+
+def _note(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"fox-train: {message}", file=sys.stderr, flush=True)
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, *, max_steps: Optional[int] = None,
-          devices=None) -> TrainResult:
+          devices=None, signals: Optional[StopSignals] = None) -> TrainResult:
   """Trains (or resumes, if ``workdir`` holds a checkpoint) until the configured tokens.
 
-  ``max_steps`` stops earlier (after a checkpoint), e.g. to split a run. SIGTERM saves a
-  checkpoint and returns with status "preempted". A non-finite step saves the state
-  before it, if not saved yet, and raises :class:`NonFiniteError`.
+  ``max_steps`` stops earlier (after a checkpoint), e.g. to split a run. SIGTERM or SIGINT
+  saves a checkpoint and returns with status "preempted" (``signals`` lets a caller install
+  the handlers earlier, as ``fox-train`` does before importing JAX). Raises UsageError,
+  with nothing written, when the config, the data or the run directory cannot be used
+  (another process holds it; its checkpoints were trained with a config that differs in
+  a field outside ``run_config.SAFE_ON_RESUME``); NonFiniteError after saving the state
+  before a non-finite step; CheckpointSaveError when a save fails.
   """
+  if signals is None:
+    with StopSignals() as own:
+      return train(c, workdir, max_steps=max_steps, devices=devices, signals=own)
+  c = ml_collections.ConfigDict(c.to_dict())
+  run_config.resolve_paths(c)
+  run_config.validate(c)
+  if max_steps is not None and max_steps < 0:
+    raise UsageError(f"--max_steps must be >= 0, got {max_steps}")
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f"--workdir {workdir} exists and is not a directory")
   setup = build(c, devices)
+  mesh = setup.mesh
+  if c.data.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"] * c.optim.grad_accum):
+    raise UsageError(
+        f"config.data.global_batch ({c.data.global_batch}) must be a multiple of optim.grad_accum "
+        f"({c.optim.grad_accum}) x the mesh's data x fsdp size "
+        f"({mesh.shape['data']} x {mesh.shape['fsdp']})")
+  train_data, heldout = _datasets(c)
   is_main = jax.process_index() == 0
-  if is_main:
-    save_config(c, workdir)
-  checkpointer = ckpt_lib.Checkpointer(workdir, c.run.keep_checkpoints)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-  train_data = PackedDataset(corpus_from_config(c.data, "train"), c.data.seq_len, c.data.seed)
-  heldout = PackedDataset(corpus_from_config(c.data, "heldout"), c.data.seq_len, c.data.seed)
-  step_fn, eval_fn = setup.train_step, setup.eval_fn
 
-  latest = checkpointer.latest_step()
-  if latest is None:
-    state, position = init_state(setup, c.run.seed), 0
+  created = not os.path.exists(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"cannot create run directory {workdir}: {e.strerror}") from None
+  lock = rundir.RunLock(workdir) if is_main else None
+  checkpointer = None
+  try:
+    if lock is not None:
+      lock.acquire()
+    if is_main and not os.access(workdir, os.W_OK):
+      raise UsageError(f"run directory {workdir} is not writable")
+    saved = (rundir.load_config(workdir)
+             if os.path.exists(rundir.config_path(workdir)) else None)
+    checkpointer = ckpt_lib.Checkpointer(workdir, c.run.keep_checkpoints)
+    changes = {}
+    restored = None
+    if checkpointer.all_steps():
+      # Before any restore: a checkpoint of another model must be refused, not taken
+      # for a broken one.
+      if saved is not None:
+        changes = run_config.resume_changes(saved, c)
+
+      def move_aside(broken: ckpt_lib.BrokenCheckpoint) -> None:
+        where = checkpointer.move_aside(broken.step) if is_main else broken.path
+        _note(f"checkpoint step {broken.step} cannot be restored ({broken.reason}); "
+              f"moved it to {where}; trying the one before")
+      restored = checkpointer.restore_latest(setup.abstract_state, move_aside)
+  except BaseException:
+    if checkpointer is not None:
+      checkpointer.close()
+    if lock is not None:
+      lock.release()
+    if created:
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+  try:
+    return _loop(c, setup, workdir, checkpointer, saved, changes, restored, train_data,
+                 heldout, max_steps, signals)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _loop(c, setup, workdir, checkpointer, saved, changes, restored, train_data, heldout,
+          max_steps, signals) -> TrainResult:
+  is_main = jax.process_index() == 0
+  if restored is None:
+    state, position, step = init_state(setup, c.run.seed), 0, 0
   else:
-    state, meta = checkpointer.restore(latest, setup.abstract_state)
-    position = int(meta["data_position"])
-  step = int(state["step"])
-  last_saved = latest
-  total = run_config.total_steps(c)
-  stop_at = total if max_steps is None else min(total, max_steps)
-  B, micro = c.data.global_batch, c.optim.grad_accum
+    state, position, step = restored.state, int(restored.meta["data_position"]), restored.step
+  if is_main:
+    if restored is None or saved is None or changes:
+      rundir.save_config(c, workdir)
+    if changes:
+      rundir.record_changes(workdir, step, changes)
+      _note(f"resuming at step {step} with changed fields: "
+            + ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items()))
+    # A run killed after its last checkpoint logged steps it is about to repeat.
+    rundir.truncate_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILE), step)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, first_step=step + 1)
+  step_fn, eval_fn = setup.train_step, setup.eval_fn
+  last_saved = restored.step if restored is not None else None
+  T, B, micro = int(c.data.seq_len), int(c.data.global_batch), int(c.optim.grad_accum)
   tokens_per_step = run_config.tokens_per_step(c)
+  total_tokens = int(c.optim.total_tokens)
+  stop_at = step + max(-(-(total_tokens - position * T) // tokens_per_step), 0)
+  if max_steps is not None:
+    stop_at = min(stop_at, max_steps)
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0], c.run.peak_flops_per_device)
 
-  def save(at_step, at_state):
+  def save(at_step, at_state, at_position):
     nonlocal last_saved
     if last_saved != at_step:
-      checkpointer.save(at_step, at_state, {"step": at_step, "data_position": at_step * B})
+      checkpointer.save(at_step, at_state, {"step": at_step, "data_position": at_position})
       last_saved = at_step
 
-  bar = tqdm(total=stop_at, initial=step, disable=not (is_main and c.run.progress_bar),
-             dynamic_ncols=True, desc="train")
+  bar = tqdm(total=max(stop_at, step), initial=step,
+             disable=not (is_main and c.run.progress_bar), dynamic_ncols=True, desc="train")
   status, val_loss = "done", None
   window_start, window_steps = time.perf_counter(), 0
+  failed = True
   try:
-    with _StopSignal() as stop:
+    with signals.deferred():
       while step < stop_at:
-        if stop.received:
+        if signals.received:
           status = "preempted"
           break
-        state, m = step_fn(state, load_batch(setup, train_data, position, B, micro))
+        lr = optim.step_learning_rate(c.optim, position * T, tokens_per_step)
+        state, m = step_fn(state, load_batch(setup, train_data, position, B, micro), lr)
         if not bool(m["finite"]):
-          save(step, state)
+          save(step, state, position)
           checkpointer.wait()
           raise NonFiniteError(step + 1, last_saved)
         step += 1
         position += B
         window_steps += 1
         bar.update(1)
+        checkpointer.check()
         if step % c.run.log_every == 0 or step == stop_at:
           m = jax.device_get(m)
           elapsed = time.perf_counter() - window_start
           tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
           scalars = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
-                     "tokens_per_s": tok_s, "tokens": step * tokens_per_step}
+                     "tokens_per_s": tok_s, "tokens": position * T}
           if peak:
             scalars["mfu"] = setup.flops_per_token * tok_s / (peak * len(setup.mesh.devices.flat))
           if m["total_tiles"] > 0:
@@ -414,14 +513,22 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, max_steps: Optional[int
                               c.eval.batch_size)
           writer.write(step, {"val_loss": v})
         if step % c.run.checkpoint_every == 0:
-          save(step, state)
-      save(step, state)
-      if status == "done" and step == total:
+          save(step, state, position)
+      save(step, state, position)
+      checkpointer.wait()
+      if status == "done" and position * T >= total_tokens:
         val_loss = validation_loss(setup, eval_fn, state["params"], heldout, c.run.val_rows,
                                    c.eval.batch_size)
         writer.write(step, {"val_loss": val_loss})
+    failed = False
   finally:
     bar.close()
     writer.close()
-    checkpointer.close()
-  return TrainResult(status, step, state, val_loss)
+    if failed:
+      try:  # the error in flight says what happened; a second one from closing would hide it
+        checkpointer.close()
+      except Exception:
+        pass
+    else:
+      checkpointer.close()
+  return TrainResult(status, step, state, val_loss, signals.received if status == "preempted" else None)

@@ -5,23 +5,22 @@ import os
 
 import jax
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from fox_jax import run_config
 from fox_jax import train as train_lib
+from fox_jax.cli import split_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "experiments", "configs", "*.py")))
 
 
 def _load(path, *overrides):
-  argv = ["prog", f"--config={path}", *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
-  return fv.config
+  """What fox-train does with --config and --config.* arguments."""
+  c = run_config.load_config_file(path)
+  rest, pairs = split_overrides(overrides)
+  assert not rest
+  run_config.apply_overrides(c, pairs)
+  return c
 
 
 def test_configs_exist():
@@ -48,5 +47,5 @@ def test_command_line_overrides():
   assert c.optim.peak_lr == 1e-3 and c.mesh.tensor == 2
   assert c.model.overrides.num_layers == 2 and tuple(c.eval.length_multiples) == (1, 2, 8)
   assert train_lib.model_config(c).num_layers == 2
-  with pytest.raises(Exception):
+  with pytest.raises(run_config.UsageError, match="no such config field"):
     _load(path, "--config.optim.no_such_field=1")

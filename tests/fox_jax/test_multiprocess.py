@@ -39,7 +39,7 @@ OVERRIDES = [
     "--config.mesh.tensor=2", "--config.run.log_every=1", "--config.run.val_rows=8",
     "--config.run.checkpoint_every=100000", "--config.run.progress_bar=False",
 ]
-MAIN = "import sys; from fox_jax.cli import train_main; sys.argv[0] = 'fox-train'; train_main()"
+MAIN = "import sys; from fox_jax.cli import train_main; sys.exit(train_main())"
 
 
 def free_port() -> int:
