@@ -17,7 +17,8 @@ row and the column sum share, is left out because it cancels badly under strong 
 (P_tt ~ 1). For the same reason dS is not formed from di = rowsum(o * do) - dlse of the
 rounded output: each backward anchors dS at the query's own key (``common``, "anchored dS");
 ``o`` only feeds an estimate whose error that anchoring suppresses.
-Here, dlog_f is the reverse cumsum of dc.
+Here, dlog_f is the reverse cumsum of dc. Before the cumulative sum, log f is floored per
+batch x head (``common``, "zero gates") so that f = 0 forgets exactly instead of giving NaN.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning):
   if log_fgate.dtype not in fg_allowed:
     raise ValueError(f"log_fgate must be float32, got {log_fgate.dtype}")
   if not isinstance(log_fgate, jax.core.Tracer) and bool(jnp.any(log_fgate > 0)):
-    raise ValueError("log_fgate must be <= 0 everywhere (it is log of a forget gate in (0, 1])")
+    raise ValueError("log_fgate must be <= 0 everywhere (it is log of a forget gate in [0, 1])")
   if segment_ids is not None:
     if segment_ids.shape != (B, S):
       raise ValueError(f"segment_ids must have shape [B, S] = {(B, S)}, got {segment_ids.shape}")
@@ -148,6 +149,10 @@ def forgetting_attention(
     k, v: [B, S, Hkv, D], Hq a multiple of Hkv (GQA). One dtype for q, k, v: float32,
       bfloat16 or float16 (float64 for ``impl="reference"``); accumulation is float32.
     log_fgate: [B, S, Hq] float32 log forget gates (<= 0) at every key position.
+      log f_t = -inf (f_t = 0) forgets everything before t exactly: pairs (i, j) with a
+      zero gate in (j, i] get weight 0 and the gate gets gradient 0; finite gates so
+      negative that those weights underflow anyway (e.g. -3e38) act the same. A NaN gate
+      at t makes the output and lse NaN at every query position >= t of its head.
     segment_ids: [B, S] integer ids of packed documents; no attention across them. Only
       equality matters (64-bit ids are compared exactly).
     sm_scale: logit scale, a finite number (default D ** -0.5). The decay is not scaled.
@@ -223,6 +228,8 @@ def _blockwise(q, k, v, log_fgate, segment_ids, delta, cfg):
   (inside a user's jit this inlines)."""
   if segment_ids is not None:
     segment_ids = _int32_segment_ids(segment_ids)
+  # f = 0 and gates small enough to zero every weight they touch: see common ("zero gates").
+  log_fgate = common.floor_log_fgate(log_fgate, common.gate_floor(q, k, cfg.sm_scale))
   return _attention(q, k, v, log_fgate, segment_ids, delta, cfg)
 
 

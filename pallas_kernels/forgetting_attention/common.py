@@ -54,6 +54,52 @@ def add_pairs(a_hi, a_lo, b_hi, b_lo) -> tuple[jax.Array, jax.Array]:
   return _two_sum(s, e)
 
 
+# ----------------------------------------------------------------------------- zero gates
+#
+# f_t = 0 (log f_t = -inf) must cut every pair (i, j) with j < t <= i to weight exactly 0,
+# but -inf in c gives -inf - (-inf) = NaN for the pairs after t (and TwoSum turns it into
+# NaN everywhere), and a finite log f of -3e38 overflows the sum. The blockwise
+# implementations floor log f at F = -(2U + ZERO_GATE_MARGIN) per batch x head, U >=
+# |scale q_i . k_j|: a pair crossing the floored gate has logit s_ij + D_ij <= U + F, its
+# row's maximum is at least s_ii >= -U (D_ii = 0, the own key is always visible), so its
+# weight is at most exp(-ZERO_GATE_MARGIN), which is exactly 0 in float32, as for f = 0.
+# Pairs that do not cross it never see the floored value. Gates below F give weight 0 with
+# or without the floor, so flooring them changes no result, and their gradient is 0 both
+# ways (the weights they touch are exact zeros). NaN gates pass through (NaN < F is false).
+
+# exp(-128) = 2.6e-56 and 2^(-128 log2 e) = 2^-184.7: far below float32's smallest
+# denormal (2^-149), with room for the float32 rounding of logits near |F|.
+ZERO_GATE_MARGIN = 128.0
+
+
+def gate_floor(q: jax.Array, k: jax.Array, sm_scale: float) -> jax.Array:
+  """F = -(2U + ZERO_GATE_MARGIN), [B, Hq] float32, without gradient.
+
+  U = |scale| max_t |q_t| max_t |k_t| (Cauchy-Schwarz, with the float32 margin of
+  ``pruning.qk_bound``) over the rows of q and k whose norm is finite: a NaN row gives NaN
+  logits of its own anyway, and must not turn F into NaN for the whole head (NaN < F is
+  false, so no zero gate would be floored).
+  """
+  Hq, Hkv, D = q.shape[2], k.shape[2], q.shape[3]
+
+  def finite_max_norm(x):  # [B, N, H, D] -> [B, H]
+    n = jnp.linalg.norm(x.astype(jnp.float32), axis=-1)
+    return jnp.max(jnp.where(jnp.isfinite(n), n, 0.0), axis=1)
+
+  u = (abs(sm_scale) * (1.0 + D * 2.0 ** -22)) * finite_max_norm(q) * jnp.repeat(
+      finite_max_norm(k), Hq // Hkv, axis=1)
+  return jax.lax.stop_gradient(-(2.0 * u + ZERO_GATE_MARGIN))
+
+
+def floor_log_fgate(log_fgate: jax.Array, floor: jax.Array) -> jax.Array:
+  """max(log_fgate, floor) with NaN kept and zero gradient below the floor.
+
+  log_fgate: [B, S, Hq]; floor: [B, Hq].
+  """
+  f = floor[:, None, :]
+  return jnp.where(log_fgate < f, f, log_fgate)
+
+
 def reverse_cumsum(x: jax.Array, axis: int = 1) -> jax.Array:
   """sum_{s >= t} x_s along ``axis``, as a true reverse scan (no ``total - prefix``)."""
   return jax.lax.cumsum(x, axis=axis, reverse=True)
