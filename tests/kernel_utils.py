@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.forgetting_attention import api
+from pallas_kernels.forgetting_attention.api import forgetting_attention
 from pallas_kernels.forgetting_attention.reference import forgetting_attention_reference
 
 # Forget-gate regimes: logits of the gate ~ N(mean, std); log f = log_sigmoid(logit).
@@ -97,14 +98,13 @@ def case_id(B, T, S, Hq, Hkv, D, dtype, gate, segments):
 def grad_fn_to_lower(impl, T, D, Hq=4, Hkv=2, segments=False, pruning=None,
                      dtype=jnp.bfloat16, B=1):
   """A jitted loss-gradient function of ``impl`` at its default tiles, and shape structs for
-  it (no data needed): for lowering to another platform from the CPU. Goes through
-  ``api._forgetting_attention``, which skips the check that the backend can run ``impl``."""
+  it (no data needed): for lowering to another platform from the CPU through the public op,
+  which picks the kernels of the platform it is lowered for."""
 
   def f(q, k, v, lf, seg):
     def loss(q, k, v, lf):
-      o = api._forgetting_attention(q, k, v, lf, segment_ids=seg if segments else None,
-                                    sm_scale=None, pruning=pruning, impl=impl,
-                                    block_sizes=None, interpret=False, return_stats=False)
+      o = forgetting_attention(q, k, v, lf, segment_ids=seg if segments else None,
+                               pruning=pruning, impl=impl)
       return jnp.sum(o.astype(jnp.float32))
 
     return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, lf)

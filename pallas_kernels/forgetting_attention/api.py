@@ -9,6 +9,10 @@ on the cumulative gate ``c`` (a double-float pair, see ``common``):
            block_sizes, interpret) -> dq, dk, dv, dc [B, S, Hq] f32
   default_block_sizes(head_dim) -> BlockSizes (optional: tiles tuned for that backend)
 
+Which implementation runs is decided when the program is lowered, for the platform it is
+lowered for (``_on_platform``), so a CPU host can compile the op ahead of time for a TPU or a
+GPU through the public function.
+
 ``delta`` [B, Hq] (or None) is the ACP threshold: pairs with D_ij < delta are dropped
 element-wise, and tiles holding only such pairs are skipped, so every implementation computes
 the reference's pruned function whatever its tiles. dc_t = sum_{j != t} dS_tj -
@@ -30,6 +34,8 @@ from typing import NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
 
 from pallas_kernels.forgetting_attention import common
 from pallas_kernels.forgetting_attention import pruning as pruning_lib
@@ -41,21 +47,19 @@ IMPLS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 _MODULES = {"xla": "pallas_kernels.forgetting_attention.xla",
             "pallas_gpu": "pallas_kernels.forgetting_attention.gpu",
             "pallas_tpu": "pallas_kernels.forgetting_attention.tpu"}
-# The backend each Pallas implementation compiles for (elsewhere it needs interpret=True).
+# The backend each Pallas implementation compiles for (elsewhere it needs interpret=True),
+# and the lowering platforms of that backend.
 _BACKENDS = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+_PLATFORMS = {"pallas_gpu": ("cuda", "rocm"), "pallas_tpu": ("tpu",)}
 _FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 256
 
 
 class _Config(NamedTuple):
-  impl: str
+  impl: str  # "auto" or a blockwise implementation
   sm_scale: float
-  block_sizes: BlockSizes
+  block_sizes: Optional[BlockSizes]  # None: each implementation's tuned tiles
   interpret: bool
-
-
-def _default_impl() -> str:
-  return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
 
 
 def _as_array(x, name: str):
@@ -158,8 +162,10 @@ def forgetting_attention(
     sm_scale: logit scale, a finite number (default D ** -0.5). The decay is not scaled.
     pruning: a :class:`Pruning` to skip tiles whose weights are provably negligible.
     impl: "reference" | "xla" | "pallas_gpu" | "pallas_tpu" | "auto" (pallas_gpu on GPU,
-      pallas_tpu on TPU, else xla). An implementation that cannot run here raises; nothing
-      falls back silently.
+      pallas_tpu on TPU, else xla). The platform is the one the program is lowered for, so
+      ``jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))`` on a CPU host gets the
+      TPU kernels. A Pallas impl that cannot run raises a ValueError: at once when called on
+      arrays of another backend, at lowering under jit; nothing falls back silently.
     block_sizes: tile sizes (:class:`BlockSizes`) for the blockwise implementations.
     interpret: run Pallas kernels in interpret mode (for CPU tests).
     return_stats: also return :class:`AttentionStats` (log-sum-exp, kept / total tiles).
@@ -176,12 +182,13 @@ def forgetting_attention(
     segment_ids = _as_array(segment_ids, "segment_ids")
   _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning)
   _scale(sm_scale, q.shape[-1])
-  impl = _default_impl() if impl == "auto" else impl
-  backend = _BACKENDS.get(impl)
-  if backend is not None and not interpret and jax.default_backend() != backend:
-    raise ValueError(
-        f"impl={impl!r} needs a {backend.upper()} backend (this one is "
-        f"{jax.default_backend()!r}); pass interpret=True to run it on the CPU")
+  # Called on arrays, the op runs here and now: a Pallas impl for another backend fails
+  # early. Under a trace (jit) the platform is only known when the program is lowered,
+  # possibly for another machine (ahead-of-time), and the lowering decides (``_on_platform``).
+  traced = any(isinstance(x, jax.core.Tracer) for x in (q, k, v, log_fgate))
+  if impl in _BACKENDS and not interpret and not traced:
+    if jax.default_backend() != _BACKENDS[impl]:
+      raise ValueError(_needs_backend(impl, f"this one is {jax.default_backend()!r}"))
   return _forgetting_attention(q, k, v, log_fgate, segment_ids=segment_ids, sm_scale=sm_scale,
                                pruning=pruning, impl=impl, block_sizes=block_sizes,
                                interpret=interpret, return_stats=return_stats)
@@ -189,8 +196,7 @@ def forgetting_attention(
 
 def _forgetting_attention(q, k, v, log_fgate, *, segment_ids, sm_scale, pruning, impl,
                           block_sizes, interpret, return_stats):
-  """Dispatch without the backend check: lets tests lower pallas_gpu for cuda and pallas_tpu
-  for tpu from a CPU."""
+  """Dispatch without the eager backend check (the lowering still checks the platform)."""
   scale = _scale(sm_scale, q.shape[-1])
   delta = None if pruning is None else pruning_lib.threshold(q, k, pruning, scale)
   if impl == "reference":
@@ -198,14 +204,9 @@ def _forgetting_attention(q, k, v, log_fgate, *, segment_ids, sm_scale, pruning,
                                             sm_scale=scale, prune_threshold=delta)
     return (o, AttentionStats(lse.astype(jnp.float32))) if return_stats else o
 
-  cfg = _Config(impl, scale, block_sizes or _default_block_sizes(impl, q.shape[-1]),
-                bool(interpret))
-  o, lse, kept = _blockwise(q, k, v, log_fgate, segment_ids, delta, cfg)
-  if not return_stats:
-    return o
-  bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_k
-  total = pruning_lib.causal_tiles(q.shape[1], k.shape[1], bq, bk)
-  return o, AttentionStats(lse, kept, jnp.full(kept.shape, total, jnp.int32))
+  cfg = _Config(impl, scale, block_sizes, bool(interpret))
+  o, lse, kept, total = _blockwise(q, k, v, log_fgate, segment_ids, delta, cfg)
+  return (o, AttentionStats(lse, kept, total)) if return_stats else o
 
 
 def _module(impl: str):
@@ -218,8 +219,74 @@ def _default_block_sizes(impl: str, head_dim: int) -> BlockSizes:
   return BlockSizes() if tuned is None else tuned(head_dim)
 
 
-def _kwargs(cfg: _Config):
-  return dict(sm_scale=cfg.sm_scale, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
+def _needs_backend(impl: str, where: str) -> str:
+  return (f"impl={impl!r} needs a {_BACKENDS[impl].upper()} backend ({where}); pass "
+          f"interpret=True to run it on the CPU")
+
+
+def _forward(impl: str, cfg: _Config):
+  """impl's forward on c: o, lse, kept tiles and causal tiles ([B, Hq] int32) at its tiles."""
+
+  def forward(q, k, v, c_hi, c_lo, segment_ids, delta):
+    bs = cfg.block_sizes or _default_block_sizes(impl, q.shape[-1])
+    o, lse, kept = _module(impl).forward(q, k, v, c_hi, c_lo, segment_ids, delta,
+                                         sm_scale=cfg.sm_scale, block_sizes=bs,
+                                         interpret=cfg.interpret)
+    total = pruning_lib.causal_tiles(q.shape[1], k.shape[1], bs.block_q, bs.block_k)
+    return o, lse, kept.astype(jnp.int32), jnp.full(kept.shape, total, jnp.int32)
+
+  return forward
+
+
+def _backward(impl: str, cfg: _Config):
+  """impl's backward: dq, dk, dv and dc (see the module docstring)."""
+
+  def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse):
+    bs = cfg.block_sizes or _default_block_sizes(impl, q.shape[-1])
+    return _module(impl).backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse,
+                                  sm_scale=cfg.sm_scale, block_sizes=bs,
+                                  interpret=cfg.interpret)
+
+  return backward
+
+
+def _on_platform(cfg: _Config, make, out_shapes, *args):
+  """``make(impl)(*args)`` for the implementation that runs where the program is lowered.
+
+  ``lax.platform_dependent`` traces every branch but lowers only the ones of the lowering
+  platforms, so a program traced on a CPU host lowers for a TPU or a GPU (ahead-of-time)
+  with that platform's kernels. "auto": pallas_gpu on cuda / rocm, pallas_tpu on tpu, xla
+  elsewhere. An explicit Pallas impl gets, on every other platform, a branch whose lowering
+  raises the ValueError an eager call on that backend raises. ``out_shapes``: the outputs'
+  ShapeDtypeStructs, for that branch.
+  """
+  if cfg.impl == "xla" or (cfg.interpret and cfg.impl in _PLATFORMS):
+    return make(cfg.impl)(*args)
+  if cfg.impl == "auto":
+    gpu = make("pallas_gpu")
+    return jax.lax.platform_dependent(*args, cuda=gpu, rocm=gpu, tpu=make("pallas_tpu"),
+                                      default=make("xla"))
+  run = make(cfg.impl)
+  unavailable = lambda *_: tuple(_unavailable_p.bind(
+      impl=cfg.impl, shapes=tuple((s.shape, jnp.dtype(s.dtype)) for s in out_shapes)))
+  return jax.lax.platform_dependent(*args, **{p: run for p in _PLATFORMS[cfg.impl]},
+                                    default=unavailable)
+
+
+# The branch of a Pallas impl for the platforms it does not compile for: it has the outputs'
+# shapes for tracing, and lowering it is an error.
+_unavailable_p = Primitive("forgetting_attention_unavailable")
+_unavailable_p.multiple_results = True
+_unavailable_p.def_abstract_eval(
+    lambda *, impl, shapes: [jax.core.ShapedArray(s, d) for s, d in shapes])
+
+
+def _unavailable_lowering(ctx, *, impl, shapes):
+  platforms = ", ".join(repr(p) for p in ctx.module_context.platforms)
+  raise ValueError(_needs_backend(impl, f"this program is lowered for {platforms}"))
+
+
+mlir.register_lowering(_unavailable_p, _unavailable_lowering)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -258,16 +325,24 @@ def _attention(q, k, v, log_fgate, segment_ids, delta, cfg):
 
 def _attention_fwd(q, k, v, log_fgate, segment_ids, delta, cfg):
   c_hi, c_lo = common.compensated_cumsum(log_fgate, axis=1)
-  o, lse, kept = _module(cfg.impl).forward(q, k, v, c_hi, c_lo, segment_ids, delta, **_kwargs(cfg))
-  return (o, lse, kept), (q, k, v, c_hi, c_lo, segment_ids, delta, o, lse)
+  B, T, Hq, _ = q.shape
+  sd = jax.ShapeDtypeStruct
+  shapes = (sd(q.shape, q.dtype), sd((B, Hq, T), jnp.float32), sd((B, Hq), jnp.int32),
+            sd((B, Hq), jnp.int32))
+  o, lse, kept, total = _on_platform(cfg, functools.partial(_forward, cfg=cfg), shapes,
+                                     q, k, v, c_hi, c_lo, segment_ids, delta)
+  return (o, lse, kept, total), (q, k, v, c_hi, c_lo, segment_ids, delta, o, lse)
 
 
 def _attention_bwd(cfg, res, cotangents):
   q, k, v, c_hi, c_lo, segment_ids, delta, o, lse = res
-  do, dlse, _ = cotangents
-  dq, dk, dv, dc = _module(cfg.impl).backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse,
-                                              do.astype(q.dtype), dlse.astype(jnp.float32),
-                                              **_kwargs(cfg))
+  do, dlse = cotangents[:2]
+  sd = jax.ShapeDtypeStruct
+  shapes = (sd(q.shape, q.dtype), sd(k.shape, k.dtype), sd(v.shape, v.dtype),
+            sd(c_hi.shape, jnp.float32))
+  dq, dk, dv, dc = _on_platform(cfg, functools.partial(_backward, cfg=cfg), shapes,
+                                q, k, v, c_hi, c_lo, segment_ids, delta, o, lse,
+                                do.astype(q.dtype), dlse.astype(jnp.float32))
   dlog_f = common.reverse_cumsum(dc, axis=1)
   return dq, dk, dv, dlog_f, None, None
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.forgetting_attention import api
+from pallas_kernels import forgetting_attention
 from pallas_kernels.forgetting_attention.common import BlockSizes
 from tests.kernel_utils import case_id, interpret_for, make_inputs, reference_f64
 from tests.tolerances import assert_close
@@ -38,9 +38,8 @@ def test_gradients_under_extreme_forgetting(impl, case):
   inp = _inputs(case)
 
   def f(q, k, v, lf):
-    return api._forgetting_attention(q, k, v, lf, segment_ids=inp.segment_ids, sm_scale=None,
-                                     pruning=None, impl=impl, block_sizes=TILES[impl],
-                                     interpret=interpret_for(impl), return_stats=False)
+    return forgetting_attention(q, k, v, lf, segment_ids=inp.segment_ids, impl=impl,
+                                block_sizes=TILES[impl], interpret=interpret_for(impl))
 
   o, vjp = jax.vjp(jax.jit(f), inp.q, inp.k, inp.v, inp.log_fgate)
   got = dict(zip(("dq", "dk", "dv", "dlog_fgate"), vjp(inp.do)), o=o)

@@ -1,4 +1,7 @@
-"""Bad input gets a ValueError that names the argument."""
+"""Bad input gets a ValueError that names the argument; the op lowers for other platforms."""
+
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -171,3 +174,56 @@ def test_int64_segment_ids_keep_their_equalities(impl):
     ref = reference_f64(inp)
   for name, x in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv), ("dlog_fgate", dlf)):
     assert_close(x, ref[name], jnp.float32, name)
+
+
+# ----------------------------------------------------------------------------- other platforms
+
+_KERNELS = {"cuda": r"__gpu\$xla\.gpu\.triton", "tpu": r"custom_call @tpu_custom_call"}
+
+
+def _lowered_text(impl, platform, T=256, D=64):
+  """StableHLO of the public op's loss and gradients, lowered for ``platform`` from here."""
+
+  def f(q, k, v, lf):
+    def loss(q, k, v, lf):
+      return jnp.sum(forgetting_attention(q, k, v, lf, impl=impl).astype(jnp.float32))
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, lf)
+
+  sd = jax.ShapeDtypeStruct
+  shapes = (sd((1, T, 4, D), jnp.bfloat16), sd((1, T, 2, D), jnp.bfloat16),
+            sd((1, T, 2, D), jnp.bfloat16), sd((1, T, 4), jnp.float32))
+  return jax.jit(f).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu", "cpu"])
+def test_auto_lowers_for_the_target_platform(platform):
+  """impl='auto' picks the kernel of the platform the program is lowered for (ahead-of-time
+  lowering from a CPU host), not of the host: forward, dQ and dK/dV kernels on cuda and tpu,
+  the blockwise XLA loops elsewhere."""
+  text = _lowered_text("auto", platform)
+  for p, pattern in _KERNELS.items():
+    assert len(re.findall(pattern, text)) == (3 if p == platform else 0), p
+  if platform == "cpu":
+    assert "stablehlo.while" in text
+  else:
+    for name in ("forgetting_attention_fwd", "forgetting_attention_dq", "forgetting_attention_dkv"):
+      assert name in text
+
+
+@pytest.mark.parametrize("impl,platform,other", [("pallas_gpu", "cuda", "tpu"),
+                                                 ("pallas_tpu", "tpu", "cuda")])
+def test_pallas_impl_lowers_only_for_its_platform(impl, platform, other):
+  """An explicit Pallas impl lowers through the public op for its own platform; for any
+  other one (and under jit on this CPU) it raises the ValueError the eager call raises."""
+  assert len(re.findall(_KERNELS[platform], _lowered_text(impl, platform))) == 3
+  backend = "GPU" if impl == "pallas_gpu" else "TPU"
+  for target in (other, "cpu"):
+    with pytest.raises(ValueError, match=f"impl='{impl}' needs a {backend} backend"):
+      _lowered_text(impl, target)
+  if jax.default_backend() == "cpu":
+    q, k, v, lf = _args()
+    with pytest.raises(ValueError, match=f"impl='{impl}' needs a {backend} backend"):
+      jax.jit(functools.partial(forgetting_attention, impl=impl))(q, k, v, lf)
+    with pytest.raises(ValueError, match=f"impl='{impl}' needs a {backend} backend"):
+      forgetting_attention(q, k, v, lf, impl=impl)

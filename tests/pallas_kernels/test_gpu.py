@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.forgetting_attention import api
+from pallas_kernels import forgetting_attention
 from pallas_kernels.forgetting_attention.common import BlockSizes
 from pallas_kernels.forgetting_attention.pruning import Pruning
 from tests.kernel_utils import case_id, grad_fn_to_lower, make_inputs, reference_f64
@@ -29,10 +29,9 @@ def _run(inp, block_sizes, pruning=None):
   """o, stats and the gradients of sum(o * do) through the public custom_vjp."""
 
   def f(q, k, v, lf):
-    o, stats = api._forgetting_attention(
-        q, k, v, lf, segment_ids=inp.segment_ids, sm_scale=None, pruning=pruning,
-        impl="pallas_gpu", block_sizes=block_sizes, interpret=INTERPRET, return_stats=True)
-    return o, stats
+    return forgetting_attention(q, k, v, lf, segment_ids=inp.segment_ids, pruning=pruning,
+                                impl="pallas_gpu", block_sizes=block_sizes, interpret=INTERPRET,
+                                return_stats=True)
 
   @jax.jit
   def run(q, k, v, lf, do):

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from pallas_kernels import forgetting_attention
-from pallas_kernels.forgetting_attention import api
 from pallas_kernels.forgetting_attention import pruning as pruning_lib
 from pallas_kernels.forgetting_attention.common import BlockSizes
 from pallas_kernels.forgetting_attention.pruning import Pruning
@@ -104,11 +103,6 @@ def test_refuses_non_tpu_backend_without_interpret():
   lf = -jnp.ones((1, 8, 2), jnp.float32)
   with pytest.raises(ValueError, match="impl='pallas_tpu' needs a TPU backend"):
     forgetting_attention(q, q, q, lf, impl="pallas_tpu")
-
-
-def test_auto_picks_pallas_tpu_on_tpu(monkeypatch):
-  monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
-  assert api._default_impl() == "pallas_tpu"
 
 
 # ----------------------------------------------------------------------------- tpu lowering
