@@ -145,6 +145,8 @@ def _fwd_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, *rest, 
     s = _logits(q, k, cq_hi, cq_lo, chi_ref[ks], clo_ref[ks], qk_scale, delta)  # [bq, bk]
     if masked:
       s = _mask(s, q_pos, kb * bk + jnp.arange(bk), seg_q, seg_ref[ks] if has_seg else None)
+    # Triton lowers max to maxnumf, which skips NaN; a NaN logit still reaches l and acc
+    # through its own p = exp2(NaN - m), so NaN input gives a NaN row, not a dropped pair.
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
