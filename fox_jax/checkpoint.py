@@ -10,9 +10,10 @@ a truncated, missing or altered file is found before orbax reads it (and before 
 load altered numbers without noticing), and the message names the file. A checkpoint
 without the record (a process killed between orbax's commit and the record) is tried as it
 is. :meth:`Checkpointer.restore_latest` falls back to the newest checkpoint that restores
-and reports each broken one; nothing is ever deleted: a training run moves a broken
-checkpoint to ``<run>/broken_checkpoints/`` (so that its step can be saved again), an
-evaluation leaves it where it is.
+and names each broken one; nothing is ever deleted: once a checkpoint has restored, a
+training run moves the broken ones newer than it to ``<run>/broken_checkpoints/`` (so that
+their steps can be saved again), an evaluation leaves them where they are. If none
+restores, nothing is moved.
 
 Saves are asynchronous; a save that fails (a full disk, a lost mount) raises
 :class:`CheckpointSaveError` at the next save, check or close, naming the step and the
@@ -44,17 +45,24 @@ BROKEN_DIR = "broken_checkpoints"
 def _reason(e: BaseException) -> str:
   """The first line of an exception's message, short enough for a one-line report."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  # TensorStore appends the repr of a bound method ("See full TensorStore details: ...").
+  text = text.split(" See full TensorStore details")[0]
   return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _filter_closed_loop_callbacks() -> None:
+# Set once an orbax read or write has failed in this process (and was reported).
+_io_failed = False
+
+
+def _filter_io_echoes() -> None:
   """Drops the echoes of a failed orbax read or write (installed once, chained).
 
-  When an orbax read or write fails, orbax closes its event loop while TensorStore still
-  completes the other pending operations; each completion's callback then fails with
-  "Event loop is closed", which TensorStore's threads report as unraisable: one traceback
-  per pending operation, hundreds for a full disk. The failure itself is raised (and
-  reported in one line); these echoes carry nothing. Anything else goes to the hook that
+  When one read or write of a checkpoint fails, orbax raises that error (which we report in
+  one line) and abandons the others: TensorStore then completes each pending operation
+  into a closed event loop ("Event loop is closed"), and each abandoned coroutine of orbax
+  carries its own copy of the error to the garbage collector. Both are reported as
+  unraisable, one traceback each: hundreds for a full disk or a truncated file. After a
+  failure has been reported, these echoes are dropped; anything else goes to the hook that
   was installed before.
   """
   previous = sys.unraisablehook
@@ -62,16 +70,24 @@ def _filter_closed_loop_callbacks() -> None:
     return
 
   def hook(unraisable):
-    if (unraisable.exc_type is RuntimeError
-        and str(unraisable.exc_value) == "Event loop is closed"):
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    code = getattr(unraisable.object, "cr_code", None)
+    if _io_failed and code is not None and "orbax" in code.co_filename:
       return
     previous(unraisable)
   hook._fox_filter = True
   sys.unraisablehook = hook
 
 
+def _failed() -> None:
+  global _io_failed
+  _io_failed = True
+
+
 class CheckpointSaveError(RunError):
   def __init__(self, step: int, directory: str, cause: BaseException, kept: Optional[int]):
+    _failed()
     self.step = step
     kept_msg = f"newest intact checkpoint: step {kept}" if kept is not None else "no earlier checkpoint"
     super().__init__(f"saving checkpoint step {step} in {directory} failed ({_reason(cause)}); "
@@ -82,6 +98,7 @@ class BrokenCheckpoint(Exception):
   """A checkpoint that cannot be restored: ``step``, its ``path`` and the ``reason``."""
 
   def __init__(self, step: int, path: str, reason: str):
+    _failed()
     self.step, self.path, self.reason = step, path, reason
     super().__init__(f"checkpoint step {step} ({path}) cannot be restored: {reason}")
 
@@ -153,7 +170,7 @@ class Checkpointer:
     self.read_only = read_only
     self._pending: Optional[int] = None
     self._manager = None
-    _filter_closed_loop_callbacks()
+    _filter_io_echoes()
     if read_only and not os.path.isdir(self.directory):
       return
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
@@ -183,7 +200,10 @@ class Checkpointer:
     self._pending = step
 
   def check(self) -> None:
-    """Raises CheckpointSaveError if the save in flight has already failed (no waiting)."""
+    """Raises CheckpointSaveError if the save in flight has failed; records the integrity
+    of one that has completed (no waiting either way), so that the newest checkpoint is
+    checked on resume even when the process is killed before its next save. With several
+    processes the record waits for the next save, where all of them wait together."""
     if self._pending is None:
       return
     try:
@@ -191,6 +211,8 @@ class Checkpointer:
     except Exception as e:
       step, self._pending = self._pending, None
       raise CheckpointSaveError(step, self.directory, e, self._newest_other(step)) from e
+    if jax.process_count() == 1 and not self._manager.is_saving_in_progress():
+      self._finish_pending()
 
   def _newest_other(self, step: int) -> Optional[int]:
     steps = [s for s in self.all_steps() if s != step]
@@ -245,60 +267,80 @@ class Checkpointer:
       int(meta["data_position"])
     except Exception as e:
       if damage is None:
+        _failed()
         raise UsageError(f"checkpoint step {step} ({path}) is intact but does not restore "
                          f"into this config: {_reason(e)}") from e
       raise BrokenCheckpoint(step, path, _reason(e)) from e
     return got.state, meta
 
-  def restore_latest(self, abstract_state: Any,
-                     on_broken: Callable[[BrokenCheckpoint], None]) -> Optional[Restored]:
-    """The newest checkpoint that restores, or None if there is no checkpoint at all.
+  def restore_latest(self, abstract_state: Any) -> tuple[Optional[Restored], list[BrokenCheckpoint]]:
+    """(the newest checkpoint that restores, the broken ones newer than it).
 
-    Each broken one on the way is passed to ``on_broken`` (which may move it aside). With
-    several processes, process 0 picks the step from the integrity records and the others
-    follow it, so that every process restores the same step.
+    (None, []) if there is no checkpoint; UsageError naming every broken one if none
+    restores. Nothing is moved here. A checkpoint that restores but carries no integrity
+    record (its process was killed between orbax's commit and the record) gets one now.
+    With several processes, process 0 picks the step from the integrity records and the
+    others follow it, so that every process restores the same step.
     """
     steps = self.all_steps()
     if jax.process_count() > 1:
-      return self._restore_agreed(steps, abstract_state, on_broken)
+      return self._restore_agreed(steps, abstract_state)
     broken = []
     for step in reversed(steps):
       try:
-        return Restored(step, *self.restore(step, abstract_state))
+        state, meta = self.restore(step, abstract_state)
       except BrokenCheckpoint as e:
-        broken.append(step)
-        on_broken(e)
+        broken.append(e)
+        continue
+      if not self.read_only and check_integrity(self.step_dir(step)) == UNRECORDED:
+        write_integrity(self.step_dir(step))
+      return Restored(step, state, meta), broken
     if broken:
-      raise UsageError(f"no checkpoint in {self.directory} can be restored (broken: steps "
-                       f"{', '.join(map(str, broken))}; see the lines above)")
+      raise UsageError(f"no checkpoint in {self.directory} can be restored; nothing was "
+                       f"changed: " + "; ".join(f"step {b.step}: {b.reason}" for b in broken))
+    return None, []
+
+  def saved_config(self) -> Optional[dict]:
+    """The config stored with the newest checkpoint whose meta is readable, or None."""
+    for step in reversed(self.all_steps()):
+      try:
+        got = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        config = dict(got.meta).get("config")
+      except Exception:
+        continue
+      if isinstance(config, dict):
+        from fox_jax import run_config
+        return run_config.config_from_json(json.dumps(config), self.step_dir(step))
     return None
 
-  def _restore_agreed(self, steps, abstract_state, on_broken) -> Optional[Restored]:
+  def _restore_agreed(self, steps, abstract_state):
     from jax.experimental import multihost_utils
-    chosen = -1
+    chosen, broken = -1, []
     if jax.process_index() == 0:
       for step in reversed(steps):
         damage = check_integrity(self.step_dir(step))
         if damage in (None, UNRECORDED):
           chosen = step
           break
-        on_broken(BrokenCheckpoint(step, self.step_dir(step), damage))
+        broken.append(BrokenCheckpoint(step, self.step_dir(step), damage))
     chosen = int(multihost_utils.broadcast_one_to_all(np.int64(chosen)))
     if chosen < 0:
       if steps:
         raise UsageError(f"no checkpoint in {self.directory} can be restored")
-      return None
+      return None, []
     try:
       got = self._manager.restore(chosen, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:
       raise UsageError(f"checkpoint step {chosen} ({self.step_dir(chosen)}) cannot be "
                        f"restored: {_reason(e)}") from e
-    return Restored(chosen, got.state, dict(got.meta))
+    return Restored(chosen, got.state, dict(got.meta)), broken
 
   def move_aside(self, step: int) -> str:
     """Moves a broken checkpoint to ``<run>/broken_checkpoints/<step>`` (never deletes it)."""
     target_dir = os.path.join(self.workdir, BROKEN_DIR)
+    if os.path.exists(target_dir) and not os.path.isdir(target_dir):
+      raise UsageError(f"cannot move broken checkpoint step {step}: {target_dir} is not a directory")
     os.makedirs(target_dir, exist_ok=True)
     target, n = os.path.join(target_dir, str(step)), 1
     while os.path.exists(target):

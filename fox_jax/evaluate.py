@@ -51,7 +51,7 @@ def smooth(x: np.ndarray, window: int) -> np.ndarray:
 
 def _report_broken(broken: ckpt_lib.BrokenCheckpoint) -> None:
   print(f"fox-eval: checkpoint step {broken.step} cannot be restored ({broken.reason}); "
-        f"left in place, trying the one before", file=sys.stderr, flush=True)
+        f"left in place, evaluating an older one", file=sys.stderr, flush=True)
 
 
 def restore_params(workdir: str, setup, *, step: Optional[int] = None,
@@ -66,7 +66,9 @@ def restore_params(workdir: str, setup, *, step: Optional[int] = None,
     if not steps:
       raise UsageError(f"{workdir} holds no checkpoint to evaluate")
     if step is None:
-      restored = checkpointer.restore_latest(setup.abstract_state, on_broken)
+      restored, broken = checkpointer.restore_latest(setup.abstract_state)
+      for b in broken:
+        on_broken(b)
       return restored.step, restored.state["params"]
     if step not in steps:
       raise UsageError(f"{workdir} has no checkpoint at step {step} (it has {steps})")
@@ -79,9 +81,9 @@ def restore_params(workdir: str, setup, *, step: Optional[int] = None,
     checkpointer.close()
 
 
-def evaluate_run(workdir: str, *, step: Optional[int] = None) -> dict:
-  """Evaluates a run's checkpoint (default: the newest that restores); writes
-  ``<run>/eval/*.json|png``."""
+def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True) -> dict:
+  """Evaluates a run's checkpoint (default: the newest that restores); with ``write``,
+  writes ``<run>/eval/*.json|png`` (:func:`write_result`)."""
   c = rundir.load_config(workdir)
   setup = train_lib.build(c)
   step, params = restore_params(workdir, setup, step=step)
@@ -96,19 +98,29 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None) -> dict:
                                   c.eval.batch_size)
   T = int(c.data.seq_len)
   length = T * max(c.eval.length_multiples)
-  windows = contiguous_windows(corpus, length, c.eval.max_docs)
+  try:
+    windows = contiguous_windows(corpus, length, c.eval.max_docs)
+  except ValueError as e:
+    raise UsageError(f"{workdir}: eval.length_multiples {tuple(c.eval.length_multiples)} x "
+                     f"seq_len {T} is too long for the held-out documents ({e})") from None
   curve = per_token_loss(eval_fn, state["params"], windows, c.eval.batch_size)
   result = {
       "run": os.path.abspath(workdir), "label": run_label(c, workdir), "step": int(step),
       "train_length": T, "eval_length": length, "num_docs": int(windows.inputs.shape[0]),
       "val_loss": val, "loss_by_position": curve.tolist(), "smooth": int(c.eval.smooth),
       **summary(curve, T)}
-  out = os.path.join(workdir, "eval")
+  if write:
+    write_result(result)
+  return result
+
+
+def write_result(result: dict) -> None:
+  """``<run>/eval/per_token_loss.{json,png}`` of one run's result."""
+  out = os.path.join(result["run"], "eval")
   _make_output_dir(out)
   with open(os.path.join(out, RESULT_FILE), "w") as f:
     json.dump(result, f, indent=1)
   plot([result], os.path.join(out, PLOT_FILE))
-  return result
 
 
 def check_output_dir(path: str) -> None:
@@ -177,23 +189,47 @@ def plot(results: Sequence[dict], path: str) -> None:
 
 
 def report_markdown(results: Sequence[dict]) -> str:
-  """A markdown table of validation loss and loss at early / late / extrapolated positions."""
-  T = results[0]["train_length"]
-  L = results[0]["eval_length"]
-  w = max(1, T // 8)
-  lines = [
-      f"Held-out loss (nats per byte). Training length T = {T}; loss against position over "
-      f"{results[0]['num_docs']} held-out documents read from their start, up to {L} tokens.",
-      "",
-      f"| run | step | validation loss | early (pos 1-{w}) | late (pos {T - w + 1}-{T}) |"
-      + (f" beyond (pos {max(T, L - T) + 1}-{L}) |" if L > T else ""),
-      "|---|---|---|---|---|" + ("---|" if L > T else ""),
-  ]
+  """A markdown table of validation loss and loss at early / late / extrapolated positions.
+
+  Positions are each run's own: early = the first T/8, late = the last T/8 of its training
+  length T, beyond = its last T evaluated positions; when the runs share T and the
+  evaluated length the header gives the positions, otherwise each row does.
+  """
+  lengths = {(r["train_length"], r["eval_length"]) for r in results}
+  shared = len(lengths) == 1
+  beyond = any(r["eval_length"] > r["train_length"] for r in results)
+
+  def spans(r):
+    T, L = r["train_length"], r["eval_length"]
+    w = max(1, T // 8)
+    out = [f"pos 1-{w}", f"pos {T - w + 1}-{T}"]
+    if L > T:
+      out.append(f"pos {max(T, L - T) + 1}-{L}")
+    return out
+
+  if shared:
+    T, L = next(iter(lengths))
+    intro = (f"Held-out loss (nats per byte). Training length T = {T}; loss against position "
+             f"over {results[0]['num_docs']} held-out documents read from their start, up to "
+             f"{L} tokens.")
+    names = spans(results[0])
+    header = (f"| run | step | validation loss | early ({names[0]}) | late ({names[1]}) |"
+              + (f" beyond ({names[2]}) |" if beyond else ""))
+  else:
+    intro = ("Held-out loss (nats per byte). The runs differ in training length T: early is "
+             "the first T/8 positions, late the last T/8 up to T, beyond the last T "
+             "positions evaluated, each of its own run (the positions column).")
+    header = ("| run | step | validation loss | early | late |" + (" beyond |" if beyond else "")
+              + " positions |")
+  cols = header.count("|") - 1
+  lines = [intro, "", header, "|" + "---|" * cols]
   for r in results:
     row = (f"| {r['label']} | {r['step']} | {r['val_loss']:.4f} | {r['loss_early']:.4f} | "
            f"{r['loss_late']:.4f} |")
-    if L > T:
+    if beyond:
       row += f" {r.get('loss_beyond', float('nan')):.4f} |"
+    if not shared:
+      row += f" {', '.join(spans(r))} |"
     lines.append(row)
   return "\n".join(lines) + "\n"
 
@@ -201,10 +237,16 @@ def report_markdown(results: Sequence[dict]) -> str:
 def compare(run_dirs: Sequence[str], out_dir: str, *, evaluate: bool = True,
             step: Optional[int] = None) -> list[dict]:
   """Evaluates each run (or reads its saved result) and writes one plot and one report."""
-  check_output_dir(out_dir)
   for d in run_dirs:
+    rundir.load_config(d)  # a missing or foreign directory is named before anything runs
     check_output_dir(os.path.join(d, "eval"))
-  results = [evaluate_run(d, step=step) if evaluate else load_result(d) for d in run_dirs]
+  check_output_dir(out_dir)
+  # Every run is evaluated before anything is written: a failure leaves earlier results be.
+  results = [evaluate_run(d, step=step, write=False) if evaluate else load_result(d)
+             for d in run_dirs]
+  if evaluate:
+    for r in results:
+      write_result(r)
   _make_output_dir(out_dir)
   plot(results, os.path.join(out_dir, "comparison.png"))
   with open(os.path.join(out_dir, "comparison.json"), "w") as f:

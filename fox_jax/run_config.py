@@ -17,9 +17,11 @@ Blocks:
   eval   lengths for loss against position (multiples of data.seq_len), documents, smoothing
 
 Resuming a run directory with another config: the fields in :data:`SAFE_ON_RESUME` may
-change (cadence, checkpoints kept, evaluation, mesh, micro-batching, the batch and the
-token budget); any other difference changes the model, the optimizer or the data order, and
-the run refuses to start (:func:`resume_changes`).
+change (cadence, checkpoints kept, evaluation, mesh, micro-batching, the batch, the token
+budget, and how attention is computed: implementation, tiles, rematerialisation); any other
+difference changes the model, the optimizer or the data order, and the run refuses to start
+(:func:`resume_changes`). The model is compared as the ModelConfig it resolves to, so a
+field set to the value the preset derives anyway is no change.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ SAFE_ON_RESUME = (
     "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_every",
     "run.val_rows", "run.progress_bar", "run.peak_flops_per_device", "eval.*", "mesh.*",
     "optim.grad_accum", "optim.total_tokens", "data.global_batch",
+    "model.attn_impl", "model.block_sizes.*", "model.remat",
 )
 
 
@@ -203,6 +206,24 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(_is_int(e[name]) and e[name] >= 1, f"eval.{name}", "an int >= 1", e[name])
 
 
+def check_fields(c: ml_collections.ConfigDict) -> None:
+  """UsageError for a field the config lacks or one :func:`base_config` does not know (a
+  typo in a config file would otherwise be ignored). ``model.overrides`` holds ModelConfig
+  fields, checked when the model is built."""
+  known = flatten(base_config())
+  given = flatten(c)
+  model_fields = set(_model_field_types())
+  for key in sorted(given):
+    if key.startswith("model.overrides."):
+      if key.split(".")[2] not in model_fields:
+        raise _unknown(key, [f"model.overrides.{f}" for f in model_fields], prefix="config.")
+    elif key not in known and key != "model.overrides":
+      raise _unknown(key, list(known), prefix="config.")
+  for key in known:
+    if not key.startswith("model.overrides") and key not in given:
+      raise UsageError(f"config.{key} is missing (start from run_config.base_config())")
+
+
 def resolve_paths(c: ml_collections.ConfigDict) -> None:
   """Makes ``data.path`` absolute (``~`` expanded), so a resume from another working
   directory reads the same files."""
@@ -279,7 +300,9 @@ def _parse_typed(text: str, tp, key: str):
     if type(None) in args and text.strip().lower() in ("none", "null"):
       return None
     errors = []
-    for arg in (a for a in args if a is not type(None)):
+    # Numbers before strings: a str member would take "5.0" as text.
+    order = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
+    for arg in order:
       try:
         return _parse_typed(text, arg, key)
       except UsageError as e:
@@ -346,10 +369,10 @@ def _flat_keys(c, prefix="") -> list[str]:
   return keys
 
 
-def _unknown(key: str, known: Sequence[str]) -> UsageError:
+def _unknown(key: str, known: Sequence[str], prefix: str = "--config.") -> UsageError:
   close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-  hint = f" (did you mean --config.{close[0]}?)" if close else ""
-  return UsageError(f"--config.{key}: no such config field{hint}")
+  hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+  return UsageError(f"{prefix}{key}: no such config field{hint}")
 
 
 def _set_model_override(c, parts: list[str], text: str) -> None:
@@ -432,10 +455,23 @@ def _safe(key: str) -> bool:
   return any(fnmatch.fnmatchcase(key, pattern) for pattern in SAFE_ON_RESUME)
 
 
+def _resolved(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Leaves of ``c`` with the model block replaced by the ModelConfig it resolves to."""
+  from fox_jax.config import get_preset
+  out = {k: v for k, v in flatten(c).items() if not k.startswith("model.")}
+  try:
+    overrides = c.model.overrides.to_dict() if c.model.get("overrides") else {}
+    model = get_preset(c.model.preset, **overrides).to_dict()
+  except (ValueError, TypeError, AttributeError):
+    return flatten(c)  # compared as written; the new config is checked when built
+  out.update({f"model.{k}": v for k, v in flatten(json.loads(json.dumps(model))).items()})
+  return out
+
+
 def resume_changes(saved: ml_collections.ConfigDict,
                    new: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
   """{field: (saved, new)} of the allowed changes; UsageError listing the refused ones."""
-  a, b = flatten(saved), flatten(new)
+  a, b = _resolved(saved), _resolved(new)
   missing = object()
   diff = {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
           if a.get(k, missing) != b.get(k, missing)}

@@ -29,11 +29,22 @@ HISTORY_FILE = "config_history.jsonl"
 LOCK_FILE = ".fox-train.lock"
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def atomic_write(path: str, text: str) -> None:
-  """Replaces ``path`` with ``text``: a temporary file beside it, fsynced, then renamed."""
+  """Replaces ``path`` with ``text``: a temporary file beside it, fsynced, then renamed.
+
+  The file gets the permissions a plain ``open`` would give it (0666 less the umask), not
+  the 0600 of a temporary file, so that others who read the run directory still can.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "w") as f:
       f.write(text)
       f.flush()
@@ -144,6 +155,33 @@ def record_changes(workdir: str, step: int, changes: Mapping[str, tuple[Any, Any
     f.write(line + "\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+def _records(path: str):
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict):
+        yield record
+
+
+def last_logged_step(path: str) -> int:
+  """The largest step in a metrics file (0 if there is none)."""
+  return max((int(r.get("step", 0)) for r in _records(path)), default=0)
+
+
+def logged_value(path: str, step: int, key: str):
+  """The last ``key`` logged at ``step`` in a metrics file, or None."""
+  found = None
+  for r in _records(path):
+    if int(r.get("step", -1)) == step and key in r:
+      found = r[key]
+  return found
 
 
 def truncate_jsonl(path: str, step: int) -> int:

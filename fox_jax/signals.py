@@ -5,13 +5,13 @@ Imports nothing heavy, so that ``fox-train`` installs the handlers before it imp
 
 from __future__ import annotations
 
-import contextlib
 import signal
 from typing import Optional
 
 
 class Interrupted(BaseException):
-  """SIGTERM or SIGINT during start-up (not an Exception: no handler may swallow it)."""
+  """SIGTERM or SIGINT during start-up, raised at the next safe point (not an Exception,
+  so that no handler on the way swallows it)."""
 
   def __init__(self, signal_name: str):
     self.signal_name = signal_name
@@ -21,19 +21,20 @@ class Interrupted(BaseException):
 class StopSignals:
   """SIGTERM and SIGINT (Ctrl-C) for a training run.
 
-  During start-up (building, restoring, compiling) either stops the process at once with
-  :class:`Interrupted`: nothing is in flight and nothing needs saving. Inside
-  :meth:`deferred` (the training loop) the first one only sets ``received``; the loop
-  finishes the step in flight, saves a checkpoint and returns. A second Ctrl-C there stops
-  at once (KeyboardInterrupt), keeping the checkpoints already saved. Handlers can only be
-  installed from the main thread; elsewhere the signals keep their default action.
+  The handler only records the first signal: raising from a handler could land anywhere
+  (inside orbax while it reads a checkpoint, inside a JAX callback) and turn a stop into
+  a wrong diagnosis or a crash. Start-up calls :meth:`check` between its phases, which
+  raises :class:`Interrupted` once a signal has come; the training loop reads
+  ``received`` between steps, finishes the step in flight, saves and returns. A second
+  Ctrl-C stops at once (KeyboardInterrupt), keeping the checkpoints already saved.
+  Handlers can only be installed from the main thread; elsewhere the signals keep their
+  default action.
   """
 
   _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received: Optional[str] = None
-    self._deferred = False
     self._previous: dict = {}
 
   def __enter__(self) -> "StopSignals":
@@ -50,18 +51,12 @@ class StopSignals:
     self._previous = {}
 
   def _handle(self, signum, frame) -> None:
-    name = signal.Signals(signum).name
-    if not self._deferred:
-      raise Interrupted(name)
     if self.received is None:
-      self.received = name
+      self.received = signal.Signals(signum).name
     elif signum == signal.SIGINT:
       raise KeyboardInterrupt
 
-  @contextlib.contextmanager
-  def deferred(self):
-    self._deferred = True
-    try:
-      yield self
-    finally:
-      self._deferred = False
+  def check(self) -> None:
+    """Raises Interrupted if a signal has come (a safe point of start-up)."""
+    if self.received is not None:
+      raise Interrupted(self.received)

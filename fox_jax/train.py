@@ -46,7 +46,7 @@ from fox_jax import run_config
 from fox_jax import rundir
 from fox_jax import sharding
 from fox_jax.config import ModelConfig, get_preset
-from fox_jax.data import Batch, PackedDataset, corpus_from_config
+from fox_jax.data import NUM_TOKENS, Batch, PackedDataset, corpus_from_config
 from fox_jax.errors import RunError, UsageError
 from fox_jax.signals import Interrupted, StopSignals
 from fox_jax.model import DecoderLM
@@ -149,6 +149,9 @@ def build(c: ml_collections.ConfigDict, devices=None) -> Setup:
 def _build(c: ml_collections.ConfigDict, devices) -> Setup:
   run_config.validate(c)
   mcfg = model_config(c)
+  if mcfg.vocab_size < NUM_TOKENS:
+    raise UsageError(f"config.model.overrides.vocab_size must be >= {NUM_TOKENS} for the byte "
+                     f"tokenizer's ids, got {mcfg.vocab_size}")
   try:
     mesh = sharding.make_mesh(c.mesh.to_dict(), devices)
   except ValueError as e:
@@ -362,26 +365,66 @@ def _note(message: str) -> None:
     print(f"fox-train: {message}", file=sys.stderr, flush=True)
 
 
+def prepare_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A checked copy of ``c`` with absolute paths (UsageError naming the first bad field)."""
+  c = ml_collections.ConfigDict(c.to_dict())
+  run_config.check_fields(c)
+  run_config.resolve_paths(c)
+  run_config.validate(c)
+  return c
+
+
+def _make_dirs(path: str) -> Optional[str]:
+  """Creates ``path`` and its missing parents; the highest directory this call created."""
+  missing = []
+  probe = path
+  while not os.path.exists(probe):
+    missing.append(probe)
+    probe = os.path.dirname(probe)
+  created = None
+  for d in reversed(missing):
+    try:
+      os.mkdir(d)
+    except FileExistsError:  # another process got there first: not ours to remove
+      continue
+    except OSError as e:
+      raise UsageError(f"cannot create run directory {path}: {e.strerror}") from None
+    created = created or d
+  return created
+
+
+@dataclasses.dataclass
+class _Start:
+  """What start-up hands the training loop."""
+  state: Any
+  step: int
+  position: int
+  restored: bool
+  checkpointer: ckpt_lib.Checkpointer
+
+
 def train(c: ml_collections.ConfigDict, workdir: str, *, max_steps: Optional[int] = None,
           devices=None, signals: Optional[StopSignals] = None) -> TrainResult:
   """Trains (or resumes, if ``workdir`` holds a checkpoint) until the configured tokens.
 
   ``max_steps`` stops earlier (after a checkpoint), e.g. to split a run. SIGTERM or SIGINT
-  saves a checkpoint and returns with status "preempted" (``signals`` lets a caller install
-  the handlers earlier, as ``fox-train`` does before importing JAX). Raises UsageError,
-  with nothing written, when the config, the data or the run directory cannot be used
-  (another process holds it; its checkpoints were trained with a config that differs in
-  a field outside ``run_config.SAFE_ON_RESUME``); NonFiniteError after saving the state
-  before a non-finite step; CheckpointSaveError when a save fails.
+  saves a checkpoint and returns with status "preempted"; during start-up it raises
+  :class:`Interrupted` at the next safe point, leaving nothing half-made (``signals`` lets
+  a caller install the handlers earlier, as ``fox-train`` does before importing JAX).
+  Raises UsageError, with nothing changed, when the config, the data or the run directory
+  cannot be used (another process holds it; it holds a run trained with a config that
+  differs in a field outside ``run_config.SAFE_ON_RESUME``; none of its checkpoints
+  restores); NonFiniteError after saving the state before a non-finite step;
+  CheckpointSaveError when a save fails.
   """
   if signals is None:
     with StopSignals() as own:
       return train(c, workdir, max_steps=max_steps, devices=devices, signals=own)
-  c = ml_collections.ConfigDict(c.to_dict())
-  run_config.resolve_paths(c)
-  run_config.validate(c)
+  c = prepare_config(c)
   if max_steps is not None and max_steps < 0:
     raise UsageError(f"--max_steps must be >= 0, got {max_steps}")
+  if not workdir:
+    raise UsageError("--workdir must not be empty")
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UsageError(f"--workdir {workdir} exists and is not a directory")
@@ -392,73 +435,99 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, max_steps: Optional[int
         f"config.data.global_batch ({c.data.global_batch}) must be a multiple of optim.grad_accum "
         f"({c.optim.grad_accum}) x the mesh's data x fsdp size "
         f"({mesh.shape['data']} x {mesh.shape['fsdp']})")
+  signals.check()
   train_data, heldout = _datasets(c)
-  is_main = jax.process_index() == 0
-
-  created = not os.path.exists(workdir)
+  signals.check()
+  lock = rundir.RunLock(workdir) if jax.process_index() == 0 else None
+  start = _start(c, setup, workdir, lock, signals)
   try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise UsageError(f"cannot create run directory {workdir}: {e.strerror}") from None
-  lock = rundir.RunLock(workdir) if is_main else None
-  checkpointer = None
-  try:
-    if lock is not None:
-      lock.acquire()
-    if is_main and not os.access(workdir, os.W_OK):
-      raise UsageError(f"run directory {workdir} is not writable")
-    saved = (rundir.load_config(workdir)
-             if os.path.exists(rundir.config_path(workdir)) else None)
-    checkpointer = ckpt_lib.Checkpointer(workdir, c.run.keep_checkpoints)
-    changes = {}
-    restored = None
-    if checkpointer.all_steps():
-      # Before any restore: a checkpoint of another model must be refused, not taken
-      # for a broken one.
-      if saved is not None:
-        changes = run_config.resume_changes(saved, c)
-
-      def move_aside(broken: ckpt_lib.BrokenCheckpoint) -> None:
-        where = checkpointer.move_aside(broken.step) if is_main else broken.path
-        _note(f"checkpoint step {broken.step} cannot be restored ({broken.reason}); "
-              f"moved it to {where}; trying the one before")
-      restored = checkpointer.restore_latest(setup.abstract_state, move_aside)
-  except BaseException:
-    if checkpointer is not None:
-      checkpointer.close()
-    if lock is not None:
-      lock.release()
-    if created:
-      shutil.rmtree(workdir, ignore_errors=True)
-    raise
-
-  try:
-    return _loop(c, setup, workdir, checkpointer, saved, changes, restored, train_data,
-                 heldout, max_steps, signals)
+    return _loop(c, setup, workdir, start, train_data, heldout, max_steps, signals)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _loop(c, setup, workdir, checkpointer, saved, changes, restored, train_data, heldout,
-          max_steps, signals) -> TrainResult:
+def _start(c, setup, workdir: str, lock, signals) -> _Start:
+  """Locks ``workdir``, checks it against ``c``, restores or initialises the state and
+  writes the run's files. On any failure or signal it undoes what it made."""
   is_main = jax.process_index() == 0
-  if restored is None:
-    state, position, step = init_state(setup, c.run.seed), 0, 0
-  else:
-    state, position, step = restored.state, int(restored.meta["data_position"]), restored.step
-  if is_main:
-    if restored is None or saved is None or changes:
-      rundir.save_config(c, workdir)
-    if changes:
-      rundir.record_changes(workdir, step, changes)
-      _note(f"resuming at step {step} with changed fields: "
-            + ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items()))
-    # A run killed after its last checkpoint logged steps it is about to repeat.
-    rundir.truncate_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILE), step)
+  created = _make_dirs(workdir)
+  locked = False
+  checkpointer = None
+  try:
+    if lock is not None:
+      lock.acquire()
+      locked = True
+    checkpointer = ckpt_lib.Checkpointer(workdir, c.run.keep_checkpoints)
+    steps = checkpointer.all_steps()
+    saved = (rundir.load_config(workdir)
+             if os.path.exists(rundir.config_path(workdir)) else None)
+    metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+    broken_dir = os.path.join(workdir, ckpt_lib.BROKEN_DIR)
+    history = bool(steps) or rundir.last_logged_step(metrics_path) > 0 or (
+        os.path.isdir(broken_dir) and bool(os.listdir(broken_dir)))
+    if saved is None and steps:
+      saved = checkpointer.saved_config()
+      if saved is None:
+        raise UsageError(f"{workdir} holds checkpoints but no {rundir.CONFIG_FILE} and no "
+                         f"config in them; put its config.json back to resume it")
+    # A run with history keeps its config; a directory without (a start that never got to
+    # its first step) may start over with another one.
+    changes = run_config.resume_changes(saved, c) if (history and saved is not None) else {}
+    restored, broken = (checkpointer.restore_latest(setup.abstract_state)
+                        if steps else (None, []))
+    if restored is None and history and not steps:
+      if os.path.isdir(broken_dir) and os.listdir(broken_dir):
+        raise UsageError(f"{workdir} holds no checkpoint that restores (the broken ones are "
+                         f"in {broken_dir}); use a new --workdir to start over")
+    signals.check()
+    if restored is not None:
+      for b in broken:  # newer than the one restored
+        where = checkpointer.move_aside(b.step) if is_main else b.path
+        _note(f"checkpoint step {b.step} cannot be restored ({b.reason}); moved it to {where}")
+      state, step = restored.state, restored.step
+      position = int(restored.meta["data_position"])
+    else:
+      state, step, position = init_state(setup, c.run.seed), 0, 0
+      logged = rundir.last_logged_step(metrics_path)
+      if logged:
+        _note(f"{workdir} has no checkpoint; starting at step 0 (metrics.jsonl, logged up to "
+              f"step {logged}, is cut back)")
+    signals.check()
+    if is_main:
+      if restored is None or saved is None or changes:
+        rundir.save_config(c, workdir)
+      if changes:
+        rundir.record_changes(workdir, step, changes)
+        _note(f"resuming at step {step} with changed fields: " + ", ".join(
+            f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items())
+            + ("; the learning-rate schedule continues from the tokens seen"
+               if any(k in changes for k in ("optim.total_tokens", "data.global_batch")) else ""))
+      # A run killed after its last checkpoint logged steps it is about to repeat.
+      rundir.truncate_jsonl(metrics_path, step)
+    return _Start(state, step, position, restored is not None, checkpointer)
+  except BaseException as e:
+    if checkpointer is not None:
+      checkpointer.close()
+    if lock is not None and locked:
+      lock.release()
+    if created is not None and (locked or lock is None):
+      shutil.rmtree(created, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise UsageError(f"cannot use run directory {workdir}: {e.strerror or e}"
+                       + (f" ({e.filename})" if e.filename else "")) from None
+    raise
+
+
+def _loop(c, setup, workdir, start: _Start, train_data, heldout, max_steps,
+          signals) -> TrainResult:
+  is_main = jax.process_index() == 0
+  checkpointer = start.checkpointer
+  state, step, position = start.state, start.step, start.position
+  first_step = step
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, first_step=step + 1)
   step_fn, eval_fn = setup.train_step, setup.eval_fn
-  last_saved = restored.step if restored is not None else None
+  last_saved = step if start.restored else None
   T, B, micro = int(c.data.seq_len), int(c.data.global_batch), int(c.optim.grad_accum)
   tokens_per_step = run_config.tokens_per_step(c)
   total_tokens = int(c.optim.total_tokens)
@@ -470,7 +539,8 @@ def _loop(c, setup, workdir, checkpointer, saved, changes, restored, train_data,
   def save(at_step, at_state, at_position):
     nonlocal last_saved
     if last_saved != at_step:
-      checkpointer.save(at_step, at_state, {"step": at_step, "data_position": at_position})
+      checkpointer.save(at_step, at_state, {"step": at_step, "data_position": at_position,
+                                            "config": json.loads(run_config.config_to_json(c))})
       last_saved = at_step
 
   bar = tqdm(total=max(stop_at, step), initial=step,
@@ -479,44 +549,48 @@ def _loop(c, setup, workdir, checkpointer, saved, changes, restored, train_data,
   window_start, window_steps = time.perf_counter(), 0
   failed = True
   try:
-    with signals.deferred():
-      while step < stop_at:
-        if signals.received:
-          status = "preempted"
-          break
-        lr = optim.step_learning_rate(c.optim, position * T, tokens_per_step)
-        state, m = step_fn(state, load_batch(setup, train_data, position, B, micro), lr)
-        if not bool(m["finite"]):
-          save(step, state, position)
-          checkpointer.wait()
-          raise NonFiniteError(step + 1, last_saved)
-        step += 1
-        position += B
-        window_steps += 1
-        bar.update(1)
-        checkpointer.check()
-        if step % c.run.log_every == 0 or step == stop_at:
-          m = jax.device_get(m)
-          elapsed = time.perf_counter() - window_start
-          tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-          scalars = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
-                     "tokens_per_s": tok_s, "tokens": position * T}
-          if peak:
-            scalars["mfu"] = setup.flops_per_token * tok_s / (peak * len(setup.mesh.devices.flat))
-          if m["total_tiles"] > 0:
-            scalars["kept_tile_fraction"] = m["kept_tiles"] / m["total_tiles"]
-          writer.write(step, scalars)
-          bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tok_s:,.0f}")
-          window_start, window_steps = time.perf_counter(), 0
-        if c.run.eval_every and step % c.run.eval_every == 0 and step < stop_at:
-          v = validation_loss(setup, eval_fn, state["params"], heldout, c.run.val_rows,
-                              c.eval.batch_size)
-          writer.write(step, {"val_loss": v})
-        if step % c.run.checkpoint_every == 0:
-          save(step, state, position)
-      save(step, state, position)
-      checkpointer.wait()
-      if status == "done" and position * T >= total_tokens:
+    while step < stop_at:
+      if signals.received:
+        status = "preempted"
+        break
+      lr = optim.step_learning_rate(c.optim, position * T, tokens_per_step)
+      state, m = step_fn(state, load_batch(setup, train_data, position, B, micro), lr)
+      if not bool(m["finite"]):
+        save(step, state, position)
+        checkpointer.wait()
+        raise NonFiniteError(step + 1, last_saved)
+      step += 1
+      position += B
+      window_steps += 1
+      bar.update(1)
+      checkpointer.check()
+      if step % c.run.log_every == 0 or step == stop_at:
+        m = jax.device_get(m)
+        elapsed = time.perf_counter() - window_start
+        tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+        scalars = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
+                   "tokens_per_s": tok_s, "tokens": position * T}
+        if peak:
+          scalars["mfu"] = setup.flops_per_token * tok_s / (peak * len(setup.mesh.devices.flat))
+        if m["total_tiles"] > 0:
+          scalars["kept_tile_fraction"] = m["kept_tiles"] / m["total_tiles"]
+        writer.write(step, scalars)
+        bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tok_s:,.0f}")
+        window_start, window_steps = time.perf_counter(), 0
+      if c.run.eval_every and step % c.run.eval_every == 0 and step < stop_at:
+        v = validation_loss(setup, eval_fn, state["params"], heldout, c.run.val_rows,
+                            c.eval.batch_size)
+        writer.write(step, {"val_loss": v})
+      if step % c.run.checkpoint_every == 0:
+        save(step, state, position)
+    save(step, state, position)
+    checkpointer.wait()
+    if status == "done" and position * T >= total_tokens:
+      previous = rundir.logged_value(os.path.join(workdir, metrics_lib.METRICS_FILE), step,
+                                     "val_loss") if step == first_step else None
+      if previous is not None:  # a finished run started again: nothing new to report
+        val_loss = previous
+      else:
         val_loss = validation_loss(setup, eval_fn, state["params"], heldout, c.run.val_rows,
                                    c.eval.batch_size)
         writer.write(step, {"val_loss": val_loss})

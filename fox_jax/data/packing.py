@@ -12,6 +12,7 @@ checkpoint is just the number of rows consumed.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from typing import NamedTuple
 
@@ -77,8 +78,9 @@ def _first_fit(lens: np.ndarray, seq_len: int) -> list[list[int]]:
 class PackedDataset:
   """An endless, shuffled, exactly reproducible stream of packed rows of one corpus.
 
-  Row r belongs to epoch r // rows_per_epoch; each epoch shuffles documents and rows with
-  a generator seeded by (seed, epoch).
+  Each epoch shuffles documents and rows with a generator seeded by (seed, epoch) and packs
+  them anew, so epochs differ by a few rows; row r of the stream belongs to the epoch whose
+  cumulative row range holds it (the ranges are counted as far as a caller reads).
   """
 
   def __init__(self, corpus: Corpus, seq_len: int, seed: int, shuffle: bool = True):
@@ -86,7 +88,18 @@ class PackedDataset:
     self.seq_len = int(seq_len)
     self.seed = int(seed)
     self.shuffle = shuffle
-    self.rows_per_epoch = len(self._plan(0).row_ptr) - 1
+    self._epoch_ends = [self.rows_in_epoch(0)]   # cumulative rows at the end of each epoch
+
+  def rows_in_epoch(self, epoch: int) -> int:
+    return len(self._plan(epoch).row_ptr) - 1
+
+  def _locate(self, index: int) -> tuple[int, int]:
+    """(epoch, row within it) of stream row ``index``."""
+    ends = self._epoch_ends
+    while ends[-1] <= index:
+      ends.append(ends[-1] + self.rows_in_epoch(len(ends)))
+    epoch = bisect.bisect_right(ends, index)
+    return epoch, index - (ends[epoch - 1] if epoch else 0)
 
   @functools.lru_cache(maxsize=2)
   def _plan(self, epoch: int) -> _Plan:
@@ -113,7 +126,7 @@ class PackedDataset:
 
   def row(self, index: int) -> Batch:
     """Row ``index`` of the stream, fields [T]."""
-    epoch, r = divmod(int(index), self.rows_per_epoch)
+    epoch, r = self._locate(int(index))
     plan = self._plan(epoch)
     T = self.seq_len
     out = Batch(np.full(T, tokenizer.PAD_ID, np.int32), np.full(T, tokenizer.PAD_ID, np.int32),

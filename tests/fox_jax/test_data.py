@@ -31,7 +31,7 @@ def test_packing_never_crosses_documents(seq_len):
   lengths = [1, 3, 5, 6, 7, 8, 40, 100, 2, 31, 33, 64]
   corpus = _corpus(lengths)
   ds = packing.PackedDataset(corpus, seq_len, seed=3)
-  rows = ds.rows(0, ds.rows_per_epoch)
+  rows = ds.rows(0, ds.rows_in_epoch(0))
   seen = {}
   for r in range(rows.inputs.shape[0]):
     seg, inp, tgt, pos = (rows.segment_ids[r], rows.inputs[r], rows.targets[r], rows.positions[r])
@@ -60,11 +60,26 @@ def test_packing_is_reproducible_and_reshuffles_per_epoch():
   corpus = _corpus([50, 20, 90, 13, 77, 5, 64, 30])
   a = packing.PackedDataset(corpus, 16, seed=1)
   b = packing.PackedDataset(corpus, 16, seed=1)
-  n = a.rows_per_epoch
+  n = a.rows_in_epoch(0)
   for x, y in zip(a.rows(3, 2 * n), b.rows(3, 2 * n)):
     np.testing.assert_array_equal(x, y)
   assert not np.array_equal(a.rows(0, n).inputs, a.rows(n, n).inputs)
   assert not np.array_equal(a.rows(0, n).inputs, packing.PackedDataset(corpus, 16, 2).rows(0, n).inputs)
+
+
+def test_epochs_of_different_sizes_each_cover_every_target_once():
+  """Each epoch packs anew, so epochs differ in rows; the stream must neither skip nor
+  overrun any of them (row r used to be mapped with epoch 0's count)."""
+  lengths = [3, 5, 6, 7, 9, 11, 2, 13, 4, 8, 10, 1, 12, 6, 5]
+  ds = packing.PackedDataset(_corpus(lengths), 8, seed=0)
+  counts = [ds.rows_in_epoch(e) for e in range(4)]
+  assert len(set(counts)) > 1, counts  # the case this test is about
+  start = 0
+  for count in counts:
+    rows = ds.rows(start, count)
+    assert np.all(rows.segment_ids.max(axis=1) > 0)  # no empty row
+    assert int((rows.segment_ids > 0).sum()) == sum(n + 1 for n in lengths)
+    start += count
 
 
 def test_split_is_stable_and_independent_of_the_file_set():

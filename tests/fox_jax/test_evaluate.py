@@ -53,3 +53,15 @@ def test_eval_writes_json_png_and_report(tmp_path):
   report = open(os.path.join(out, "report.md")).read()
   assert "fox_pro_tiny" in report and "transformer_pro_tiny" in report
   assert report.count("\n| ") == 3  # header and one row per run
+
+
+def test_report_gives_each_run_its_own_positions_when_lengths_differ():
+  def result(label, T, L):
+    return {"label": label, "step": 1, "val_loss": 1.0, "loss_early": 2.0, "loss_late": 3.0,
+            "loss_beyond": 4.0, "train_length": T, "eval_length": L, "num_docs": 4}
+  report = evaluate.report_markdown([result("short", 32, 128), result("long", 64, 256)])
+  rows = {line.split(" | ")[0][2:]: line for line in report.splitlines() if line.startswith("| ")}
+  assert "pos 1-4, pos 29-32, pos 97-128" in rows["short"]
+  assert "pos 1-8, pos 57-64, pos 193-256" in rows["long"]
+  same = evaluate.report_markdown([result("a", 32, 128), result("b", 32, 128)])
+  assert "early (pos 1-4) | late (pos 29-32) | beyond (pos 97-128)" in same

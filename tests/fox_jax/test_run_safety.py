@@ -20,6 +20,7 @@ from fox_jax.cli import eval_main, train_main
 from fox_jax.errors import UsageError
 from fox_jax.evaluate import evaluate_run
 from fox_jax.metrics import read_jsonl
+from fox_jax.signals import Interrupted, StopSignals
 from tests.fox_jax.test_train import REPO, one_device, tiny_config
 
 CONFIG = os.path.join(REPO, "experiments/configs/cpu_fox_pro.py")
@@ -73,11 +74,15 @@ def _restore(workdir, c, step=None):
 
 @pytest.mark.parametrize("field, value", [
     ("run.keep_checkpoints", 0), ("run.checkpoint_every", 0), ("run.log_every", 0),
-    ("run.val_rows", 0), ("optim.peak_lr", float("nan")), ("optim.peak_lr", float("inf"))])
+    ("run.val_rows", 0), ("optim.peak_lr", float("nan")), ("optim.peak_lr", float("inf")),
+    ("model.overrides.vocab_size", 100), ("optim.peak_l", 1e-3), ("model.overides", {})])
 def test_unusable_fields_fail_at_start_naming_the_field(tmp_path, field, value):
   c = tiny_config(steps=1)
-  block, name = field.split(".")
-  c[block][name] = value
+  *blocks, name = field.split(".")
+  node = c
+  for b in blocks:
+    node = node[b]
+  node[name] = value
   workdir = tmp_path / "run"
   with pytest.raises(UsageError, match=field.replace(".", r"\.")):
     train_lib.train(c, str(workdir), devices=one_device())
@@ -107,6 +112,8 @@ def test_every_model_field_is_overridable_from_the_command_line():
   m = train_lib.model_config(c)
   assert m.num_kv_heads == 2 and m.pruning.log_tolerance == -8.0
   assert m.block_sizes.block_q == 64 and c.optim.total_tokens == 2_500_000
+  run_config.apply_overrides(c, [("model.overrides.pruning.qk_bound", "5.0")])
+  assert train_lib.model_config(c).pruning.qk_bound == 5.0
   with pytest.raises(UsageError, match=r"did you mean --config\.model\.overrides\.num_kv_heads\?"):
     run_config.apply_overrides(c, [("model.overrides.num_kv_head", "2")])
   with pytest.raises(UsageError, match=r"--config\.data\.seq_len takes an int"):
@@ -124,14 +131,28 @@ def test_resume_refuses_a_changed_model_and_keeps_the_saved_config(tmp_path):
   saved_text = open(rundir.config_path(workdir)).read()
   for change in ({"num_layers": 2}, {"forget_gate": "none"}):
     other = tiny_config(steps=4, **change)
-    with pytest.raises(UsageError, match="refused changes: model.overrides"):
+    with pytest.raises(UsageError, match=r"refused changes: model\.(num_layers|forget_gate)"):
       train_lib.train(other, workdir, devices=one_device())
     assert open(rundir.config_path(workdir)).read() == saved_text
+  # The model is compared as it resolves: the derived num_kv_heads spelled out, another
+  # implementation of the same attention and rematerialisation are no change.
+  same = tiny_config(steps=4, num_kv_heads=4, attn_impl="xla", remat=True)
+  same.run.checkpoint_every = 1
+  assert train_lib.train(same, workdir, max_steps=2, devices=one_device()).step == 2
+  [change] = read_jsonl(os.path.join(workdir, rundir.HISTORY_FILE))
+  assert sorted(change["changed"]) == ["model.attn_impl", "model.remat"]
+  saved_text = open(rundir.config_path(workdir)).read()
   other = tiny_config(steps=4, seq_len=64)
   with pytest.raises(UsageError, match=r"data\.seq_len: 32 -> 64"):
     train_lib.train(other, workdir, devices=one_device())
   assert open(rundir.config_path(workdir)).read() == saved_text
-  assert ckpt_lib.Checkpointer(workdir, read_only=True).all_steps() == [1]
+  assert ckpt_lib.Checkpointer(workdir, read_only=True).all_steps() == [1, 2]
+
+  # Without config.json the checkpoints' own copy of the config is the reference.
+  os.remove(rundir.config_path(workdir))
+  with pytest.raises(UsageError, match=r"refused changes: model\.num_layers"):
+    train_lib.train(tiny_config(steps=4, num_layers=2), workdir, devices=one_device())
+  assert not os.path.exists(rundir.config_path(workdir))
 
 
 def test_resume_with_another_batch_counts_the_rows_consumed(tmp_path):
@@ -239,13 +260,61 @@ def test_a_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsy
   _assert_same_params(resumed.state, straight.state)
 
 
-def test_every_checkpoint_broken_is_an_error_not_a_fresh_start(tmp_path, capsys):
-  c = tiny_config(steps=2)
+def test_every_checkpoint_broken_is_an_error_not_a_fresh_start(tmp_path):
+  c = tiny_config(steps=4)
+  c.run.checkpoint_every = 2
   workdir = str(tmp_path / "run")
   train_lib.train(c, workdir, devices=one_device())
-  _corrupt(os.path.join(workdir, "checkpoints", "2"), "missing")
+  for step in (2, 4):
+    _corrupt(os.path.join(workdir, "checkpoints", str(step)), "missing")
+  files = sorted(os.listdir(workdir))
+  for attempt in range(2):  # the second try must not start over either
+    with pytest.raises(UsageError, match=r"no checkpoint .* can be restored.*step 4: .*step 2: "):
+      train_lib.train(c, workdir, devices=one_device())
+    assert sorted(os.listdir(workdir)) == files
+    assert ckpt_lib.Checkpointer(workdir, read_only=True).all_steps() == [2, 4]
   with pytest.raises(UsageError, match="no checkpoint .* can be restored"):
     evaluate_run(workdir)
+
+
+def test_a_signal_during_start_up_leaves_nothing_behind(tmp_path):
+  """Signals only set a flag; start-up stops at its next safe point and undoes its work."""
+  c = tiny_config(steps=2)
+  signals = StopSignals()
+  signals.received = "SIGTERM"
+  fresh = tmp_path / "a" / "b" / "run"
+  with pytest.raises(Interrupted):
+    train_lib.train(c, str(fresh), devices=one_device(), signals=signals)
+  assert not (tmp_path / "a").exists()
+  workdir = str(tmp_path / "run")
+  train_lib.train(c, workdir, max_steps=1, devices=one_device())
+  before = {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)}
+  with pytest.raises(Interrupted):
+    train_lib.train(c, workdir, devices=one_device(), signals=signals)
+  assert {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)} == before
+
+
+def test_integrity_is_recorded_once_a_save_completes(tmp_path):
+  """Not at the next save: a process killed before it must still leave a checked
+  checkpoint behind."""
+  c = tiny_config(steps=1)
+  setup = train_lib.build(c, one_device())
+  ck = ckpt_lib.Checkpointer(str(tmp_path), 2)
+  ck.save(1, train_lib.init_state(setup, 0), {"step": 1, "data_position": 0})
+  record = os.path.join(ck.step_dir(1), ckpt_lib.INTEGRITY_FILE)
+  deadline = time.time() + 60
+  while not os.path.exists(record) and time.time() < deadline:
+    ck.check()
+    time.sleep(0.05)
+  assert os.path.exists(record)
+  assert oct(os.stat(record).st_mode & 0o777) == oct(0o666 & ~_umask())
+  ck.close()
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 # ----------------------------------------------------------------------------- one process per run
@@ -356,6 +425,7 @@ def test_fox_train_help_lists_the_flags_and_exits_0(capsys):
     (TINY_FLAGS + ["--workdir", "{tmp}/run", "--config.data.source=text",
                    "--config.data.path={tmp}/none"], "no text files found"),
     (["--workdir", "{tmp}/run"], "--config is required"),
+    (TINY_FLAGS + ["--workdir", ""], "--workdir must not be empty"),
     (TINY_FLAGS + ["--workdir", "{tmp}/run", "--max_steps=two"], "invalid int value"),
 ])
 def test_fox_train_user_errors_are_one_line_exit_2_nothing_left(tmp_path, capsys, args, message):
@@ -376,12 +446,29 @@ def test_fox_eval_user_errors_are_one_line_exit_2_nothing_created(tmp_path, caps
   empty = tmp_path / "empty"
   empty.mkdir()
   rundir.save_config(c, str(empty))
+  good = str(tmp_path / "good")
+  train_lib.train(c, good, devices=one_device())
+  # A failure in the second run writes nothing for the first one either.
+  assert eval_main([good, str(empty), "--out", str(tmp_path / "cmp")]) == 2
+  assert "holds no checkpoint" in _one_line(capsys.readouterr().err)
+  assert not os.path.exists(os.path.join(good, "eval")) and not (tmp_path / "cmp").exists()
   for runs, message in (([str(tmp_path / "none")], "no such run directory"),
                         ([str(tmp_path)], "not a fox-train run directory"),
                         ([str(empty)], "holds no checkpoint")):
     assert eval_main(runs) == 2
     assert message in _one_line(capsys.readouterr().err)
   assert sorted(os.listdir(empty)) == ["config.json"]
+
+
+def test_a_finished_run_started_again_logs_nothing_twice(tmp_path):
+  c = tiny_config(steps=2)
+  workdir = str(tmp_path / "run")
+  first = train_lib.train(c, workdir, devices=one_device())
+  again = train_lib.train(c, workdir, devices=one_device())
+  assert again.step == 2 and again.val_loss == first.val_loss
+  lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert [l["step"] for l in lines if "val_loss" in l] == [2]
+  assert oct(os.stat(rundir.config_path(workdir)).st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
 def test_setup_cfg_extras_name_jax_builds_that_exist():
