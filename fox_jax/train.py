@@ -333,10 +333,6 @@ def validation_loss(setup: Setup, eval_fn, params, dataset: PackedDataset, rows:
   return total / max(count, 1.0)
 
 
-def save_config(c: ml_collections.ConfigDict, workdir: str) -> None:
-  rundir.save_config(c, workdir)
-
-
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config saved by a run in ``workdir`` (UsageError if there is none)."""
   return rundir.load_config(workdir)
