@@ -72,23 +72,54 @@ def add_pairs(a_hi, a_lo, b_hi, b_lo) -> tuple[jax.Array, jax.Array]:
 ZERO_GATE_MARGIN = 128.0
 
 
+def bound_margin(head_dim: int) -> float:
+  """Relative margin that keeps a Cauchy-Schwarz bound |scale q.k| <= |scale| |q| |k| a bound
+  in float32: the rounding of the two norms (each within (D/2 + 3) 2^-24 relative, the 3 for
+  the scaling in ``row_norms``), of the kernels' length-D dot products (D 2^-24 relative to
+  |q| |k|) and of the products forming U."""
+  return 1.0 + (head_dim + 2) * 2.0 ** -22
+
+
+def row_norms(x: jax.Array) -> jax.Array:
+  """Euclidean norms of the rows of ``x`` [..., D] in float32, [...].
+
+  Each row is divided by its largest |x| before squaring, so the norm is inf only when it
+  exceeds float32 itself: squaring directly overflows for elements above ~1.8e19 (a finite
+  row would get an infinite norm) and flushes elements below ~1e-19 to zero (a bound would
+  come out too small). A row holding a NaN gets NaN, one holding an infinity (no NaN) inf.
+  """
+  x = x.astype(jnp.float32)
+  m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  # Zero and non-finite rows are left unscaled: their norm (0, inf, NaN) comes out as is.
+  s = jnp.where((m > 0) & (m < jnp.inf), m, 1.0)
+  return s[..., 0] * jnp.sqrt(jnp.sum(jnp.square(x / s), axis=-1))
+
+
 def gate_floor(q: jax.Array, k: jax.Array, sm_scale: float) -> jax.Array:
   """F = -(2U + ZERO_GATE_MARGIN), [B, Hq] float32, without gradient.
 
-  U = |scale| max_t |q_t| max_t |k_t| (Cauchy-Schwarz, with the float32 margin of
-  ``pruning.qk_bound``) over the rows of q and k whose norm is finite: a NaN row gives NaN
+  U = |scale| max_t |q_t| max_t |k_t| (Cauchy-Schwarz, with ``bound_margin``) over the rows
+  of q and k whose elements are all finite: a row with a NaN or an infinity gives non-finite
   logits of its own anyway, and must not turn F into NaN for the whole head (NaN < F is
-  false, so no zero gate would be floored).
+  false, so no zero gate would be floored). A finite row counts even when its norm is huge.
+
+  Where U or 2U + 128 overflows float32, F is -inf: nothing is floored, so a zero gate in
+  that head makes c, and every result that depends on it, NaN (loud), and the other gates
+  enter c as they are. A finite F computed from fewer rows would leave large weights on
+  pairs across a zero gate: finite, wrong numbers.
   """
   Hq, Hkv, D = q.shape[2], k.shape[2], q.shape[3]
 
   def finite_max_norm(x):  # [B, N, H, D] -> [B, H]
-    n = jnp.linalg.norm(x.astype(jnp.float32), axis=-1)
-    return jnp.max(jnp.where(jnp.isfinite(n), n, 0.0), axis=1)
+    n = row_norms(x)
+    return jnp.max(jnp.where(jnp.all(jnp.isfinite(x), axis=-1), n, 0.0), axis=1)
 
-  u = (abs(sm_scale) * (1.0 + D * 2.0 ** -22)) * finite_max_norm(q) * jnp.repeat(
+  u = (abs(sm_scale) * bound_margin(D)) * finite_max_norm(q) * jnp.repeat(
       finite_max_norm(k), Hq // Hkv, axis=1)
-  return jax.lax.stop_gradient(-(2.0 * u + ZERO_GATE_MARGIN))
+  f = -(2.0 * u + ZERO_GATE_MARGIN)
+  # 0 * inf (a zero q against an overflowing k norm) is NaN; NaN would floor nothing too,
+  # but -inf says so.
+  return jax.lax.stop_gradient(jnp.where(jnp.isnan(f), -jnp.inf, f))
 
 
 def floor_log_fgate(log_fgate: jax.Array, floor: jax.Array) -> jax.Array:

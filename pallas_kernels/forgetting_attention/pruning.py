@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.forgetting_attention.common import finite_number
+from pallas_kernels.forgetting_attention.common import bound_margin, finite_number, row_norms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,17 +69,19 @@ def qk_bound(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> j
   """U per batch x q head, [B, Hq] float32, with no gradient through it.
 
   The computed bounds carry a small relative margin so that they stay bounds in floating
-  point: float32 rounding of the norms and of the kernels' length-D dot products (relative
-  error <= D * 2^-24 each), and for QK-norm also the rounding of the normalised q and k to
-  their dtype (each element within a relative eps of its exact value).
+  point: float32 rounding of the norms and of the kernels' length-D dot products
+  (``common.bound_margin``), and for QK-norm also the rounding of the normalised q and k to
+  their dtype (each element within a relative eps of its exact value). The "auto" norms
+  neither overflow nor underflow for finite rows (``common.row_norms``); a bound that
+  overflows float32 is inf (or NaN for 0 * inf), and ``threshold`` then prunes nothing.
   """
   B, _, Hq, Dh = q.shape
   Hkv = k.shape[2]
   b = pruning.qk_bound
-  f32_margin = 1.0 + Dh * 2.0 ** -22
+  f32_margin = bound_margin(Dh)
   if isinstance(b, str):
-    qn = jnp.max(jnp.linalg.norm(q.astype(jnp.float32), axis=-1), axis=1)  # [B, Hq]
-    kn = jnp.max(jnp.linalg.norm(k.astype(jnp.float32), axis=-1), axis=1)  # [B, Hkv]
+    qn = jnp.max(row_norms(q), axis=1)  # [B, Hq]
+    kn = jnp.max(row_norms(k), axis=1)  # [B, Hkv]
     u = (abs(sm_scale) * f32_margin) * qn * jnp.repeat(kn, Hq // Hkv, axis=1)
   elif isinstance(b, QKNormBound):
     gq = jnp.max(jnp.abs(b.q_scale.astype(jnp.float32)), axis=-1)

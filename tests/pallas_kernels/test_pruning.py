@@ -296,6 +296,33 @@ def test_threshold_auto_bounds_every_logit_without_gradient():
                                 np.asarray(pruning.threshold(inp.q, inp.k, prune, scale)))
 
 
+def test_threshold_auto_bounds_logits_of_extreme_rows():
+  """"auto" U bounds every logit for rows whose squares leave float32 (elements of 2e-20
+  square to denormals that flush to zero: U came out 0 under logits of 0.3), stays finite
+  and a bound for finite rows whose squared norm overflows (1e20), and where U itself
+  overflows float32 the threshold is -inf: prune nothing, never a finite wrong delta."""
+  q = np.full((1, 8, 3, 16), 0.5, np.float32)
+  k = np.full((1, 8, 3, 16), 0.5, np.float32)
+  q[0, :, 0] = 2e-20  # head 0: tiny q against large k
+  k[0, 3, 0] = 4e18
+  q[0, 5, 1, 0] = 1e20  # head 1: one huge finite q element, ordinary k
+  q[0, 5, 2, 0] = 1e20  # head 2: huge q and k elements, |q| |k| / 4 = 2.5e39
+  k[0, 6, 2, 1] = 1e20
+  scale = 0.25
+  q64, k64 = q.astype(np.float64), k.astype(np.float64)
+  logits = scale * np.abs(np.einsum("bthd,bshd->bhts", q64, k64)).max(axis=(2, 3))  # [B, H]
+  norms = scale * np.linalg.norm(q64, axis=-1).max(1) * np.linalg.norm(k64, axis=-1).max(1)
+  prune = Pruning(log_tolerance=-7.0)
+  u = np.asarray(pruning.qk_bound(jnp.asarray(q), jnp.asarray(k), prune, scale), np.float64)
+  assert np.all(u[0, :2] >= logits[0, :2]) and np.all(u[0, :2] >= norms[0, :2])
+  assert np.all(u[0, :2] <= norms[0, :2] * (1 + 1e-4)) and logits[0, 0] > 0.3
+  assert u[0, 2] == np.inf
+  delta = np.asarray(pruning.threshold(jnp.asarray(q), jnp.asarray(k), prune, scale))
+  np.testing.assert_allclose(delta[0, :2], -7.0 - 2 * u[0, :2] - math.log(8),
+                             rtol=SCALAR_F32_RTOL)
+  assert delta[0, 2] == -np.inf
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: np.dtype(d).name)
 def test_threshold_qknorm_bounds_normalised_inputs(dtype):
   rng = np.random.default_rng(3)

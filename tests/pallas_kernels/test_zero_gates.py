@@ -169,3 +169,54 @@ def test_nan_gate_reaches_every_later_query(impl, pruned):
   assert np.all(np.isfinite(o[:, others])) and np.all(np.isfinite(lse[others]))
   assert np.all(np.isnan(got["dlog_fgate"][0, t:, h]))
   assert np.any(np.isnan(got["dq"])) and np.any(np.isnan(got["dk"]))
+
+
+def _huge_row_inputs() -> Inputs:
+  """B=1, T=S=16, Hq=Hkv=2, D=4, f = 0 at position 6 of both heads. Every q, k element is
+  finite, but one query row has |q| = 1e20, whose squared norm overflows float32:
+  head 0: query 10 is 1e20 e_0 and keys are multiples of e_0: key 2 is +e_0 (logit +5e19),
+    but it lies behind the zero gate and must get weight 0, which takes a floor F below
+    -1e20; its own key (-e_0, logit -5e19) then takes all the weight (keys 6 to 9 are
+    -2 e_0, logits -1e20: one weight 1, the others 0, which float64 resolves too);
+  head 1: query 10 is 1e20 e_0 and key 12 is 1e20 e_1: every logit is finite (q_10 never
+    sees key 12, and q_10 . k_j = 0 elsewhere), but U = |q_10| |k_12| / 2 = 5e39
+    overflows float32."""
+  T, D = 16, 4
+  q = np.zeros((1, T, 2, D), np.float32)
+  k = np.zeros((1, T, 2, D), np.float32)
+  q[0, :, :, 0] = 0.1
+  q[0, 10, :, 0] = 1e20
+  k[0, :, 0, 0] = -1.0
+  k[0, 2, 0, 0] = 1.0
+  k[0, 6:10, 0, 0] = -2.0
+  k[0, :, 1, 1] = 0.5
+  k[0, 12, 1, 1] = 1e20
+  rng = np.random.default_rng(33)
+  v = rng.normal(size=(1, T, 2, D)).astype(np.float32)
+  do = rng.normal(size=(1, T, 2, D)).astype(np.float32)
+  lf = np.full((1, T, 2), -0.01, np.float32)
+  lf[0, 6] = -np.inf
+  return Inputs(*map(jnp.asarray, (q, k, v, lf)), None, jnp.asarray(do))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_huge_finite_rows_keep_zero_gates_exact_or_nan(impl):
+  """A q row with finite elements but an overflowing squared norm still counts in U (it
+  used to be dropped like a NaN row, so F came from the small rows and key 2 got all the
+  weight of query 10: finite, wrong numbers). Where U itself overflows float32 (head 1),
+  the queries that depend on the floor are NaN, never finite and wrong."""
+  inp = _huge_row_inputs()
+  got, _ = _run(impl, inp)
+  expected = _expected_f64(inp)
+  for name in ("o", "lse"):
+    h0 = (slice(None), slice(None), 0) if name == "o" else (slice(None), 0)
+    assert_close(got[name][h0], expected[name][h0], jnp.float32, f"{impl} {name} head 0")
+  for name in ("dq", "dk", "dv", "dlog_fgate"):
+    h0 = (slice(None), slice(None), 0)
+    assert_close(got[name][h0], expected[name][h0], jnp.float32, f"{impl} {name} head 0")
+  o1, lse1 = got["o"][0, :, 1], got["lse"][0, 1]
+  assert_close(o1[:6], expected["o"][0, :6, 1], jnp.float32, f"{impl} o head 1 before the gate")
+  if impl == "reference":  # it finds zero gates directly and needs no floor
+    assert_close(o1, expected["o"][0, :, 1], jnp.float32, f"{impl} o head 1")
+  else:
+    assert np.all(np.isnan(o1[6:])) and np.all(np.isnan(lse1[6:]))
