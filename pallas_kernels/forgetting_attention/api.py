@@ -74,6 +74,33 @@ def _as_array(x, name: str):
     raise ValueError(f"{name} must be an array, got {type(x).__name__}") from None
 
 
+def _host_segment_ids(x):
+  """Host ids (numpy arrays, nested lists) of more than 32 bits as int32 ranks; else ``x``.
+
+  ``jnp.asarray`` casts 64-bit integers to int32 unless jax_enable_x64 is on, which merges
+  ids that differ only above bit 32 (and Python ints beyond int32 raise OverflowError), so
+  such ids are ranked here, on the host, before they become a JAX array: ``np.unique``'s
+  inverse is equal exactly where the ids are equal and keeps their order (sorted ids stay
+  sorted for the tile ranges). Python ints beyond int64, which numpy turns into floats or
+  objects, are ranked as Python ints. JAX arrays are left to ``_int32_segment_ids``.
+  """
+  if isinstance(x, (jax.Array, str, bytes)):
+    return x
+  try:
+    arr = np.asarray(x)
+    if arr.dtype.kind in "fO":  # maybe Python ints too large for int64
+      obj = np.asarray(x, dtype=object)
+      if obj.size and all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
+                          for i in obj.flat):
+        arr = obj
+  except (TypeError, ValueError, OverflowError):
+    return x  # not an array: _as_array names the argument
+  if arr.dtype == object or (arr.dtype.kind in "iu" and arr.dtype.itemsize > 4):
+    _, rank = np.unique(arr, return_inverse=True)
+    return rank.reshape(arr.shape).astype(np.int32)
+  return x
+
+
 def _scale(sm_scale, head_dim: int) -> float:
   return head_dim ** -0.5 if sm_scale is None else common.finite_number(sm_scale, "sm_scale")
 
@@ -158,7 +185,10 @@ def forgetting_attention(
       negative that those weights underflow anyway (e.g. -3e38) act the same. A NaN gate
       at t makes the output and lse NaN at every query position >= t of its head.
     segment_ids: [B, S] integer ids of packed documents; no attention across them. Only
-      equality matters (64-bit ids are compared exactly).
+      equality matters, and 64-bit ids are compared exactly: numpy arrays and lists (any
+      Python ints) are ranked into int32 on the host, 64-bit JAX arrays (jax_enable_x64)
+      on the device. (A JAX array made from int64 ids with x64 off was already cast to
+      int32 by JAX, which merges ids that differ only above bit 32.)
     sm_scale: logit scale, a finite number (default D ** -0.5). The decay is not scaled.
     pruning: a :class:`Pruning` to skip tiles whose weights are provably negligible.
     impl: "reference" | "xla" | "pallas_gpu" | "pallas_tpu" | "auto" (pallas_gpu on GPU,
@@ -179,7 +209,7 @@ def forgetting_attention(
   q, k, v, log_fgate = (_as_array(x, name) for x, name in
                         ((q, "q"), (k, "k"), (v, "v"), (log_fgate, "log_fgate")))
   if segment_ids is not None:
-    segment_ids = _as_array(segment_ids, "segment_ids")
+    segment_ids = _as_array(_host_segment_ids(segment_ids), "segment_ids")
   _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning)
   _scale(sm_scale, q.shape[-1])
   # Called on arrays, the op runs here and now: a Pallas impl for another backend fails

@@ -176,6 +176,24 @@ def test_int64_segment_ids_keep_their_equalities(impl):
     assert_close(x, ref[name], jnp.float32, name)
 
 
+def test_host_64bit_segment_ids_keep_their_equalities():
+  """numpy int64 / uint64 ids and Python ints beyond int32 and int64, with jax_enable_x64
+  off: ranked on the host. jnp.asarray cast them to int32 (merging ids that differ only
+  above bit 32: finite, wrong outputs) or raised OverflowError."""
+  assert not jax.config.jax_enable_x64
+  inp = make_inputs(2, 40, 40, 2, 1, 16, jnp.float32, seed=8)
+  ids = np.stack([_WIDE_IDS, _WIDE_IDS[::-1]])
+  ranks = np.unique(ids, return_inverse=True)[1].reshape(ids.shape)
+  expected = reference_f64(inp._replace(segment_ids=jnp.asarray(ranks, jnp.int32)), grads=False)
+  huge = [[int(i) * 2 ** 40 - 2 ** 70 for i in row] for row in ids.tolist()]  # beyond int64
+  for name, seg in (("int64", ids), ("uint64", ids.astype(np.uint64)), ("list", ids.tolist()),
+                    ("huge list", huge)):
+    for impl in ("reference", "xla"):
+      o = forgetting_attention(inp.q, inp.k, inp.v, inp.log_fgate, segment_ids=seg, impl=impl,
+                               block_sizes=BlockSizes(16, 16) if impl == "xla" else None)
+      assert_close(o, expected["o"], jnp.float32, f"{impl} {name}")
+
+
 # ----------------------------------------------------------------------------- other platforms
 
 _KERNELS = {"cuda": r"__gpu\$xla\.gpu\.triton", "tpu": r"custom_call @tpu_custom_call"}
