@@ -101,6 +101,21 @@ def _host_segment_ids(x):
   return x
 
 
+def _any_positive(x) -> bool:
+  """Whether a concrete ``x`` has an element > 0 (False for a traced one, which can't tell).
+
+  numpy input is checked with numpy. A JAX array is concrete but may be a constant closed
+  over by a jit: jnp on it inside that trace would give a tracer (and ``bool`` a
+  TracerBoolConversionError), so it is evaluated eagerly, on its device.
+  """
+  if isinstance(x, jax.core.Tracer):
+    return False
+  if not isinstance(x, jax.Array):
+    return bool(np.any(np.asarray(x) > 0))
+  with jax.ensure_compile_time_eval():
+    return bool(jnp.any(x > 0))
+
+
 def _scale(sm_scale, head_dim: int) -> float:
   return head_dim ** -0.5 if sm_scale is None else common.finite_number(sm_scale, "sm_scale")
 
@@ -146,7 +161,7 @@ def _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning):
   fg_allowed = (jnp.float32,) + ((jnp.float64,) if impl == "reference" else ())
   if log_fgate.dtype not in fg_allowed:
     raise ValueError(f"log_fgate must be float32, got {log_fgate.dtype}")
-  if not isinstance(log_fgate, jax.core.Tracer) and bool(jnp.any(log_fgate > 0)):
+  if _any_positive(log_fgate):
     raise ValueError("log_fgate must be <= 0 everywhere (it is log of a forget gate in [0, 1])")
   if segment_ids is not None:
     if segment_ids.shape != (B, S):

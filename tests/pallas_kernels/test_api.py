@@ -194,6 +194,20 @@ def test_host_64bit_segment_ids_keep_their_equalities():
       assert_close(o, expected["o"], jnp.float32, f"{impl} {name}")
 
 
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_constant_log_fgate_under_jit(impl):
+  """A log_fgate closed over by a jit is concrete: its positivity check runs (eagerly) instead
+  of raising TracerBoolConversionError, for JAX and numpy constants alike."""
+  q, k, v, lf = _args()
+  expected = forgetting_attention(q, k, v, lf, impl=impl)
+  for const in (lf, np.asarray(lf)):
+    f = jax.jit(lambda q, k, v: forgetting_attention(q, k, v, const, impl=impl))
+    np.testing.assert_array_equal(np.asarray(f(q, k, v)), np.asarray(expected))
+  for const in (-lf, -np.asarray(lf)):
+    with pytest.raises(ValueError, match="log_fgate must be <= 0"):
+      jax.jit(lambda q, k, v: forgetting_attention(q, k, v, const, impl=impl))(q, k, v)
+
+
 # ----------------------------------------------------------------------------- other platforms
 
 _KERNELS = {"cuda": r"__gpu\$xla\.gpu\.triton", "tpu": r"custom_call @tpu_custom_call"}
