@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -80,9 +82,20 @@ def _filter_io_echoes() -> None:
   sys.unraisablehook = hook
 
 
+class _DropIOEchoes(logging.Filter):
+  """asyncio logs 'Task exception was never retrieved' for each abandoned orbax task."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (_io_failed and "exception was never retrieved" in record.getMessage())
+
+
 def _failed() -> None:
   global _io_failed
-  _io_failed = True
+  if not _io_failed:
+    _io_failed = True
+    logging.getLogger("asyncio").addFilter(_DropIOEchoes())
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
 
 
 class CheckpointSaveError(RunError):
@@ -101,6 +114,15 @@ class BrokenCheckpoint(Exception):
     _failed()
     self.step, self.path, self.reason = step, path, reason
     super().__init__(f"checkpoint step {step} ({path}) cannot be restored: {reason}")
+
+
+class Vanished(Exception):
+  """A checkpoint removed while it was read (a run training in the same directory keeps
+  only its newest checkpoints)."""
+
+  def __init__(self, step: int):
+    self.step = step
+    super().__init__(f"checkpoint step {step} was removed while it was read")
 
 
 class Restored(NamedTuple):
@@ -150,11 +172,14 @@ def check_integrity(step_dir: str) -> Optional[str]:
     full = os.path.join(step_dir, rel)
     if not os.path.isfile(full):
       return f"{rel} is missing"
-    actual = os.path.getsize(full)
-    if actual != size:
-      return f"{rel} has {actual} bytes, {size} were saved"
-    if _sha256(full) != digest:
-      return f"{rel} differs from what was saved"
+    try:
+      actual = os.path.getsize(full)
+      if actual != size:
+        return f"{rel} has {actual} bytes, {size} were saved"
+      if _sha256(full) != digest:
+        return f"{rel} differs from what was saved"
+    except OSError as e:
+      return f"{rel} cannot be read ({e.strerror})"
   return None
 
 
@@ -259,6 +284,8 @@ class Checkpointer:
     path = self.step_dir(step)
     damage = check_integrity(path) if jax.process_index() == 0 else UNRECORDED
     if damage not in (None, UNRECORDED):
+      if not os.path.isdir(path):
+        raise Vanished(step)
       raise BrokenCheckpoint(step, path, damage)
     try:
       got = self._manager.restore(step, args=ocp.args.Composite(
@@ -266,6 +293,9 @@ class Checkpointer:
       meta = dict(got.meta)
       int(meta["data_position"])
     except Exception as e:
+      if not os.path.isdir(path):
+        _failed()
+        raise Vanished(step) from e
       if damage is None:
         _failed()
         raise UsageError(f"checkpoint step {step} ({path}) is intact but does not restore "
@@ -286,11 +316,21 @@ class Checkpointer:
     if jax.process_count() > 1:
       return self._restore_agreed(steps, abstract_state)
     broken = []
-    for step in reversed(steps):
+    retries = 3
+    while steps:
+      step = steps.pop()
       try:
         state, meta = self.restore(step, abstract_state)
       except BrokenCheckpoint as e:
         broken.append(e)
+        continue
+      except Vanished:
+        if not retries:
+          raise UsageError(f"the checkpoints in {self.directory} keep being replaced while "
+                           f"they are read; try again") from None
+        retries -= 1
+        self._manager.reload()
+        steps = [s for s in self.all_steps() if s not in {b.step for b in broken}]
         continue
       if not self.read_only and check_integrity(self.step_dir(step)) == UNRECORDED:
         write_integrity(self.step_dir(step))

@@ -113,7 +113,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   # Before anything slow: a SIGTERM or Ctrl-C from here on ends with a message.
   from fox_jax.signals import Interrupted, StopSignals
-  with StopSignals() as signals:
+  with StopSignals(exit_on_second=True) as signals:
     try:
       code = _train(argv, signals)
     except Interrupted as e:
@@ -156,6 +156,8 @@ def _train(argv: Sequence[str], signals) -> int:
   result = train_lib.train(config, args.workdir, max_steps=args.max_steps, signals=signals)
   if result.status == "preempted":
     msg = f"stopped by {result.signal} at step {result.step}; checkpoint saved, rerun to resume"
+  elif args.max_steps is not None and result.step > args.max_steps:
+    msg = f"the run is already at step {result.step}, past --max_steps {args.max_steps}; nothing done"
   else:
     msg = f"finished at step {result.step}"
   if result.val_loss is not None:

@@ -50,7 +50,7 @@ SAFE_ON_RESUME = (
     "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_every",
     "run.val_rows", "run.progress_bar", "run.peak_flops_per_device", "eval.*", "mesh.*",
     "optim.grad_accum", "optim.total_tokens", "data.global_batch",
-    "model.attn_impl", "model.block_sizes.*", "model.remat",
+    "model.attn_impl", "model.block_sizes*", "model.remat",
 )
 
 
@@ -339,10 +339,12 @@ def _parse_typed(text: str, tp, key: str):
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       raise UsageError(f"--config.{key} takes a Python literal, got {text!r}") from None
-    if tp is tuple and isinstance(value, (int, float)):
-      value = (value,)
-    if tp in (tuple, list) and isinstance(value, list):
-      value = tuple(value)
+    if tp in (tuple, list):
+      if isinstance(value, (int, float)):
+        value = (value,)
+      if not isinstance(value, (tuple, list)):
+        raise UsageError(f"--config.{key} takes a tuple, got {text!r}")
+      return tp(value)
     expected = dict if dataclasses.is_dataclass(tp) else tp
     if not isinstance(value, expected):
       raise UsageError(f"--config.{key} takes a {expected.__name__}, got {text!r}")

@@ -170,16 +170,21 @@ def _records(path: str):
         yield record
 
 
+def _step(record: dict) -> Optional[int]:
+  step = record.get("step")
+  return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def last_logged_step(path: str) -> int:
   """The largest step in a metrics file (0 if there is none)."""
-  return max((int(r.get("step", 0)) for r in _records(path)), default=0)
+  return max((_step(r) or 0 for r in _records(path)), default=0)
 
 
 def logged_value(path: str, step: int, key: str):
   """The last ``key`` logged at ``step`` in a metrics file, or None."""
   found = None
   for r in _records(path):
-    if int(r.get("step", -1)) == step and key in r:
+    if _step(r) == step and key in r:
       found = r[key]
   return found
 
@@ -188,7 +193,8 @@ def truncate_jsonl(path: str, step: int) -> int:
   """Drops the lines of a metrics file logged after ``step`` (and a torn last line).
 
   A run killed after its last checkpoint logged steps it will repeat on resume; the
-  resumed run writes them again. Returns the number of lines dropped.
+  resumed run writes them again. Lines without an integer step (not written by fox-train)
+  are kept. Returns the number of lines dropped.
   """
   if not os.path.exists(path):
     return 0
@@ -200,7 +206,8 @@ def truncate_jsonl(path: str, step: int) -> int:
       record = json.loads(line)
     except json.JSONDecodeError:
       continue
-    if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+    logged = _step(record) if isinstance(record, dict) else None
+    if logged is None or logged <= step:
       keep.append(line if line.endswith("\n") else line + "\n")
   if len(keep) != len(lines):
     atomic_write(path, "".join(keep))

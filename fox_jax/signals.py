@@ -5,7 +5,9 @@ Imports nothing heavy, so that ``fox-train`` installs the handlers before it imp
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Optional
 
 
@@ -33,8 +35,9 @@ class StopSignals:
 
   _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, exit_on_second: bool = False):
     self.received: Optional[str] = None
+    self.exit_on_second = exit_on_second
     self._previous: dict = {}
 
   def __enter__(self) -> "StopSignals":
@@ -54,6 +57,11 @@ class StopSignals:
     if self.received is None:
       self.received = signal.Signals(signum).name
     elif signum == signal.SIGINT:
+      if self.exit_on_second:
+        sys.stderr.write("fox-train: stopped by a second SIGINT without saving; the "
+                         "checkpoints saved before it are kept\n")
+        sys.stderr.flush()
+        os._exit(130)
       raise KeyboardInterrupt
 
   def check(self) -> None:

@@ -55,13 +55,15 @@ from fox_jax.model import DecoderLM
 class NonFiniteError(RunError):
   """A step whose loss, gradient or update is not finite; ``step`` is that step (1-based).
 
-  The step was not applied; ``last_good`` is the checkpoint holding the state before it.
+  The step was not applied; ``last_good`` is the checkpoint holding the state before it
+  (None when the very first step failed: there is no trained state to keep).
   """
 
   def __init__(self, step: int, last_good: Optional[int]):
     self.step, self.last_good = step, last_good
-    super().__init__(f"non-finite loss, gradient or update at step {step}; "
-                     f"last good checkpoint is step {last_good}")
+    kept = (f"last good checkpoint is step {last_good}" if last_good is not None
+            else "no checkpoint was saved (the first step failed)")
+    super().__init__(f"non-finite loss, gradient or update at step {step}; {kept}")
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
@@ -370,14 +372,14 @@ def prepare_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def _make_dirs(path: str) -> Optional[str]:
-  """Creates ``path`` and its missing parents; the highest directory this call created."""
+def _make_dirs(path: str) -> list[str]:
+  """Creates ``path`` and its missing parents; the directories this call created."""
   missing = []
   probe = path
   while not os.path.exists(probe):
     missing.append(probe)
     probe = os.path.dirname(probe)
-  created = None
+  created = []
   for d in reversed(missing):
     try:
       os.mkdir(d)
@@ -385,8 +387,22 @@ def _make_dirs(path: str) -> Optional[str]:
       continue
     except OSError as e:
       raise UsageError(f"cannot create run directory {path}: {e.strerror}") from None
-    created = created or d
+    created.append(d)
   return created
+
+
+def _unmake_dirs(workdir: str, created: list[str]) -> None:
+  """Undoes :func:`_make_dirs` after a failed start: the run directory (ours: we created
+  and locked it) with what start-up put in it, then each parent we created if it is still
+  empty; a parent another run has started to use since stays."""
+  for d in reversed(created):
+    if d == workdir:
+      shutil.rmtree(d, ignore_errors=True)
+    else:
+      try:
+        os.rmdir(d)
+      except OSError:
+        pass
 
 
 @dataclasses.dataclass
@@ -397,6 +413,7 @@ class _Start:
   position: int
   restored: bool
   checkpointer: ckpt_lib.Checkpointer
+  writer: metrics_lib.MetricsWriter
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, *, max_steps: Optional[int] = None,
@@ -449,7 +466,7 @@ def _start(c, setup, workdir: str, lock, signals) -> _Start:
   is_main = jax.process_index() == 0
   created = _make_dirs(workdir)
   locked = False
-  checkpointer = None
+  checkpointer = writer = None
   try:
     if lock is not None:
       lock.acquire()
@@ -462,6 +479,7 @@ def _start(c, setup, workdir: str, lock, signals) -> _Start:
     broken_dir = os.path.join(workdir, ckpt_lib.BROKEN_DIR)
     history = bool(steps) or rundir.last_logged_step(metrics_path) > 0 or (
         os.path.isdir(broken_dir) and bool(os.listdir(broken_dir)))
+    config_missing = saved is None
     if saved is None and steps:
       saved = checkpointer.saved_config()
       if saved is None:
@@ -491,7 +509,7 @@ def _start(c, setup, workdir: str, lock, signals) -> _Start:
               f"step {logged}, is cut back)")
     signals.check()
     if is_main:
-      if restored is None or saved is None or changes:
+      if restored is None or config_missing or changes:
         rundir.save_config(c, workdir)
       if changes:
         rundir.record_changes(workdir, step, changes)
@@ -501,14 +519,17 @@ def _start(c, setup, workdir: str, lock, signals) -> _Start:
                if any(k in changes for k in ("optim.total_tokens", "data.global_batch")) else ""))
       # A run killed after its last checkpoint logged steps it is about to repeat.
       rundir.truncate_jsonl(metrics_path, step)
-    return _Start(state, step, position, restored is not None, checkpointer)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, first_step=step + 1)
+    return _Start(state, step, position, restored is not None, checkpointer, writer)
   except BaseException as e:
     if checkpointer is not None:
       checkpointer.close()
     if lock is not None and locked:
       lock.release()
-    if created is not None and (locked or lock is None):
-      shutil.rmtree(created, ignore_errors=True)
+    if writer is not None:
+      writer.close()
+    if created and (locked or lock is None):
+      _unmake_dirs(workdir, created)
     if isinstance(e, OSError):
       raise UsageError(f"cannot use run directory {workdir}: {e.strerror or e}"
                        + (f" ({e.filename})" if e.filename else "")) from None
@@ -521,7 +542,7 @@ def _loop(c, setup, workdir, start: _Start, train_data, heldout, max_steps,
   checkpointer = start.checkpointer
   state, step, position = start.state, start.step, start.position
   first_step = step
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, first_step=step + 1)
+  writer = start.writer
   step_fn, eval_fn = setup.train_step, setup.eval_fn
   last_saved = step if start.restored else None
   T, B, micro = int(c.data.seq_len), int(c.data.global_batch), int(c.optim.grad_accum)
@@ -552,8 +573,9 @@ def _loop(c, setup, workdir, start: _Start, train_data, heldout, max_steps,
       lr = optim.step_learning_rate(c.optim, position * T, tokens_per_step)
       state, m = step_fn(state, load_batch(setup, train_data, position, B, micro), lr)
       if not bool(m["finite"]):
-        save(step, state, position)
-        checkpointer.wait()
+        if step > 0:  # the state before a first step is the initialisation: nothing to keep
+          save(step, state, position)
+          checkpointer.wait()
         raise NonFiniteError(step + 1, last_saved)
       step += 1
       position += B
@@ -579,7 +601,8 @@ def _loop(c, setup, workdir, start: _Start, train_data, heldout, max_steps,
         writer.write(step, {"val_loss": v})
       if step % c.run.checkpoint_every == 0:
         save(step, state, position)
-    save(step, state, position)
+    if step > 0:  # a run stopped before its first step has nothing to save
+      save(step, state, position)
     checkpointer.wait()
     if status == "done" and position * T >= total_tokens:
       previous = rundir.logged_value(os.path.join(workdir, metrics_lib.METRICS_FILE), step,

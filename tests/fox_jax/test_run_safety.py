@@ -89,6 +89,24 @@ def test_unusable_fields_fail_at_start_naming_the_field(tmp_path, field, value):
   assert not workdir.exists()
 
 
+def test_overrides_of_a_saved_config_parse_like_the_file_s():
+  """A config read back from config.json holds lists where the file had tuples."""
+  c = run_config.config_from_json(run_config.config_to_json(tiny_config()), "config.json")
+  run_config.apply_overrides(c, [("eval.length_multiples", "(1,2)")])
+  assert list(c.eval.length_multiples) == [1, 2]
+
+
+def test_metrics_lines_fox_train_did_not_write_are_kept(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  with open(path, "w") as f:
+    f.write('{"step": 1, "loss": 2}\n{"step": "x"}\n{"step": null, "note": 1}\n'
+            '{"step": 3, "loss": 1}\n{"step": 4')
+  assert rundir.truncate_jsonl(path, 2) == 2
+  assert [json.loads(l) for l in open(path)] == [
+      {"step": 1, "loss": 2}, {"step": "x"}, {"step": None, "note": 1}]
+  assert rundir.last_logged_step(path) == 1
+
+
 def test_relative_data_path_is_saved_absolute(tmp_path, monkeypatch):
   corpus = tmp_path / "corpus"
   corpus.mkdir()
@@ -100,6 +118,11 @@ def test_relative_data_path_is_saved_absolute(tmp_path, monkeypatch):
   train_lib.train(c, "run", max_steps=0, devices=one_device())
   saved = rundir.load_config(str(tmp_path / "run"))
   assert saved.data.path == str(corpus)
+  # No step taken, no checkpoint: the directory may still start over with another config.
+  assert ckpt_lib.Checkpointer("run", read_only=True).all_steps() == []
+  c.data.seq_len = 16
+  train_lib.train(c, "run", max_steps=0, devices=one_device())
+  assert rundir.load_config("run").data.seq_len == 16
 
 
 def test_every_model_field_is_overridable_from_the_command_line():
@@ -136,11 +159,13 @@ def test_resume_refuses_a_changed_model_and_keeps_the_saved_config(tmp_path):
     assert open(rundir.config_path(workdir)).read() == saved_text
   # The model is compared as it resolves: the derived num_kv_heads spelled out, another
   # implementation of the same attention and rematerialisation are no change.
-  same = tiny_config(steps=4, num_kv_heads=4, attn_impl="xla", remat=True)
+  same = tiny_config(steps=4, num_kv_heads=4, attn_impl="xla", remat=True,
+                     block_sizes={"block_q": 16, "block_k": 16})
   same.run.checkpoint_every = 1
   assert train_lib.train(same, workdir, max_steps=2, devices=one_device()).step == 2
   [change] = read_jsonl(os.path.join(workdir, rundir.HISTORY_FILE))
-  assert sorted(change["changed"]) == ["model.attn_impl", "model.remat"]
+  assert sorted(change["changed"])[:2] == ["model.attn_impl", "model.block_sizes"]
+  assert sorted(change["changed"])[-1] == "model.remat"
   saved_text = open(rundir.config_path(workdir)).read()
   other = tiny_config(steps=4, seq_len=64)
   with pytest.raises(UsageError, match=r"data\.seq_len: 32 -> 64"):
@@ -153,6 +178,8 @@ def test_resume_refuses_a_changed_model_and_keeps_the_saved_config(tmp_path):
   with pytest.raises(UsageError, match=r"refused changes: model\.num_layers"):
     train_lib.train(tiny_config(steps=4, num_layers=2), workdir, devices=one_device())
   assert not os.path.exists(rundir.config_path(workdir))
+  train_lib.train(same, workdir, max_steps=3, devices=one_device())
+  assert rundir.load_config(workdir).model.overrides.remat is True  # written back
 
 
 def test_resume_with_another_batch_counts_the_rows_consumed(tmp_path):
@@ -292,6 +319,26 @@ def test_a_signal_during_start_up_leaves_nothing_behind(tmp_path):
   with pytest.raises(Interrupted):
     train_lib.train(c, workdir, devices=one_device(), signals=signals)
   assert {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)} == before
+
+
+def test_a_failed_start_keeps_a_parent_another_run_uses(tmp_path, monkeypatch):
+  """Start-up removes the parents it created only while they are empty: another job of a
+  sweep may have started in one meanwhile."""
+  c = tiny_config(steps=2)
+  signals = StopSignals()
+  other = tmp_path / "sweep" / "a"
+  init = train_lib.init_state
+
+  def init_while_another_run_starts(*args):
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    signals.received = "SIGTERM"
+    return init(*args)
+  monkeypatch.setattr(train_lib, "init_state", init_while_another_run_starts)
+  with pytest.raises(Interrupted):
+    train_lib.train(c, str(tmp_path / "sweep" / "b"), devices=one_device(), signals=signals)
+  assert sorted(os.listdir(tmp_path / "sweep")) == ["a"]
+  assert (other / "config.json").read_text() == "{}"
 
 
 def test_integrity_is_recorded_once_a_save_completes(tmp_path):
