@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from fox_jax import convert
+from fox_jax import convert, safetensors_io
 from tests.fox_jax.test_convert import DATA, FLA_CONFIG
 
 WEIGHT = "model.layers.0.mlp.down_proj.weight"  # [64, 256] in every fixture
@@ -168,6 +168,57 @@ def test_hugging_face_cache_layout_accepted(tmp_path):
   assert config["model_type"] == convert.AUTHORS_MODEL_TYPE and WEIGHT in tensors
 
 
+def _hub_snapshot(tmp_path, blobs_target):
+  """<repo>/snapshots/rev/ with config.json and model.safetensors as the hub links them,
+  <repo>/blobs being a symlink to ``blobs_target``: (snapshot, repo)."""
+  repo = tmp_path / "models--org--fox"
+  snapshot = repo / "snapshots" / "rev"
+  snapshot.mkdir(parents=True)
+  (repo / "blobs").symlink_to(blobs_target)
+  for name in ("config.json", "model.safetensors"):
+    shutil.copy(os.path.join(DATA, "fox_llama", name), blobs_target / f"hash-{name}")
+    (snapshot / name).symlink_to(os.path.join("..", "..", "blobs", f"hash-{name}"))
+  return snapshot, repo
+
+
+def test_hub_layout_with_symlinked_blobs_rejected(tmp_path):
+  # blobs/ as a symlink could lead anywhere (the probe pointed it at /): only a real blobs/
+  # directory beside snapshots/ makes the exception.
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  snapshot, _ = _hub_snapshot(tmp_path, elsewhere)
+  with pytest.raises(ValueError, match=r"rev/config\.json: resolves to .*elsewhere/hash-config"
+                     r"\.json, outside the checkpoint directory"):
+    convert.read_checkpoint_dir(str(snapshot))
+
+
+def test_hub_index_name_climbing_out_rejected(tmp_path):
+  # The probe's escape: blobs -> /, and an index entry climbing up to any file. The name is
+  # refused before anything is opened (the message used to report the file's size).
+  secret = tmp_path / "secret.bin"
+  secret.write_bytes(b"\xff" * 100)
+  repo = tmp_path / "models--org--fox"
+  snapshot = repo / "snapshots" / "rev"
+  snapshot.mkdir(parents=True)
+  (repo / "blobs").symlink_to("/")
+  shutil.copy(os.path.join(DATA, "fox_llama", "config.json"), snapshot / "config.json")
+  name = "../" * 30 + str(secret).lstrip("/")
+  (snapshot / "model.safetensors.index.json").write_text(
+      json.dumps({"weight_map": {WEIGHT: name}}))
+  with pytest.raises(ValueError, match=r"weight_map entry .* lies outside the checkpoint "
+                     r"directory .*'\.\.' is not allowed in shard names") as e:
+    convert.read_checkpoint_dir(str(snapshot))
+  assert "bytes" not in str(e.value)
+  # with a real blobs/ too: an index names files in the snapshot, never above it
+  (repo / "blobs").unlink()
+  (repo / "blobs").mkdir()
+  shutil.copy(os.path.join(DATA, "fox_llama", "model.safetensors"), repo / "blobs" / "w")
+  (snapshot / "model.safetensors.index.json").write_text(
+      json.dumps({"weight_map": {WEIGHT: "../../blobs/w"}}))
+  with pytest.raises(ValueError, match=r"'\.\./\.\./blobs/w' lies outside"):
+    convert.read_checkpoint_dir(str(snapshot))
+
+
 # -- malformed configs, indexes and safetensors files -----------------------------------
 
 @pytest.mark.parametrize("edit,message", [
@@ -208,6 +259,12 @@ def _index_cases():
     shard_index(d, {k: "a.safetensors" if i < mapped else "b.safetensors"
                     for i, k in enumerate(names)})
 
+  def shard_a_directory(d, tensors):
+    shards(d, tensors, len(tensors), len(tensors))
+    (d / "sub").mkdir()
+    names = sorted(tensors)
+    shard_index(d, {k: "a.safetensors" if i < 3 else "sub" for i, k in enumerate(names)})
+
   index = r"model\.safetensors\.index\.json"
   return {
       "no weight_map": (lambda d, t: write(d, t, {"metadata": {}}),
@@ -232,6 +289,11 @@ def _index_cases():
       "shard lacking a mapped tensor": (
           lambda d, t: shards(d, t, 2, 3),
           rf"{index}: weight_map puts tensor '.*' in 'a\.safetensors', which does not hold it"),
+      # every shard is checked before any is read: a.safetensors holding tensors meant for
+      # 'sub' must not be what the message is about
+      "shard a directory": (
+          shard_a_directory,
+          rf"{index}: shard 'sub' \(holding e\.g\. '.*'\) is a directory, not a file"),
   }
 
 
@@ -275,8 +337,20 @@ MALFORMED = {
     "size and shape differ": ({"a": dict(F32, shape=[3])}, bytes(16), None,
                               r"tensor 'a': data_offsets \[0, 16\] hold 16 bytes, but F32 of "
                               r"shape \[3\] needs 12"),
-    "huge shape": ({"a": dict(F32, shape=[2**40, 2**40])}, bytes(16), None,
+    "huge shape": ({"a": dict(F32, shape=[2**30, 2**30])}, bytes(16), None,
                    "tensor 'a': data_offsets .* hold 16 bytes"),
+    # zero elements, but numpy cannot make the array: refused as too large, naming the file
+    "zero-size, dimension beyond int64": (
+        {"a": dict(F32, shape=[10**30, 0], data_offsets=[0, 0])}, b"", None,
+        r"tensor 'a': shape \[10+, 0\] is too large for an array"),
+    "zero-size, dimension 2**63": (
+        {"a": dict(F32, shape=[2**63, 0], data_offsets=[0, 0])}, b"", None,
+        r"tensor 'a': shape \[9223372036854775808, 0\] is too large"),
+    "zero-size, dimensions overflowing": (
+        {"a": dict(F32, shape=[2**62, 2**62, 0], data_offsets=[0, 0])}, b"", None,
+        "tensor 'a': shape .* is too large"),
+    "65 dimensions": ({"a": dict(F32, shape=[1] * 65, data_offsets=[0, 4])}, bytes(4), None,
+                      "tensor 'a': shape has 65 dimensions, at most 64 can be read"),
     "truncated data": ({"a": dict(F32, shape=[8], data_offsets=[0, 32])}, bytes(16), None,
                        r"tensor 'a': data_offsets \[0, 32\] run past the end of the data "
                        r"\(16 bytes\): the file is truncated"),
@@ -293,6 +367,17 @@ def test_malformed_safetensors(tmp_path, case):
   else:
     raw_safetensors(path, header, data, header_len)
   with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: .*{message}"):
+    convert.read_safetensors(str(path))
+
+
+def test_numpy_error_names_file_and_tensor(tmp_path, monkeypatch):
+  # Should a shape pass the checks and numpy still refuse it, the message names the file
+  # and the tensor (numpy's own said neither).
+  monkeypatch.setattr(safetensors_io, "MAX_RANK", 100, raising=False)
+  path = tmp_path / "model.safetensors"
+  raw_safetensors(path, {"a": dict(F32, shape=[1] * 65, data_offsets=[0, 4])}, bytes(4))
+  with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: tensor 'a' \(F32, shape "
+                     r"\[1, 1, .*\) cannot be read \(ValueError: .*\)"):
     convert.read_safetensors(str(path))
 
 
@@ -340,6 +425,13 @@ def _cli_cases():
   def missing(d, t):
     shutil.rmtree(d)
 
+  def zero_size_huge_shape(d, t):
+    raw_safetensors(d / "model.safetensors",
+                    {"x": {"dtype": "F32", "shape": [10**30, 0], "data_offsets": [0, 0]}})
+
+  def long_shard_name(d, t):
+    shard_index(d, {k: "x" * 5000 for k in t})
+
   return {
       "config a list": (config_list, "config.json: config must be a JSON object"),
       "missing shard": (missing_shard, "model.safetensors.index.json: shard"),
@@ -350,6 +442,9 @@ def _cli_cases():
       "huge header": (huge_header, "model.safetensors: safetensors header length"),
       "checkpoint not a directory": (not_a_directory, "not a directory"),
       "checkpoint missing": (missing, "no such directory"),
+      "zero-size huge shape": (zero_size_huge_shape,
+                               "model.safetensors: tensor 'x': shape [1000000000000000000000"),
+      "long shard name": (long_shard_name, "model.safetensors.index.json: shard 'xxxxxxxx"),
   }
 
 
@@ -363,6 +458,7 @@ def test_cli_bad_checkpoint_one_line(tmp_path, capsys, case):
   status, err = run_cli(capsys, d, out_parent / "new" / "converted")
   assert status == 2 and len(err) == 1, err
   assert err[0].startswith("fox-convert: ") and message in err[0], err
+  assert len(err[0]) < 600, err  # names from the files are cut short
   assert os.listdir(out_parent) == []  # neither the output nor its new parent is left
 
 
