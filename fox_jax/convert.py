@@ -14,7 +14,8 @@ value the import reproduces exactly, or (for options that cannot change the forw
 token ids, caching, fused-kernel switches, initialisation) ignored; anything else raises a
 ValueError naming the option, as does a missing required option or a value of the wrong
 type. Loading checks each tensor's shape, that it is floating point and finite, that every
-checkpoint tensor is used and that every model parameter is filled.
+checkpoint tensor is used and that every model parameter is filled; names and shapes are
+checked against the config before any model is built.
 
 Checkpoints are untrusted input. Files are read and validated by ``fox_jax.safetensors_io``
 (safetensors headers against the file size, shard names confined to the checkpoint
@@ -69,14 +70,14 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fox_jax.config import ModelConfig
+from fox_jax.config import ATTN_IMPLS, ModelConfig
 from fox_jax.converted import (check_output_dir, load_converted, save_converted,
                                staged_output, write_conversion)
 from fox_jax.layers import Constant
@@ -193,12 +194,22 @@ def _mlp_fields(hf: Mapping[str, Any], source: str) -> dict:
   return dict(mlp_ratio=_number(hf, "hidden_ratio", source, 4.0))
 
 
+class _OverrideError(ValueError):
+  """An invalid override: the caller's mistake, not the checkpoint's config file's."""
+
+
 def _build_config(fields: dict, source: str, overrides: Mapping[str, Any]) -> ModelConfig:
-  fields = dict(fields, **overrides)
   try:
-    return ModelConfig(**fields)
+    cfg = ModelConfig(**fields)
   except ValueError as e:
     raise ValueError(f"{source} config maps to an invalid ModelConfig: {e}") from e
+  if not overrides:
+    return cfg
+  try:
+    return ModelConfig(**dict(fields, **overrides))
+  except (ValueError, TypeError) as e:  # TypeError: a field ModelConfig does not have
+    given = ", ".join(f"{k}={brief(v)}" for k, v in overrides.items())
+    raise _OverrideError(f"invalid override {given}: {e}") from e
 
 
 _AUTHORS_KEYS = _AUTHORS_INERT_KEYS | set("""
@@ -375,18 +386,20 @@ def _attention_rules(cfg: ModelConfig, prefix: str, layer: int, names: Mapping[s
 
 
 def _model_rules(cfg: ModelConfig, attn_names: Mapping[str, str], shift_names: bool,
-                 fused_mlp: bool) -> list[Rule]:
+                 fused_mlp: bool) -> Iterator[Rule]:
+  """Rules in checkpoint order, one layer at a time: lazy, so that checking names against
+  a checkpoint stops at the first missing layer however many layers the config claims."""
   d, F, V = cfg.d_model, cfg.mlp_width, cfg.vocab_size
-  rules = [Rule(("embed", "embedding"), "model.embeddings.weight", (V, d), _as_is),
-           Rule(("final_norm", "scale"), "model.norm.weight", (d,), _as_is)]
+  yield Rule(("embed", "embedding"), "model.embeddings.weight", (V, d), _as_is)
+  yield Rule(("final_norm", "scale"), "model.norm.weight", (d,), _as_is)
   if not cfg.tie_embeddings:
-    rules.append(Rule(("lm_head", "kernel"), "lm_head.weight", (V, d), _linear(V)))
+    yield Rule(("lm_head", "kernel"), "lm_head.weight", (V, d), _linear(V))
   for i in range(cfg.num_layers):
     p = f"model.layers.{i}."
-    rules += [Rule(("layers", i, "attn_norm", "scale"), p + "attn_norm.weight", (d,), _as_is),
-              Rule(("layers", i, "mlp_norm", "scale"), p + "mlp_norm.weight", (d,), _as_is),
-              Rule(("layers", i, "mlp", "down_proj", "kernel"), p + "mlp.down_proj.weight",
-                   (d, F), _linear(d))]
+    rules = [Rule(("layers", i, "attn_norm", "scale"), p + "attn_norm.weight", (d,), _as_is),
+             Rule(("layers", i, "mlp_norm", "scale"), p + "mlp_norm.weight", (d,), _as_is),
+             Rule(("layers", i, "mlp", "down_proj", "kernel"), p + "mlp.down_proj.weight",
+                  (d, F), _linear(d))]
     mlp = ("layers", i, "mlp")
     if fused_mlp:
       rules += [Rule(mlp + ("gate_proj", "kernel"), p + "mlp.gate_proj.weight", (2 * F, d),
@@ -398,19 +411,27 @@ def _model_rules(cfg: ModelConfig, attn_names: Mapping[str, str], shift_names: b
                      _linear(F)),
                 Rule(mlp + ("up_proj", "kernel"), p + "mlp.up_proj.weight", (F, d), _linear(F))]
     rules += _attention_rules(cfg, p + "attn.", i, attn_names, shift_names)
-  return rules
+    yield from rules
 
 
-def authors_rules(cfg: ModelConfig) -> list[Rule]:
-  """Name mapping of the authors' checkpoints (see the module docstring)."""
+def _authors_rules(cfg: ModelConfig) -> Iterator[Rule]:
   return _model_rules(cfg, dict(fgate="fgate_proj", ogate="ogate_proj"), shift_names=True,
                       fused_mlp=True)
 
 
-def fla_rules(cfg: ModelConfig) -> list[Rule]:
-  """Name mapping of fla's ``ForgettingTransformerForCausalLM`` (see the module docstring)."""
+def _fla_rules(cfg: ModelConfig) -> Iterator[Rule]:
   return _model_rules(cfg, dict(fgate="f_proj", ogate="g_proj"), shift_names=False,
                       fused_mlp=False)
+
+
+def authors_rules(cfg: ModelConfig) -> list[Rule]:
+  """Name mapping of the authors' checkpoints (see the module docstring)."""
+  return list(_authors_rules(cfg))
+
+
+def fla_rules(cfg: ModelConfig) -> list[Rule]:
+  """Name mapping of fla's ``ForgettingTransformerForCausalLM`` (see the module docstring)."""
+  return list(_fla_rules(cfg))
 
 
 # -- filling a model ----------------------------------------------------------------------
@@ -434,14 +455,22 @@ def _checked_weight(name: str, array, source: str) -> np.ndarray:
   return values
 
 
+def _names(names, limit: int = 5) -> str:
+  """The first ``limit`` of ``names`` and how many more (a message stays one short line)."""
+  shown = ", ".join(brief(n, 100) for n in names[:limit])
+  return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def build_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
-                       rules: list[Rule], source: str = "checkpoint") -> DecoderLM:
+                       rules: Iterable[Rule], source: str = "checkpoint") -> DecoderLM:
   """A DecoderLM of ``cfg`` whose parameters all come from ``tensors`` through ``rules``.
 
-  The model is built abstractly (no random init), so memory holds only the checkpoint and
-  the converted arrays. Raises ValueError for a missing tensor, a wrong shape, a tensor that
-  is not floating point or holds non-finite values, a tensor no rule uses, or a model
-  variable no rule fills.
+  Tensor names and shapes are checked against the rules (which need only the config)
+  before any model is built, so a config claiming far more layers than the checkpoint
+  holds fails at once. The model is then built abstractly (no random init), so memory
+  holds only the checkpoint and the converted arrays. Raises ValueError for a missing
+  tensor, a wrong shape, a tensor that is not floating point or holds non-finite values, a
+  tensor no rule uses, or a model variable no rule fills.
 
   Non-finite weights are refused rather than warned about: a NaN or infinite weight makes
   every logit that depends on it NaN, so a model holding one is useless, and a warning is
@@ -456,12 +485,10 @@ def build_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
       raise ValueError(f"{source}: tie_word_embeddings is set but lm_head.weight differs "
                        "from model.embeddings.weight")
     del tensors["lm_head.weight"]
-  abstract = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
-  graphdef, filled, rest = nnx.split(abstract, (nnx.Param, Constant), ...)
-  if jax.tree_util.tree_leaves(rest):
-    raise ValueError(f"model has variables other than parameters and constants: {rest}")
-  targets = {_key(path): var for path, var in nnx.to_flat_state(filled)}
-  used, done, checked = set(), set(), set()
+  # Names and shapes first. Building the model (even abstractly) takes time in proportion
+  # to the layers the config claims, minutes for a thousand; the lazy rules stop at the
+  # first missing layer.
+  checked_rules = []
   for rule in rules:
     if rule.source not in tensors:
       raise ValueError(f"{source}: missing tensor {rule.source!r} (expected shape "
@@ -470,6 +497,19 @@ def build_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
     if tuple(array.shape) != tuple(rule.source_shape):
       raise ValueError(f"{source}: tensor {rule.source!r} has shape {tuple(array.shape)}, "
                        f"expected {tuple(rule.source_shape)} from the config")
+    checked_rules.append(rule)
+  unused = sorted(set(tensors) - {rule.source for rule in checked_rules})
+  if unused:
+    raise ValueError(f"{source}: {len(unused)} tensor(s) not used by the import (an option "
+                     f"the config does not declare?): {_names(unused)}")
+  abstract = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, filled, rest = nnx.split(abstract, (nnx.Param, Constant), ...)
+  if jax.tree_util.tree_leaves(rest):
+    raise ValueError(f"model has variables other than parameters and constants: {rest}")
+  targets = {_key(path): var for path, var in nnx.to_flat_state(filled)}
+  done, checked = set(), set()
+  for rule in checked_rules:
+    array = tensors[rule.source]
     if rule.target not in targets:
       raise ValueError(f"model has no parameter {'.'.join(map(str, rule.target))} "
                        f"(for tensor {rule.source!r})")
@@ -483,15 +523,10 @@ def build_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
       raise ValueError(f"tensor {rule.source!r} maps to shape {value.shape} but parameter "
                        f"{'.'.join(map(str, rule.target))} has shape {tuple(var.shape)}")
     var.set_value(jnp.asarray(value, dtype=var.dtype))
-    used.add(rule.source)
     done.add(rule.target)
-  unused = sorted(set(tensors) - used)
-  if unused:
-    raise ValueError(f"{source}: tensors not used by the import (an option the config does "
-                     f"not declare?): {unused}")
   unfilled = sorted(".".join(map(str, t)) for t in set(targets) - done)
   if unfilled:
-    raise ValueError(f"model parameters not filled from the {source}: {unfilled}")
+    raise ValueError(f"model parameters not filled from the {source}: {_names(unfilled)}")
   return nnx.merge(graphdef, filled)
 
 
@@ -500,6 +535,8 @@ def _import_dir(path: str, hf: dict, tensors: dict, make_config, make_rules,
   """(config, model) of a checkpoint directory already read; config errors name its file."""
   try:
     cfg = make_config(hf, *config_args, **overrides)
+  except _OverrideError:
+    raise
   except ValueError as e:
     raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
   return cfg, build_from_tensors(cfg, tensors, make_rules(cfg), source=path)
@@ -513,7 +550,7 @@ def load_authors_checkpoint(path: str, **overrides) -> tuple[ModelConfig, Decode
   Any problem with the checkpoint is a ValueError naming the file at fault.
   """
   hf, tensors = read_checkpoint_dir(path)
-  return _import_dir(path, hf, tensors, authors_config, authors_rules, overrides, tensors)
+  return _import_dir(path, hf, tensors, authors_config, _authors_rules, overrides, tensors)
 
 
 def load_fla_model(model_or_state_dict, config=None, **overrides) -> tuple[ModelConfig, DecoderLM]:
@@ -532,13 +569,13 @@ def load_fla_model(model_or_state_dict, config=None, **overrides) -> tuple[Model
   hf = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   tensors = {name: _to_numpy(t) for name, t in state.items()}
   cfg = fla_config(hf, **overrides)
-  return cfg, build_from_tensors(cfg, tensors, fla_rules(cfg), source="fla state dict")
+  return cfg, build_from_tensors(cfg, tensors, _fla_rules(cfg), source="fla state dict")
 
 
 def load_fla_checkpoint(path: str, **overrides) -> tuple[ModelConfig, DecoderLM]:
   """Loads a directory written by fla's ``save_pretrained`` (safetensors)."""
   hf, tensors = read_checkpoint_dir(path)
-  return _import_dir(path, hf, tensors, fla_config, fla_rules, overrides)
+  return _import_dir(path, hf, tensors, fla_config, _fla_rules, overrides)
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -576,8 +613,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                       "(or model.safetensors.index.json and its shards)")
   parser.add_argument("output_dir", help="where to write model_config.json and params/: a new "
                       "or empty directory (see --overwrite)")
-  parser.add_argument("--attn-impl", default=None, help="ModelConfig.attn_impl to record "
-                      "(auto, xla, reference, pallas_gpu; default: auto)")
+  # choices: a bad value is a usage error naming the flag, before any file is read
+  parser.add_argument("--attn-impl", default=None, choices=ATTN_IMPLS, metavar="IMPL",
+                      help="ModelConfig.attn_impl to record (" + ", ".join(ATTN_IMPLS)
+                      + "; default: auto)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the conversion already in OUTPUT_DIR (its model_config.json "
                       "and params/; other files stay). A non-empty directory holding no "
@@ -590,11 +629,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     hf, tensors = read_checkpoint_dir(args.checkpoint_dir)
     with staged_output(out_dir, args.overwrite) as staging:
       if hf.get("model_type") == FLA_MODEL_TYPE:
-        cfg, model = _import_dir(args.checkpoint_dir, hf, tensors, fla_config, fla_rules,
+        cfg, model = _import_dir(args.checkpoint_dir, hf, tensors, fla_config, _fla_rules,
                                  overrides)
       else:
         cfg, model = _import_dir(args.checkpoint_dir, hf, tensors, authors_config,
-                                 authors_rules, overrides, tensors)
+                                 _authors_rules, overrides, tensors)
       write_conversion(staging, cfg, model)
   except (ValueError, OSError) as e:
     print(f"fox-convert: {_one_line(e)}", file=sys.stderr)

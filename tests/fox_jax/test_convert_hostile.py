@@ -219,6 +219,43 @@ def test_hub_index_name_climbing_out_rejected(tmp_path):
     convert.read_checkpoint_dir(str(snapshot))
 
 
+# -- a config claiming more (or fewer) layers than the checkpoint holds -------------------
+
+def _no_model(*args, **kwargs):
+  raise AssertionError("the model was built before the tensor names were checked")
+
+
+@pytest.mark.parametrize("layers", [1000, 10**9])
+def test_too_many_layers_fail_before_the_model_is_built(tmp_path, monkeypatch, layers):
+  # Building even an abstract model of 1000 layers took minutes before the quick "missing
+  # tensor" error; the names are now checked against the rules, which need only the config.
+  d, config, _ = fixture(tmp_path)
+  save(d, config=dict(config, num_hidden_layers=layers))
+  monkeypatch.setattr(convert, "DecoderLM", _no_model)
+  made = []
+
+  def counted_rule(*args):  # the rules are made lazily: a few layers' worth, not 10**9
+    made.append(None)
+    assert len(made) < 10_000, "all the config's rules were made before the names were checked"
+    return rule(*args)
+
+  rule = convert.Rule
+  monkeypatch.setattr(convert, "Rule", counted_rule)
+  with pytest.raises(ValueError, match=rf"{re.escape(str(d))}: missing tensor "
+                     r"'model\.layers\.2\.attn_norm\.weight'"):
+    convert.load_authors_checkpoint(str(d))
+
+
+def test_too_few_layers_fail_before_the_model_is_built(tmp_path, monkeypatch):
+  d, config, _ = fixture(tmp_path)
+  save(d, config=dict(config, num_hidden_layers=1))
+  monkeypatch.setattr(convert, "DecoderLM", _no_model)
+  # the unused tensors are counted and a few named: a message stays one short line
+  with pytest.raises(ValueError, match=r"10 tensor\(s\) not used by the import .*: "
+                     r"'model\.layers\.1\.attn\.fgate_proj\.bias', .* and 5 more$"):
+    convert.load_authors_checkpoint(str(d))
+
+
 # -- malformed configs, indexes and safetensors files -----------------------------------
 
 @pytest.mark.parametrize("edit,message", [
@@ -432,6 +469,9 @@ def _cli_cases():
   def long_shard_name(d, t):
     shard_index(d, {k: "x" * 5000 for k in t})
 
+  def long_tensor_name(d, t):
+    save(d, tensors=dict(t, **{"y" * 5000: t[WEIGHT]}))
+
   return {
       "config a list": (config_list, "config.json: config must be a JSON object"),
       "missing shard": (missing_shard, "model.safetensors.index.json: shard"),
@@ -445,6 +485,7 @@ def _cli_cases():
       "zero-size huge shape": (zero_size_huge_shape,
                                "model.safetensors: tensor 'x': shape [1000000000000000000000"),
       "long shard name": (long_shard_name, "model.safetensors.index.json: shard 'xxxxxxxx"),
+      "long tensor name": (long_tensor_name, "1 tensor(s) not used by the import"),
   }
 
 
@@ -460,6 +501,18 @@ def test_cli_bad_checkpoint_one_line(tmp_path, capsys, case):
   assert err[0].startswith("fox-convert: ") and message in err[0], err
   assert len(err[0]) < 600, err  # names from the files are cut short
   assert os.listdir(out_parent) == []  # neither the output nor its new parent is left
+
+
+def test_cli_bad_attn_impl_names_the_flag(tmp_path, capsys):
+  d, _, _ = fixture(tmp_path)
+  status, err = run_cli(capsys, d, tmp_path / "out", "--attn-impl", "pallas-gpu")
+  assert status == 2 and len(err) == 1 and "--attn-impl" in err[0], err
+  assert "config.json" not in err[0], err
+  assert not (tmp_path / "out").exists()
+  # in Python too: the override is at fault, not the checkpoint's config.json
+  with pytest.raises(ValueError, match=r"^invalid override attn_impl='pallas-gpu': attn_impl "
+                     "must be one of"):
+    convert.load_authors_checkpoint(str(d), attn_impl="pallas-gpu")
 
 
 def test_cli_usage_error_one_line(capsys):
