@@ -59,8 +59,9 @@ hence ``ModelConfig.qk_norm_eps``. Older authors' configs lack
 Command: ``fox-convert CHECKPOINT_DIR OUTPUT_DIR`` writes ``OUTPUT_DIR/model_config.json``
 and an orbax checkpoint of the parameters in ``OUTPUT_DIR/params``; ``load_converted``
 reads them back. OUTPUT_DIR must be new or empty; ``--overwrite`` replaces an earlier
-conversion there. Bad input prints one line ``fox-convert: <message>`` on stderr and exits
-with status 2, leaving no output behind.
+conversion there, recognised by its fox-jax ``model_config.json`` and orbax's files in
+``params`` (anything else is refused: ``fox_jax.converted``). Bad input prints one line
+``fox-convert: <message>`` on stderr and exits with status 2, leaving no output behind.
 """
 
 from __future__ import annotations
@@ -620,7 +621,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the conversion already in OUTPUT_DIR (its model_config.json "
                       "and params/; other files stay). A non-empty directory holding no "
-                      "conversion is refused regardless")
+                      "conversion (a fox-jax model_config.json and orbax's files, nothing "
+                      "else, in params/) is refused regardless")
   args = parser.parse_args(argv)
   overrides = {} if args.attn_impl is None else dict(attn_impl=args.attn_impl)
   out_dir = os.path.abspath(args.output_dir)

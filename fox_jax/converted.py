@@ -5,8 +5,10 @@ an orbax checkpoint of the model's parameters and constants as nested dicts of a
 Both are written into a fresh staging directory and moved into place only once complete,
 so a failed or interrupted conversion leaves no half-written output behind. An output
 directory must be absent or empty; with ``overwrite`` it may hold an earlier conversion,
-whose two entries are replaced (other files there stay). A non-empty directory that holds
-no conversion is refused even then: it is someone's data.
+whose two entries are replaced (other files there stay). What counts as an earlier
+conversion is recognised positively: a ``model_config.json`` that is a fox-jax ModelConfig
+and a ``params`` directory holding the files orbax writes and nothing else. Anything else
+in a non-empty directory is refused even with ``overwrite``: it is someone's data.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
+from typing import Optional
 
 import jax
 from flax import nnx
@@ -23,16 +27,64 @@ from flax import nnx
 from fox_jax.config import ModelConfig
 from fox_jax.layers import Constant
 from fox_jax.model import DecoderLM
-from fox_jax.safetensors_io import read_json_object
+from fox_jax.safetensors_io import brief, read_json_object
 
 MODEL_CONFIG_NAME = "model_config.json"
 PARAMS_NAME = "params"
 
 
+# -- recognising an earlier conversion ----------------------------------------------------
+
+# What orbax's StandardCheckpointer writes (paths relative to params/; OCDBT layout). Any
+# other file makes params/ someone else's.
+_ORBAX_FILES = re.compile(r"""_CHECKPOINT_METADATA|_METADATA|_ROOT_METADATA|_sharding
+    |commit_success\.txt|manifest\.ocdbt|d/[0-9a-f]+|array_metadatas/process_[0-9]+
+    |ocdbt\.process_[0-9]+/(manifest\.ocdbt|d/[0-9a-f]+)|descriptor/descriptor\.pbtxt""", re.X)
+_ORBAX_DIRS = re.compile(r"d|array_metadatas|ocdbt\.process_[0-9]+(/d)?|descriptor")
+_ORBAX_REQUIRED = ("_CHECKPOINT_METADATA", "_METADATA")
+_MAX_CONFIG_BYTES = 1 << 20  # a model config is a few hundred bytes
+
+
+def _not_a_conversion(out_dir: str) -> Optional[str]:
+  """None when ``out_dir`` holds what ``save_converted`` writes, else why it does not."""
+  config = os.path.join(out_dir, MODEL_CONFIG_NAME)
+  if os.path.islink(config) or not os.path.isfile(config):
+    return f"no {MODEL_CONFIG_NAME} file"
+  try:
+    if os.path.getsize(config) > _MAX_CONFIG_BYTES:
+      raise ValueError("too large")
+    ModelConfig.from_dict(read_json_object(config, "model config"))
+  except (ValueError, TypeError, OverflowError, OSError):
+    return f"its {MODEL_CONFIG_NAME} is not a fox-jax model config"
+  params = os.path.join(out_dir, PARAMS_NAME)
+  if os.path.islink(params) or not os.path.isdir(params):
+    return f"no {PARAMS_NAME}/ directory"
+  for name in _ORBAX_REQUIRED:
+    if not os.path.isfile(os.path.join(params, name)):
+      return f"{PARAMS_NAME}/ has no {name}, so orbax did not write it"
+  try:
+    # onerror: a folder that cannot be listed could hold anything
+    for root, dirs, files in os.walk(params, onerror=_raise):
+      rel = os.path.relpath(root, params)
+      for names, pattern in ((dirs, _ORBAX_DIRS), (files, _ORBAX_FILES)):
+        for name in names:
+          path = name if rel == "." else os.path.join(rel, name)
+          if os.path.islink(os.path.join(root, name)) or not pattern.fullmatch(path):
+            return f"{brief(os.path.join(PARAMS_NAME, path), 100)} is not something orbax writes"
+  except OSError as e:
+    return f"{PARAMS_NAME}/ cannot be read: {e.strerror}"
+  return None
+
+
+def _raise(error: OSError):
+  raise error
+
+
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
   """ValueError unless ``out_dir`` may receive a conversion: absent, empty, or (with
-  ``overwrite``) holding an earlier one. A non-empty directory without MODEL_CONFIG_NAME
-  is refused even with ``overwrite``: it is someone's data, not a conversion."""
+  ``overwrite``) holding an earlier one, recognised as the
+  module docstring says. Anything else is refused even with ``overwrite``: it is someone's
+  data, not a conversion."""
   if not os.path.isdir(out_dir):
     if os.path.lexists(out_dir):
       raise ValueError(f"{out_dir}: exists and is not a directory")
@@ -44,9 +96,10 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
     return
   if not os.listdir(out_dir):
     return
-  if not os.path.isfile(os.path.join(out_dir, MODEL_CONFIG_NAME)):
-    raise ValueError(f"{out_dir}: not empty and holds no earlier conversion (no "
-                     f"{MODEL_CONFIG_NAME}); choose a new or empty directory")
+  why = _not_a_conversion(out_dir)
+  if why is not None:
+    raise ValueError(f"{out_dir}: not empty and holds no earlier conversion ({why}); choose "
+                     "a new or empty directory")
   if not overwrite:
     raise ValueError(f"{out_dir}: already holds a conversion; pass --overwrite "
                      "(overwrite=True in Python) to replace it")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from fox_jax import convert, safetensors_io
+from fox_jax import convert, converted, safetensors_io
 from tests.fox_jax.test_convert import DATA, FLA_CONFIG
 
 WEIGHT = "model.layers.0.mlp.down_proj.weight"  # [64, 256] in every fixture
@@ -529,6 +529,74 @@ def test_cli_refuses_non_empty_directory(tmp_path, capsys):
     status, err = run_cli(capsys, d, mine, *extra)
     assert status == 2 and len(err) == 1 and "not empty and holds no earlier conversion" in err[0]
   assert os.listdir(mine) == ["notes.txt"]
+
+
+def _tree(root):
+  """{relative path: contents} of every file under ``root``."""
+  out = {}
+  for where, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(where, name)
+      out[os.path.relpath(path, root)] = open(path, "rb").read()
+  return out
+
+
+def _foreign(out, d):
+  (out / "params" / "weights.bin").write_text("precious")
+
+
+def _orbax_like(out, d):
+  # orbax's file names, plus one file that is not orbax's
+  for name in ("_CHECKPOINT_METADATA", "_METADATA", "d/0123abcd", "ocdbt.process_0/manifest.ocdbt"):
+    (out / "params" / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / "params" / name).write_text("{}")
+  (out / "params" / "d" / "weights.bin").write_text("precious")
+
+
+def _params_a_symlink(out, d):
+  (out / "params").rmdir()
+  mine = out.parent / "mine"
+  mine.mkdir()
+  for name in ("_CHECKPOINT_METADATA", "_METADATA"):
+    (mine / name).write_text("{}")
+  (out / "params").symlink_to(mine)
+
+
+@pytest.mark.parametrize("config,params", [
+    ("other tool", _foreign), ("fox-jax", _foreign), ("fox-jax", _orbax_like),
+    ("fox-jax", _params_a_symlink), ("other tool", _orbax_like)])
+def test_cli_overwrite_replaces_only_a_conversion(tmp_path, capsys, config, params):
+  # The probe: a model_config.json of some other tool and a params/ with its data. An
+  # earlier conversion is recognised by both files, not by the config's name alone.
+  d, hf, _ = fixture(tmp_path)
+  out = tmp_path / "foreign"
+  (out / "params").mkdir(parents=True)
+  text = (json.dumps(convert.authors_config(hf).to_dict()) if config == "fox-jax"
+          else '{"some": "other tool"}')
+  (out / "model_config.json").write_text(text)
+  params(out, d)
+  before = _tree(out)
+  for extra in (["--overwrite"], []):
+    status, err = run_cli(capsys, d, out, *extra)
+    assert status == 2 and len(err) == 1, err
+    assert "not empty and holds no earlier conversion" in err[0], err
+  assert _tree(out) == before
+  assert sorted(os.listdir(out)) == ["model_config.json", "params"]
+
+
+def test_earlier_conversion_recognised(tmp_path):
+  # The positive side without writing a conversion (test_cli_roundtrip overwrites a real
+  # one): orbax's files and a fox-jax model config make an earlier conversion.
+  _, hf, _ = fixture(tmp_path)
+  out = tmp_path / "out"
+  for name in ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "manifest.ocdbt",
+               "d/0fd8caa7", "array_metadatas/process_0", "ocdbt.process_0/d/06bcd854"):
+    (out / "params" / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / "params" / name).write_text("{}")
+  (out / "model_config.json").write_text(json.dumps(convert.authors_config(hf).to_dict()))
+  with pytest.raises(ValueError, match="already holds a conversion; pass --overwrite"):
+    converted.check_output_dir(str(out), overwrite=False)
+  converted.check_output_dir(str(out), overwrite=True)
 
 
 def test_cli_output_under_a_file(tmp_path, capsys):
