@@ -61,7 +61,8 @@ and an orbax checkpoint of the parameters in ``OUTPUT_DIR/params``; ``load_conve
 reads them back. OUTPUT_DIR must be new or empty; ``--overwrite`` replaces an earlier
 conversion there, recognised by its fox-jax ``model_config.json`` and orbax's files in
 ``params`` (anything else is refused: ``fox_jax.converted``). Bad input prints one line
-``fox-convert: <message>`` on stderr and exits with status 2, leaving no output behind.
+``fox-convert: <message>`` on stderr and exits with status 2, leaving no output behind;
+SIGTERM or SIGINT also leave nothing and exit with status 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ import numpy as np
 from flax import nnx
 
 from fox_jax.config import ATTN_IMPLS, ModelConfig
-from fox_jax.converted import (check_output_dir, load_converted, save_converted,
-                               staged_output, write_conversion)
+from fox_jax.converted import (Interrupted, check_output_dir, load_converted, save_converted,
+                               signals_interrupt, staged_output, write_conversion)
 from fox_jax.layers import Constant
 from fox_jax.model import DecoderLM
 from fox_jax.safetensors_io import (CONFIG_NAME, FLOAT_NUMPY_DTYPES, brief, read_checkpoint_dir,
@@ -627,19 +628,25 @@ def main(argv: Optional[list[str]] = None) -> int:
   overrides = {} if args.attn_impl is None else dict(attn_impl=args.attn_impl)
   out_dir = os.path.abspath(args.output_dir)
   try:
-    check_output_dir(out_dir, args.overwrite)  # before reading a large checkpoint
-    hf, tensors = read_checkpoint_dir(args.checkpoint_dir)
-    with staged_output(out_dir, args.overwrite) as staging:
-      if hf.get("model_type") == FLA_MODEL_TYPE:
-        cfg, model = _import_dir(args.checkpoint_dir, hf, tensors, fla_config, _fla_rules,
-                                 overrides)
-      else:
-        cfg, model = _import_dir(args.checkpoint_dir, hf, tensors, authors_config,
-                                 _authors_rules, overrides, tensors)
-      write_conversion(staging, cfg, model)
+    # SIGTERM / SIGINT become Interrupted, so that staged_output removes its staging
+    # directory instead of leaving it to make the output directory look taken.
+    with signals_interrupt():
+      check_output_dir(out_dir, args.overwrite)  # before reading a large checkpoint
+      hf, tensors = read_checkpoint_dir(args.checkpoint_dir)
+      with staged_output(out_dir, args.overwrite) as staging:
+        if hf.get("model_type") == FLA_MODEL_TYPE:
+          cfg, model = _import_dir(args.checkpoint_dir, hf, tensors, fla_config, _fla_rules,
+                                   overrides)
+        else:
+          cfg, model = _import_dir(args.checkpoint_dir, hf, tensors, authors_config,
+                                   _authors_rules, overrides, tensors)
+        write_conversion(staging, cfg, model)
   except (ValueError, OSError) as e:
     print(f"fox-convert: {_one_line(e)}", file=sys.stderr)
     return 2
+  except Interrupted as e:  # the shell's status for death by that signal
+    print(f"fox-convert: {e}; no partial output is left", file=sys.stderr)
+    return 128 + e.signum
   n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
   print(f"fox-convert: {n:,} parameters ({cfg.num_layers} layers, d_model {cfg.d_model}, "
         f"forget gate {cfg.forget_gate!r}) -> {out_dir}")

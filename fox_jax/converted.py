@@ -3,12 +3,18 @@
 An output directory holds ``model_config.json`` (``ModelConfig.to_dict``) and ``params``,
 an orbax checkpoint of the model's parameters and constants as nested dicts of arrays.
 Both are written into a fresh staging directory and moved into place only once complete,
-so a failed or interrupted conversion leaves no half-written output behind. An output
+so a failed or interrupted conversion leaves no half-written output behind (``fox-convert``
+turns SIGTERM and SIGINT into an exception for this: ``signals_interrupt``). An output
 directory must be absent or empty; with ``overwrite`` it may hold an earlier conversion,
 whose two entries are replaced (other files there stay). What counts as an earlier
 conversion is recognised positively: a ``model_config.json`` that is a fox-jax ModelConfig
 and a ``params`` directory holding the files orbax writes and nothing else. Anything else
 in a non-empty directory is refused even with ``overwrite``: it is someone's data.
+
+Staging directories are named ``.<output name>.fox-convert-<host>-<pid>-<random>``. One
+left by a run that died (SIGKILL, power loss) on this host, whose process is gone, does
+not make its directory non-empty and is removed by the next run; one of a live run, or of
+another host, makes the output directory busy.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
+import threading
+import time
 import uuid
 from typing import Optional
 
@@ -31,6 +41,65 @@ from fox_jax.safetensors_io import brief, read_json_object
 
 MODEL_CONFIG_NAME = "model_config.json"
 PARAMS_NAME = "params"
+
+
+# -- staging directories ------------------------------------------------------------------
+
+_STAGING_TAG = ".fox-convert-"
+# ".<name>.fox-convert-<host>-<pid>-<hex>"; host and pid are absent in names written
+# before they were recorded.
+_STAGING_RE = re.compile(r"\.(?P<base>.*)\.fox-convert-(?:(?P<host>[A-Za-z0-9-]+)-"
+                         r"(?P<pid>[0-9]+)-)?[0-9a-f]{32}", re.S)
+_RUN_START = time.time()
+
+
+def _host() -> str:
+  return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "unknown"
+
+
+def _staging_name(out_dir: str) -> str:
+  # The output's name is cut so that the whole name stays within NAME_MAX (255).
+  return (f".{os.path.basename(out_dir)[:100]}{_STAGING_TAG}{_host()}-{os.getpid()}-"
+          f"{uuid.uuid4().hex}")
+
+
+def _staging_dirs(directory: str, base: Optional[str] = None) -> list[tuple[str, bool]]:
+  """(name, stale) of the staging directories in ``directory`` (those for an output named
+  ``base`` only, when given). Stale: left by a process of this host that is gone."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  found = []
+  for name in names:
+    match = _STAGING_RE.fullmatch(name)
+    path = os.path.join(directory, name)
+    if (match is None or (base is not None and match["base"] != base[:100])
+        or os.path.islink(path) or not os.path.isdir(path)):
+      continue
+    if match["pid"] is None:  # an older fox-convert's: stale unless made during this run
+      try:
+        stale = os.stat(path).st_mtime < _RUN_START
+      except OSError:
+        stale = False
+    elif match["host"] != _host() or int(match["pid"]) == os.getpid():
+      stale = False  # another machine's process cannot be asked; ours is running
+    else:
+      try:
+        os.kill(int(match["pid"]), 0)
+        stale = False
+      except (ProcessLookupError, OverflowError):  # gone; a pid no process can have
+        stale = True
+      except PermissionError:  # alive, another user's
+        stale = False
+    found.append((name, stale))
+  return found
+
+
+def _remove_stale_staging(directory: str, base: Optional[str] = None) -> None:
+  for name, stale in _staging_dirs(directory, base):
+    if stale:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 # -- recognising an earlier conversion ----------------------------------------------------
@@ -81,8 +150,8 @@ def _raise(error: OSError):
 
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
-  """ValueError unless ``out_dir`` may receive a conversion: absent, empty, or (with
-  ``overwrite``) holding an earlier one, recognised as the
+  """ValueError unless ``out_dir`` may receive a conversion: absent, empty (stale staging
+  directories aside), or (with ``overwrite``) holding an earlier one, recognised as the
   module docstring says. Anything else is refused even with ``overwrite``: it is someone's
   data, not a conversion."""
   if not os.path.isdir(out_dir):
@@ -94,7 +163,12 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
     if not os.path.isdir(ancestor):
       raise ValueError(f"{out_dir}: cannot be created, {ancestor} is not a directory")
     return
-  if not os.listdir(out_dir):
+  staging = _staging_dirs(out_dir)
+  busy = [name for name, stale in staging if not stale]
+  if busy:
+    raise ValueError(f"{out_dir}: another fox-convert is writing here ({brief(busy[0], 120)}); "
+                     "wait for it, or remove that directory if no conversion is running")
+  if not set(os.listdir(out_dir)) - {name for name, _ in staging}:
     return
   why = _not_a_conversion(out_dir)
   if why is not None:
@@ -133,6 +207,72 @@ def _move_into_place(staging: str, out_dir: str, existed: bool) -> None:
   os.replace(os.path.join(staging, MODEL_CONFIG_NAME), os.path.join(out_dir, MODEL_CONFIG_NAME))
 
 
+# -- signals ------------------------------------------------------------------------------
+
+class Interrupted(BaseException):
+  """SIGTERM or SIGINT under ``signals_interrupt``. A BaseException, like
+  KeyboardInterrupt, so that no ``except Exception`` on the way swallows it."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+  def __str__(self):
+    return f"interrupted by {signal.Signals(self.signum).name}"
+
+
+_critical_depth = 0
+_pending: list[int] = []
+
+
+def _on_signal(signum, frame):
+  if _critical_depth:  # moving into place or cleaning up: raised when that is done
+    _pending.append(signum)
+    return
+  raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+  """While active, SIGTERM and SIGINT raise ``Interrupted`` in the main thread, so that a
+  conversion being staged is removed as after any other failure (the default SIGTERM
+  action kills the process and leaves the staging directory behind). A signal during a
+  move into place or a cleanup is held until that finishes. Elsewhere than in the main
+  thread, where handlers cannot be set, this does nothing."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+    _pending.clear()
+
+
+@contextlib.contextmanager
+def _critical():
+  """Holds ``Interrupted`` back (in the main thread) until the block is done."""
+  global _critical_depth
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  _critical_depth += 1
+  try:
+    yield
+  finally:
+    _critical_depth -= 1
+  # reached only when the block succeeded; after a failure the signal waits for the next
+  # block, the cleanup
+  if not _critical_depth and _pending:
+    signum = _pending[0]
+    _pending.clear()
+    raise Interrupted(signum)
+
+
+# -- staged output ------------------------------------------------------------------------
+
 @contextlib.contextmanager
 def staged_output(out_dir: str, overwrite: bool):
   """Yields an empty staging directory; when the body succeeds, its MODEL_CONFIG_NAME and
@@ -140,9 +280,10 @@ def staged_output(out_dir: str, overwrite: bool):
 
   The staging directory is a sibling of a new ``out_dir`` (renamed into place at the end),
   or lies inside an existing one (so that a directory the user made keeps its identity and
-  permissions). On failure it is removed, with any parent directories this call created;
-  a directory that existed before is never removed. An OSError in the body is reported as
-  a ValueError naming ``out_dir``.
+  permissions). On failure, ``Interrupted`` included, it is removed, with any parent
+  directories this call created; a directory that existed before is never removed. Stale
+  staging directories of dead runs are removed first. An OSError in the body is reported
+  as a ValueError naming ``out_dir``.
   """
   out_dir = os.path.abspath(out_dir)
   check_output_dir(out_dir, overwrite)
@@ -151,30 +292,38 @@ def staged_output(out_dir: str, overwrite: bool):
   parent = out_dir if existed else os.path.dirname(out_dir)
   # mkdir (not tempfile.mkdtemp, whose mode is 0700) so that a renamed staging directory
   # gets the permissions a new directory would.
-  staging = os.path.join(parent, f".{os.path.basename(out_dir)}.fox-convert-{uuid.uuid4().hex}")
+  staging = os.path.join(parent, _staging_name(out_dir))
+  made = finished = False
   try:
-    _make_dirs(parent, created)
-    os.mkdir(staging)
-  except OSError as e:  # e.g. no permission to write in the parent
-    _remove_dirs(created)
-    where = os.path.dirname(e.filename) if e.filename == staging else e.filename
-    raise ValueError(f"{out_dir}: cannot be written ({e.strerror}: {where})") from None
-  finished = False
-  try:
+    with _critical():  # no signal between making a directory and recording it
+      try:
+        if existed:
+          _remove_stale_staging(out_dir)
+        elif os.path.isdir(parent):
+          _remove_stale_staging(parent, os.path.basename(out_dir))
+        _make_dirs(parent, created)
+        os.mkdir(staging)
+        made = True
+      except OSError as e:  # e.g. no permission to write in the parent
+        where = os.path.dirname(e.filename) if e.filename == staging else e.filename
+        raise ValueError(f"{out_dir}: cannot be written ({e.strerror}: {where})") from None
     try:
       yield staging
     except OSError as e:  # the body writes the conversion: report the output directory
       raise ValueError(f"{out_dir}: cannot write the conversion ({e.strerror or e})") from e
-    try:
-      _move_into_place(staging, out_dir, existed)
-    except OSError as e:
-      raise ValueError(f"{out_dir}: cannot move the conversion into place ({e.strerror}: "
-                       f"{e.filename})") from None
-    finished = True
+    with _critical():  # no signal between the renames
+      try:
+        _move_into_place(staging, out_dir, existed)
+      except OSError as e:
+        raise ValueError(f"{out_dir}: cannot move the conversion into place ({e.strerror}: "
+                         f"{e.filename})") from None
+      finished = True
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
-    if not finished:
-      _remove_dirs(created)
+    with _critical():
+      if made:
+        shutil.rmtree(staging, ignore_errors=True)
+      if not finished:
+        _remove_dirs(created)
 
 
 def _remove_dirs(created: list) -> None:
