@@ -59,7 +59,7 @@ def _train_parser() -> argparse.ArgumentParser:
       safe=textwrap.fill(", ".join(run_config.SAFE_ON_RESUME), 88, initial_indent="    ",
                          subsequent_indent="    "))
   p = _Parser(prog="fox-train", formatter_class=argparse.RawDescriptionHelpFormatter,
-              description="Train a FoX or Transformer language model into a run directory "
+              description="Train a FoX or Transformer language model into a run directory\n"
               "(config.json, checkpoints/, metrics.jsonl, tensorboard/), or resume one.",
               epilog=epilog)
   p.add_argument("--config", metavar="FILE",
