@@ -4,9 +4,15 @@ Every blockwise implementation (module ``xla``, ``gpu``, ``tpu``) exposes the sa
 on the cumulative gate ``c`` (a double-float pair, see ``common``):
 
   forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale, block_sizes, interpret)
-      -> o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32
-  backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_scale,
+      -> o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32,
+         lse_res [B, Hq, T] f32
+  backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse_res, do, dlse, *, sm_scale,
            block_sizes, interpret) -> dq, dk, dv, dc [B, S, Hq] f32
+
+``lse`` is the natural log-sum-exp (the stats); ``lse_res`` is the log-sum-exp in the units
+the module's backward recomputes P in, exactly as its forward computed it (natural for xla
+and pallas_tpu, where it is ``lse``; base 2 for pallas_gpu): a backward that converts the
+units rounds it, and P = exp(s - lse) inherits that error times |lse|.
   default_block_sizes(head_dim) -> BlockSizes (optional: tiles tuned for that backend)
 
 Which implementation runs is decided when the program is lowered, for the platform it is
@@ -270,15 +276,16 @@ def _needs_backend(impl: str, where: str) -> str:
 
 
 def _forward(impl: str, cfg: _Config):
-  """impl's forward on c: o, lse, kept tiles and causal tiles ([B, Hq] int32) at its tiles."""
+  """impl's forward on c: o, lse, kept tiles and causal tiles ([B, Hq] int32) at its tiles,
+  and the log-sum-exp its backward reads."""
 
   def forward(q, k, v, c_hi, c_lo, segment_ids, delta):
     bs = cfg.block_sizes or _default_block_sizes(impl, q.shape[-1])
-    o, lse, kept = _module(impl).forward(q, k, v, c_hi, c_lo, segment_ids, delta,
-                                         sm_scale=cfg.sm_scale, block_sizes=bs,
-                                         interpret=cfg.interpret)
+    o, lse, kept, lse_res = _module(impl).forward(q, k, v, c_hi, c_lo, segment_ids, delta,
+                                                  sm_scale=cfg.sm_scale, block_sizes=bs,
+                                                  interpret=cfg.interpret)
     total = pruning_lib.causal_tiles(q.shape[1], k.shape[1], bs.block_q, bs.block_k)
-    return o, lse, kept.astype(jnp.int32), jnp.full(kept.shape, total, jnp.int32)
+    return o, lse, kept.astype(jnp.int32), jnp.full(kept.shape, total, jnp.int32), lse_res
 
   return forward
 
@@ -286,9 +293,9 @@ def _forward(impl: str, cfg: _Config):
 def _backward(impl: str, cfg: _Config):
   """impl's backward: dq, dk, dv and dc (see the module docstring)."""
 
-  def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse):
+  def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse_res, do, dlse):
     bs = cfg.block_sizes or _default_block_sizes(impl, q.shape[-1])
-    return _module(impl).backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse,
+    return _module(impl).backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse_res, do, dlse,
                                   sm_scale=cfg.sm_scale, block_sizes=bs,
                                   interpret=cfg.interpret)
 
@@ -373,20 +380,20 @@ def _attention_fwd(q, k, v, log_fgate, segment_ids, delta, cfg):
   B, T, Hq, _ = q.shape
   sd = jax.ShapeDtypeStruct
   shapes = (sd(q.shape, q.dtype), sd((B, Hq, T), jnp.float32), sd((B, Hq), jnp.int32),
-            sd((B, Hq), jnp.int32))
-  o, lse, kept, total = _on_platform(cfg, functools.partial(_forward, cfg=cfg), shapes,
-                                     q, k, v, c_hi, c_lo, segment_ids, delta)
-  return (o, lse, kept, total), (q, k, v, c_hi, c_lo, segment_ids, delta, o, lse)
+            sd((B, Hq), jnp.int32), sd((B, Hq, T), jnp.float32))
+  o, lse, kept, total, lse_res = _on_platform(cfg, functools.partial(_forward, cfg=cfg),
+                                              shapes, q, k, v, c_hi, c_lo, segment_ids, delta)
+  return (o, lse, kept, total), (q, k, v, c_hi, c_lo, segment_ids, delta, o, lse_res)
 
 
 def _attention_bwd(cfg, res, cotangents):
-  q, k, v, c_hi, c_lo, segment_ids, delta, o, lse = res
+  q, k, v, c_hi, c_lo, segment_ids, delta, o, lse_res = res
   do, dlse = cotangents[:2]
   sd = jax.ShapeDtypeStruct
   shapes = (sd(q.shape, q.dtype), sd(k.shape, k.dtype), sd(v.shape, v.dtype),
             sd(c_hi.shape, jnp.float32))
   dq, dk, dv, dc = _on_platform(cfg, functools.partial(_backward, cfg=cfg), shapes,
-                                q, k, v, c_hi, c_lo, segment_ids, delta, o, lse,
+                                q, k, v, c_hi, c_lo, segment_ids, delta, o, lse_res,
                                 do.astype(q.dtype), dlse.astype(jnp.float32))
   dlog_f = common.reverse_cumsum(dc, axis=1)
   return dq, dk, dv, dlog_f, None, None

@@ -16,7 +16,11 @@ fully below the diagonal skip the element-wise mask; the others mask causally an
 The forward uses ``block_q x block_k`` tiles, both backward kernels ``block_q_bwd x block_k_bwd``.
 
 Logits are kept in base 2: s2 = log2(e) * (scale * q.k + D) with
-D_ij = (c_hi_i - c_hi_j) + (c_lo_i - c_lo_j) (see ``common``), so one exp2 per element.
+D_ij = (c_hi_i - c_hi_j) + (c_lo_i - c_lo_j) (see ``common``), so one exp2 per element. The
+backward reads the forward's base-2 log-sum-exp lse2 = m + log2(l) as the forward computed
+it, and recomputes P = exp2(s2 - lse2) from the same s2: converting lse2 to natural log and
+back would round it twice, and P inherits that absolute error of ~|lse2| 2^-23, a relative
+error of 1e-4 at logits ~1e3 (inf at ~1e9). The natural lse is for the stats only.
 Float32 inputs use full float32 products (no tf32); bf16 / f16 feed the tensor cores with
 float32 accumulation.
 
@@ -162,7 +166,7 @@ def _fwd_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, *rest, 
   acc, m, l = lax.fori_loop(mid, end, functools.partial(body, masked=True), carry)
   l = jnp.where(l == 0.0, 1.0, l)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = (m + jnp.log2(l)) * _LN2
+  lse_ref[...] = m + jnp.log2(l)  # base 2: the backward's P must see these very bits
 
 
 # ----------------------------------------------------------------------------- backward
@@ -190,7 +194,7 @@ def _dq_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, kown_ref, chi_ref, clo_ref
   q_first = off + i * bq
   q = q_ref[...]  # [bq, Dp]
   do = do_ref[...]
-  lse2 = lse_ref[...] * _LOG2E  # [bq]
+  lse2 = lse_ref[...]  # [bq], base 2 as the forward computed it
   dd = dd_ref[...]
   gt = gt_ref[...]  # the estimate g~
   cq_hi = chi_ref[pl.ds(q_first, bq)]
@@ -264,7 +268,7 @@ def _dkv_kernel(qs_ref, qe_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, l
       q_first = off + a * bq
       q = q_ref[qsl, h, :]  # [bq, Dp]
       do = do_ref[qsl, h, :]
-      lse2 = lse_ref[h, qsl] * _LOG2E  # [bq]
+      lse2 = lse_ref[h, qsl]  # [bq], base 2
       dd = dd_ref[h, qsl]
       g = g_ref[h, qsl]
       cs = pl.ds(q_first, bq)
@@ -335,7 +339,8 @@ class _Geometry(tiling.TileGeometry):
 
 def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
             block_sizes: BlockSizes, interpret: bool = False):
-  """o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32 (see ``api``)."""
+  """o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32 and lse2 [B, Hq, T]
+  f32, the base-2 log-sum-exp that ``backward`` reads (see ``api``)."""
   g = _Geometry(q, k, block_sizes.block_q, block_sizes.block_k)
   ranges, kept = tiling.forward_ranges(g, c_hi, c_lo, segment_ids, delta, block_sizes)
   has_seg = segment_ids is not None
@@ -366,12 +371,14 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
       interpret=interpret,
       name="forgetting_attention_fwd",
   )(*args)
-  return o[:, :g.T, :, :g.D], lse[:, :, :g.T], kept
+  lse2 = lse[:, :, :g.T]
+  return o[:, :g.T, :, :g.D], lse2 * _LN2, kept, lse2
 
 
-def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_scale: float,
+def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse2, do, dlse, *, sm_scale: float,
              block_sizes: BlockSizes, interpret: bool = False):
-  """dq, dk, dv in the inputs' dtypes and dc [B, S, Hq] f32 (see ``api``).
+  """dq, dk, dv in the inputs' dtypes and dc [B, S, Hq] f32 (see ``api``); lse2 is the
+  forward's base-2 log-sum-exp.
 
   dS is anchored at each query's own key (see the comment above the backward kernels), and
   dc_t = sum_{j != t} dS_tj - sum_{i != t} dS_it leaves out the diagonal that the row and
@@ -386,7 +393,7 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_sc
   chi, clo = g.pad_c(c_hi), g.pad_c(c_lo)
   dd = common.own_key_dot(do, v)  # [B, Hq, T]: the anchor of dS
   gt = common.row_term_estimate(o, do, dd, dlse)
-  lsep, ddp, dlsep = g.pad_rows(lse), g.pad_rows(dd), g.pad_rows(dlse.astype(jnp.float32))
+  lsep, ddp, dlsep = g.pad_rows(lse2), g.pad_rows(dd), g.pad_rows(dlse.astype(jnp.float32))
   segp = g.pad_seg(segment_ids) if has_seg else None
   params = _launch(_warps(block_sizes, g.bq, g.bk, g.dp), _stages(block_sizes, g.dp))
   static = dict(scale=sm_scale, bq=g.bq, bk=g.bk, off=g.off, has_seg=has_seg)

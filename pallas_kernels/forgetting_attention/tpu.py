@@ -326,7 +326,8 @@ def _flat(x):
 
 def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
             block_sizes: BlockSizes, interpret=False):
-  """o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32 (see ``api``)."""
+  """o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32 and the lse
+  again, which is what ``backward`` reads (see ``api``)."""
   g = _Geometry(q, k, block_sizes.block_q, block_sizes.block_k)
   ranges, kept = tiling.forward_ranges(g, c_hi, c_lo, segment_ids, delta, block_sizes)
   has_seg = segment_ids is not None
@@ -359,7 +360,8 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
       interpret=_interpret(interpret),
       name="forgetting_attention_fwd",
   )(_flat(ranges.kv_start), _flat(ranges.kv_end), *args)
-  return g.unpad_q(o), lse[:, :, :g.T, 0], kept
+  lse = lse[:, :, :g.T, 0]
+  return g.unpad_q(o), lse, kept, lse
 
 
 def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_scale: float,

@@ -173,7 +173,8 @@ def _setup(q, k, c_hi, c_lo, segment_ids, delta, block_q, block_k):
 
 def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float, block_sizes: BlockSizes,
             interpret: bool = False):
-  """o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32; see ``api``."""
+  """o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32 and the lse
+  again, which is what ``backward`` reads; see ``api``."""
   del interpret  # plain XLA: nothing to interpret
   B, T, Hq, D = q.shape
   S, Hkv = k.shape[1], k.shape[2]
@@ -220,7 +221,7 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float, block_s
   _, (o, lse) = lax.scan(q_block, None, xs)
   o = _from_blocks(o, T)  # [B, T, Hq, D]
   lse = _from_blocks(lse, T).transpose(0, 2, 1)  # [B, Hq, T]
-  return o, lse, ranges.kept_tiles()
+  return o, lse, ranges.kept_tiles(), lse
 
 
 def _row_terms(qs, ks, dos, lse_b, dd_b, lo, hi, kv_start, kv_end, delta_h, sm_scale):
