@@ -123,7 +123,20 @@ def _any_positive(x) -> bool:
 
 
 def _scale(sm_scale, head_dim: int) -> float:
-  return head_dim ** -0.5 if sm_scale is None else common.finite_number(sm_scale, "sm_scale")
+  if sm_scale is None:
+    return head_dim ** -0.5
+  scale = common.finite_number(sm_scale, "sm_scale")
+  # The kernels scale float32 logits: a larger scale would be inf there.
+  if abs(scale) > float(np.finfo(np.float32).max):
+    raise ValueError(f"sm_scale must be finite in float32, got {sm_scale!r}")
+  return scale
+
+
+def _check_flag(value, name: str) -> bool:
+  """A Python or numpy bool; strings like "no" and numbers are refused, not taken as truthy."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be a bool, got {value!r}")
+  return bool(value)
 
 
 def _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning):
@@ -210,7 +223,8 @@ def forgetting_attention(
       Python ints) are ranked into int32 on the host, 64-bit JAX arrays (jax_enable_x64)
       on the device. (A JAX array made from int64 ids with x64 off was already cast to
       int32 by JAX, which merges ids that differ only above bit 32.)
-    sm_scale: logit scale, a finite number (default D ** -0.5). The decay is not scaled.
+    sm_scale: logit scale, a number finite in float32 (default D ** -0.5). The decay is not
+      scaled.
     pruning: a :class:`Pruning` to skip tiles whose weights are provably negligible.
     impl: "reference" | "xla" | "pallas_gpu" | "pallas_tpu" | "auto" (pallas_gpu on GPU,
       pallas_tpu on TPU, else xla). The platform is the one the program is lowered for, so
@@ -218,8 +232,9 @@ def forgetting_attention(
       TPU kernels. A Pallas impl that cannot run raises a ValueError: at once when called on
       arrays of another backend, at lowering under jit; nothing falls back silently.
     block_sizes: tile sizes (:class:`BlockSizes`) for the blockwise implementations.
-    interpret: run Pallas kernels in interpret mode (for CPU tests).
-    return_stats: also return :class:`AttentionStats` (log-sum-exp, kept / total tiles).
+    interpret: run Pallas kernels in interpret mode (for CPU tests); a bool.
+    return_stats: also return :class:`AttentionStats` (log-sum-exp, kept / total tiles); a
+      bool.
 
   Array arguments may be any array-like (numpy arrays, nested lists: converted with
   ``jnp.asarray``); every dimension must be >= 1.
@@ -233,6 +248,8 @@ def forgetting_attention(
     segment_ids = _as_array(_host_segment_ids(segment_ids), "segment_ids")
   _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning)
   _scale(sm_scale, q.shape[-1])
+  interpret = _check_flag(interpret, "interpret")
+  return_stats = _check_flag(return_stats, "return_stats")
   # Called on arrays, the op runs here and now: a Pallas impl for another backend fails
   # early. Under a trace (jit) the platform is only known when the program is lowered,
   # possibly for another machine (ahead-of-time), and the lowering decides (``_on_platform``).

@@ -198,9 +198,13 @@ def finite_number(value, name: str) -> float:
 
 
 def _positive_int(value, name: str, power_of_two: bool) -> int:
-  """``value`` as a Python int (integral floats and numpy integers too), or a ValueError."""
+  """``value`` as a Python int (integral floats, numpy and JAX scalars too), or a ValueError."""
   what = "a positive power of two" if power_of_two else "a positive integer"
   n = None
+  # A concrete 0-d JAX array (jnp.float32(16)) counts like the numpy scalar it holds.
+  if (isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+      and value.shape == ()):
+    value = value.item()
   if not isinstance(value, (bool, np.bool_)):
     try:
       n = operator.index(value)

@@ -23,8 +23,34 @@ from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.forgetting_attention.common import bound_margin, finite_number, row_norms
+
+
+def _norm_weight(x, name: str):
+  """An RMSNorm weight as an array of real numbers, shape [D] or [H, D], or a ValueError.
+
+  JAX (also traced) and numpy arrays are kept as they are; other array-likes (lists) become
+  float32 numpy arrays.
+  """
+  if isinstance(x, (str, bytes)):
+    raise ValueError(f"{name} must be a float array of shape [D] or [H, D], got {x!r}")
+  if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+    try:
+      x = np.asarray(x)
+    except (TypeError, ValueError):
+      raise ValueError(f"{name} must be a float array of shape [D] or [H, D], got "
+                       f"{type(x).__name__}") from None
+    if x.dtype.kind in "iuf":
+      x = x.astype(np.float32)
+  dtype = np.dtype(x.dtype)
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    raise ValueError(f"{name} must be a float array of shape [D] or [H, D], got dtype {dtype}")
+  if len(x.shape) not in (1, 2) or 0 in x.shape:
+    raise ValueError(f"{name} must be a float array of shape [D] or [H, D], got shape "
+                     f"{tuple(x.shape)}")
+  return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +58,25 @@ class QKNormBound:
   """U from QK-norm scales: per-head RMSNorm gives |q_i| <= sqrt(d) max|gamma_q|.
 
   q_scale, k_scale: the RMSNorm weights, shape [D] (shared across heads) or [H, D]
-  (per head; k_scale's H is the number of kv heads).
+  (per head; k_scale's H is the number of kv heads), arrays or array-likes of real numbers.
+  The shapes are checked here; D and H against q and k when the op uses the bound.
   """
 
   q_scale: jax.Array
   k_scale: jax.Array
+
+  def __post_init__(self):
+    for name in ("q_scale", "k_scale"):
+      object.__setattr__(self, name, _norm_weight(getattr(self, name), f"QKNormBound.{name}"))
+
+  def check(self, num_q_heads: int, num_kv_heads: int, head_dim: int):
+    """ValueError unless the weights fit q with these heads and head dim (and k's heads)."""
+    for name, heads in (("q_scale", num_q_heads), ("k_scale", num_kv_heads)):
+      shape = tuple(getattr(self, name).shape)
+      want = ((head_dim,), (heads, head_dim))
+      if shape not in want:
+        raise ValueError(f"pruning.qk_bound.{name} must have shape {want[0]} or {want[1]} "
+                         f"for {heads} heads of dim {head_dim}, got {shape}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +124,7 @@ def qk_bound(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> j
     kn = jnp.max(row_norms(k), axis=1)  # [B, Hkv]
     u = (abs(sm_scale) * f32_margin) * qn * jnp.repeat(kn, Hq // Hkv, axis=1)
   elif isinstance(b, QKNormBound):
+    b.check(Hq, Hkv, Dh)
     gq = jnp.max(jnp.abs(b.q_scale.astype(jnp.float32)), axis=-1)
     gk = jnp.max(jnp.abs(b.k_scale.astype(jnp.float32)), axis=-1)
     gq = jnp.broadcast_to(gq, (Hq,)) if gq.ndim == 0 else gq

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import BlockSizes, Pruning, forgetting_attention
+from pallas_kernels import BlockSizes, Pruning, QKNormBound, forgetting_attention
 from pallas_kernels.forgetting_attention import pruning
 from tests.kernel_utils import interpret_for, make_inputs, reference_f64
 from tests.tolerances import assert_close
@@ -206,6 +206,52 @@ def test_constant_log_fgate_under_jit(impl):
   for const in (-lf, -np.asarray(lf)):
     with pytest.raises(ValueError, match="log_fgate must be <= 0"):
       jax.jit(lambda q, k, v: forgetting_attention(q, k, v, const, impl=impl))(q, k, v)
+
+
+def test_qknorm_bound_validates_its_weights():
+  """Array-likes of real numbers with shape [D] or [H, D] at construction, heads and head dim
+  at use; anything else is a ValueError naming the field (lists gave AttributeError, the
+  wrong heads a TypeError from a multiply, strings were accepted)."""
+  q, k, _, _ = _args()  # Hq=4, Hkv=2, D=16
+  as_list = QKNormBound([1.5] * 16, [[0.5] * 16, [2.0] * 16])
+  as_arrays = QKNormBound(jnp.full((16,), 1.5), jnp.asarray([[0.5] * 16, [2.0] * 16]))
+  np.testing.assert_array_equal(
+      np.asarray(pruning.qk_bound(q, k, Pruning(qk_bound=as_list), 0.25)),
+      np.asarray(pruning.qk_bound(q, k, Pruning(qk_bound=as_arrays), 0.25)))
+  for bad, field in ((("a", "b"), "q_scale"), ((np.ones(16), "b"), "k_scale"),
+                     (([[1.0], [2.0, 3.0]], np.ones(16)), "q_scale"),
+                     ((np.ones((2, 2, 16)), np.ones(16)), "q_scale"),
+                     ((np.ones(16), np.ones((2, 0))), "k_scale"),
+                     ((np.ones(16, bool), np.ones(16)), "q_scale"),
+                     ((np.ones(16), jnp.ones(16, jnp.complex64)), "k_scale")):
+    with pytest.raises(ValueError, match=f"QKNormBound.{field} must be a float array"):
+      QKNormBound(*bad)
+  for bound, field in ((QKNormBound(np.ones((3, 16)), np.ones(16)), "q_scale"),
+                       (QKNormBound(np.ones(16), np.ones((4, 16))), "k_scale"),
+                       (QKNormBound(np.ones(8), np.ones(16)), "q_scale")):
+    with pytest.raises(ValueError, match=f"pruning.qk_bound.{field} must have shape"):
+      forgetting_attention(q, k, k, -jnp.ones((1, 8, 4)), pruning=Pruning(qk_bound=bound),
+                           impl="xla")
+
+
+def test_jax_scalars_and_flags():
+  """BlockSizes takes JAX scalars like numpy ones; interpret and return_stats must be bools
+  ("no" was taken as true); sm_scale must be finite in float32."""
+  assert BlockSizes(jnp.float32(16), jnp.int32(32), num_warps=jnp.float32(4)) == BlockSizes(
+      16, 32, num_warps=4)
+  for value in (jnp.float32(16.5), jnp.bool_(True), jnp.zeros(2)):
+    with pytest.raises(ValueError, match="block_sizes.block_q must be"):
+      BlockSizes(block_q=value)
+  args = _args()
+  for name in ("interpret", "return_stats"):
+    for value in ("no", 1, None):
+      with pytest.raises(ValueError, match=f"{name} must be a bool"):
+        forgetting_attention(*args, impl="reference", **{name: value})
+  o, _ = forgetting_attention(*args, impl="reference", return_stats=np.bool_(True),
+                              interpret=np.bool_(False))
+  for scale in (1e300, -1e39):
+    with pytest.raises(ValueError, match="sm_scale must be finite in float32"):
+      forgetting_attention(*args, sm_scale=scale, impl="reference")
 
 
 # ----------------------------------------------------------------------------- other platforms
