@@ -34,7 +34,6 @@ batch x head (``common``, "zero gates") so that f = 0 forgets exactly instead of
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import NamedTuple, Optional, Union
 
 import jax
@@ -45,18 +44,16 @@ from jax.interpreters import mlir
 
 from pallas_kernels.forgetting_attention import common
 from pallas_kernels.forgetting_attention import pruning as pruning_lib
+from pallas_kernels.forgetting_attention import registry
 from pallas_kernels.forgetting_attention.common import AttentionStats, BlockSizes
 from pallas_kernels.forgetting_attention.pruning import Pruning
 from pallas_kernels.forgetting_attention.reference import forgetting_attention_reference
 
-IMPLS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
-_MODULES = {"xla": "pallas_kernels.forgetting_attention.xla",
-            "pallas_gpu": "pallas_kernels.forgetting_attention.gpu",
-            "pallas_tpu": "pallas_kernels.forgetting_attention.tpu"}
+IMPLS = registry.IMPLS
 # The backend each Pallas implementation compiles for (elsewhere it needs interpret=True),
 # and the lowering platforms of that backend.
-_BACKENDS = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
-_PLATFORMS = {"pallas_gpu": ("cuda", "rocm"), "pallas_tpu": ("tpu",)}
+_BACKENDS = {n: registry.REGISTRY[n].backend for n in registry.PALLAS}
+_PLATFORMS = {n: registry.REGISTRY[n].platforms for n in registry.PALLAS}
 _FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 256
 
@@ -267,6 +264,15 @@ def _forgetting_attention(q, k, v, log_fgate, *, segment_ids, sm_scale, pruning,
   """Dispatch without the eager backend check (the lowering still checks the platform)."""
   scale = _scale(sm_scale, q.shape[-1])
   delta = None if pruning is None else pruning_lib.threshold(q, k, pruning, scale)
+  return _dispatch(q, k, v, log_fgate, segment_ids, delta, scale=scale, impl=impl,
+                   block_sizes=block_sizes, interpret=interpret, return_stats=return_stats)
+
+
+def _dispatch(q, k, v, log_fgate, segment_ids, delta, *, scale, impl, block_sizes, interpret,
+              return_stats):
+  """The op with the ACP threshold ``delta`` [B, Hq] (or None) given: validated inputs, int32
+  or 64-bit segment ids, ``scale`` a float. What a caller that computes the threshold over a
+  wider sequence (a sequence-parallel op) runs."""
   if impl == "reference":
     o, lse = forgetting_attention_reference(q, k, v, log_fgate, segment_ids=segment_ids,
                                             sm_scale=scale, prune_threshold=delta)
@@ -275,16 +281,6 @@ def _forgetting_attention(q, k, v, log_fgate, *, segment_ids, sm_scale, pruning,
   cfg = _Config(impl, scale, block_sizes, bool(interpret))
   o, lse, kept, total = _blockwise(q, k, v, log_fgate, segment_ids, delta, cfg)
   return (o, AttentionStats(lse, kept, total)) if return_stats else o
-
-
-def _module(impl: str):
-  return importlib.import_module(_MODULES[impl])
-
-
-def _default_block_sizes(impl: str, head_dim: int) -> BlockSizes:
-  """The implementation's tuned tiles (its ``default_block_sizes(head_dim)``), else the generic ones."""
-  tuned = getattr(_module(impl), "default_block_sizes", None)
-  return BlockSizes() if tuned is None else tuned(head_dim)
 
 
 def _needs_backend(impl: str, where: str) -> str:
@@ -297,10 +293,10 @@ def _forward(impl: str, cfg: _Config):
   and the log-sum-exp its backward reads."""
 
   def forward(q, k, v, c_hi, c_lo, segment_ids, delta):
-    bs = cfg.block_sizes or _default_block_sizes(impl, q.shape[-1])
-    o, lse, kept, lse_res = _module(impl).forward(q, k, v, c_hi, c_lo, segment_ids, delta,
-                                                  sm_scale=cfg.sm_scale, block_sizes=bs,
-                                                  interpret=cfg.interpret)
+    bs = cfg.block_sizes or registry.default_block_sizes(impl, q.shape[-1])
+    o, lse, kept, lse_res = registry.module(impl).forward(
+        q, k, v, c_hi, c_lo, segment_ids, delta, sm_scale=cfg.sm_scale, block_sizes=bs,
+        interpret=cfg.interpret)
     total = pruning_lib.causal_tiles(q.shape[1], k.shape[1], bs.block_q, bs.block_k)
     return o, lse, kept.astype(jnp.int32), jnp.full(kept.shape, total, jnp.int32), lse_res
 
@@ -311,10 +307,10 @@ def _backward(impl: str, cfg: _Config):
   """impl's backward: dq, dk, dv and dc (see the module docstring)."""
 
   def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse_res, do, dlse):
-    bs = cfg.block_sizes or _default_block_sizes(impl, q.shape[-1])
-    return _module(impl).backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse_res, do, dlse,
-                                  sm_scale=cfg.sm_scale, block_sizes=bs,
-                                  interpret=cfg.interpret)
+    bs = cfg.block_sizes or registry.default_block_sizes(impl, q.shape[-1])
+    return registry.module(impl).backward(
+        q, k, v, c_hi, c_lo, segment_ids, delta, o, lse_res, do, dlse, sm_scale=cfg.sm_scale,
+        block_sizes=bs, interpret=cfg.interpret)
 
   return backward
 

@@ -95,8 +95,11 @@ def row_norms(x: jax.Array) -> jax.Array:
   return s[..., 0] * jnp.sqrt(jnp.sum(jnp.square(x / s), axis=-1))
 
 
-def gate_floor(q: jax.Array, k: jax.Array, sm_scale: float) -> jax.Array:
+def gate_floor(q: jax.Array, k: jax.Array, sm_scale: float, axis_name=None) -> jax.Array:
   """F = -(2U + ZERO_GATE_MARGIN), [B, Hq] float32, without gradient.
+
+  With ``axis_name`` (inside ``shard_map``), q and k are this device's part of a sequence
+  sharded over that mesh axis, and U is taken over the whole sequence.
 
   U = |scale| max_t |q_t| max_t |k_t| (Cauchy-Schwarz, with ``bound_margin``) over the rows
   of q and k whose elements are all finite: a row with a NaN or an infinity gives non-finite
@@ -112,7 +115,8 @@ def gate_floor(q: jax.Array, k: jax.Array, sm_scale: float) -> jax.Array:
 
   def finite_max_norm(x):  # [B, N, H, D] -> [B, H]
     n = row_norms(x)
-    return jnp.max(jnp.where(jnp.all(jnp.isfinite(x), axis=-1), n, 0.0), axis=1)
+    m = jnp.max(jnp.where(jnp.all(jnp.isfinite(x), axis=-1), n, 0.0), axis=1)
+    return m if axis_name is None else jax.lax.pmax(jax.lax.stop_gradient(m), axis_name)
 
   u = (abs(sm_scale) * bound_margin(D)) * finite_max_norm(q) * jnp.repeat(
       finite_max_norm(k), Hq // Hkv, axis=1)
@@ -134,6 +138,46 @@ def floor_log_fgate(log_fgate: jax.Array, floor: jax.Array) -> jax.Array:
 def reverse_cumsum(x: jax.Array, axis: int = 1) -> jax.Array:
   """sum_{s >= t} x_s along ``axis``, as a true reverse scan (no ``total - prefix``)."""
   return jax.lax.cumsum(x, axis=axis, reverse=True)
+
+
+# ----------------------------------------------------------------------------- chunks
+#
+# The chunk contract. The single-device op computes the last T of S queries against all S
+# keys; a sequence-parallel op computes one device's queries against any device's keys. Both
+# are a pair of chunks that know where their tokens sit in the whole sequence: global
+# positions (strictly increasing within a chunk; masks compare them, and a query's own key
+# is the key at its position) and the global cumulative gate c at every token, so that
+# D_ij = c_i - c_j is the exact global decay wherever the two chunks are.
+
+
+class Rows(NamedTuple):
+  """The query side of a chunk pair."""
+
+  q: jax.Array  # [B, T, Hq, D]
+  c_hi: jax.Array  # [B, T, Hq] f32 global cumulative log gate at the queries (double-float)
+  c_lo: jax.Array  # [B, T, Hq] f32
+  seg: Optional[jax.Array]  # [B, T] int32 segment ids, or None
+  pos: jax.Array  # [T] int32 global positions (>= 0), strictly increasing
+
+
+class Cols(NamedTuple):
+  """The key side of a chunk pair; k and v in GQA form (Hkv heads, never repeated)."""
+
+  k: jax.Array  # [B, S, Hkv, D]
+  v: jax.Array  # [B, S, Hkv, D]
+  c_hi: jax.Array  # [B, S, Hq] f32
+  c_lo: jax.Array  # [B, S, Hq] f32
+  seg: Optional[jax.Array]  # [B, S] int32, or None (with Rows.seg)
+  pos: jax.Array  # [S] int32 global positions (>= 0), strictly increasing
+
+
+def whole_sequence(q, k, v, c_hi, c_lo, segment_ids) -> tuple[Rows, Cols]:
+  """The single-device op as a chunk pair: the queries are the last T of the S keys."""
+  T, S = q.shape[1], k.shape[1]
+  off = S - T
+  seg_q = None if segment_ids is None else segment_ids[:, off:]
+  rows = Rows(q, c_hi[:, off:], c_lo[:, off:], seg_q, off + jnp.arange(T, dtype=jnp.int32))
+  return rows, Cols(k, v, c_hi, c_lo, segment_ids, jnp.arange(S, dtype=jnp.int32))
 
 
 # ----------------------------------------------------------------------------- anchored dS
@@ -160,7 +204,8 @@ def reverse_cumsum(x: jax.Array, axis: int = 1) -> jax.Array:
 def own_key_dot(do: jax.Array, v: jax.Array) -> jax.Array:
   """dd_i = do_i . v_i with v at the query's own position (the anchor of dS).
 
-  do: [B, T, Hq, D]; v: [B, S, Hkv, D] (queries are the last T positions); [B, Hq, T] f32.
+  do: [B, T, Hq, D]; v: [B, S, Hkv, D] whose last T positions are the queries' own (the
+  single-device op; a sequence-parallel device passes its own chunk, S = T); [B, Hq, T] f32.
   """
   B, T, Hq, D = do.shape
   S, Hkv = v.shape[1], v.shape[2]

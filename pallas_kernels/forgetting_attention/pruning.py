@@ -105,8 +105,17 @@ class Pruning:
       object.__setattr__(self, "qk_bound", u)
 
 
-def qk_bound(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> jax.Array:
+def _pmax(x: jax.Array, axis_name) -> jax.Array:
+  """``x``, or its maximum over the devices of ``axis_name`` (inside ``shard_map``)."""
+  return x if axis_name is None else jax.lax.pmax(jax.lax.stop_gradient(x), axis_name)
+
+
+def qk_bound(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float,
+             axis_name=None) -> jax.Array:
   """U per batch x q head, [B, Hq] float32, with no gradient through it.
+
+  With ``axis_name``, q and k are this device's part of a sequence sharded over that mesh
+  axis and U is the bound over the whole sequence (every device gets the same U).
 
   The computed bounds carry a small relative margin so that they stay bounds in floating
   point: float32 rounding of the norms and of the kernels' length-D dot products
@@ -120,8 +129,8 @@ def qk_bound(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> j
   b = pruning.qk_bound
   f32_margin = bound_margin(Dh)
   if isinstance(b, str):
-    qn = jnp.max(row_norms(q), axis=1)  # [B, Hq]
-    kn = jnp.max(row_norms(k), axis=1)  # [B, Hkv]
+    qn = _pmax(jnp.max(row_norms(q), axis=1), axis_name)  # [B, Hq]
+    kn = _pmax(jnp.max(row_norms(k), axis=1), axis_name)  # [B, Hkv]
     u = (abs(sm_scale) * f32_margin) * qn * jnp.repeat(kn, Hq // Hkv, axis=1)
   elif isinstance(b, QKNormBound):
     b.check(Hq, Hkv, Dh)
@@ -137,27 +146,37 @@ def qk_bound(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> j
   return jax.lax.stop_gradient(u)
 
 
-def finite_heads(q: jax.Array, k: jax.Array) -> jax.Array:
-  """[B, Hq] bool: every element of the head's q and of its kv head's k is finite."""
+def finite_heads(q: jax.Array, k: jax.Array, axis_name=None) -> jax.Array:
+  """[B, Hq] bool: every element of the head's q and of its kv head's k is finite (over the
+  whole sequence when it is sharded over ``axis_name``)."""
   Hq, Hkv = q.shape[2], k.shape[2]
   qf = jnp.all(jnp.isfinite(q), axis=(1, 3))  # [B, Hq]
   kf = jnp.all(jnp.isfinite(k), axis=(1, 3))  # [B, Hkv]
-  return qf & jnp.repeat(kf, Hq // Hkv, axis=1)
+  ok = qf & jnp.repeat(kf, Hq // Hkv, axis=1)
+  if axis_name is None:
+    return ok
+  return jax.lax.pmin(jax.lax.stop_gradient(ok.astype(jnp.int32)), axis_name) > 0
 
 
-def threshold(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float) -> jax.Array:
+def threshold(q: jax.Array, k: jax.Array, pruning: Pruning, sm_scale: float, *,
+              num_keys: Optional[int] = None, axis_name=None) -> jax.Array:
   """delta = log_eps - 2U - log(S), [B, Hq] float32; -inf (prune nothing) for a head whose
   q or k holds a NaN or an infinity.
+
+  For a sequence sharded over the mesh axis ``axis_name`` (inside ``shard_map``), q and k
+  are this device's part, ``num_keys`` is the whole sequence's S, and U and the finiteness
+  are reduced over the axis, so every device prunes exactly what the single-device op
+  prunes.
 
   A non-finite input breaks every bound (a NaN "auto" bound would give a NaN delta, and a
   NaN compare drops the pair, so the whole head would come out as silent zeros). With
   pruning off for that head, the NaN reaches exactly the outputs it reaches without
   pruning, for every kind of bound.
   """
-  S = k.shape[1]
-  u = qk_bound(q, k, pruning, sm_scale)
+  S = k.shape[1] if num_keys is None else num_keys
+  u = qk_bound(q, k, pruning, sm_scale, axis_name)
   delta = (pruning.log_tolerance - 2.0 * u - math.log(S)).astype(jnp.float32)
-  ok = jax.lax.stop_gradient(finite_heads(q, k)) & jnp.isfinite(delta)
+  ok = jax.lax.stop_gradient(finite_heads(q, k, axis_name)) & jnp.isfinite(delta)
   return jnp.where(ok, delta, -jnp.inf)
 
 
@@ -200,45 +219,82 @@ def tile_ranges(
     block_k: int,
     delta: Optional[jax.Array] = None,
 ) -> TileRanges:
-  """Kept-tile ranges from the causal diagonal, segment boundaries and the ACP threshold.
+  """Kept-tile ranges of the single-device op, whose queries are the last ``num_queries``
+  of the S keys: :func:`chunk_tile_ranges` with the query side sliced from the key side.
 
   c_hi, c_lo: [B, S, H] the cumulative log forget gate as a double-float pair.
-  segment_ids: [B, S] or None (queries are the last ``num_queries`` positions).
-  delta: [B, H] ACP threshold, or None for no pruning.
-
-  A tile is kept when (1) some key in it is causally visible to some query in it,
-  (2) the segment-id ranges of its queries and keys overlap, and (3) its corner decay
-  D(first query, last key) = c[first query] - c[last key] is >= delta. The predicate is a
-  broadcast of per-block vectors that XLA fuses into the four reductions below.
+  segment_ids: [B, S] or None. delta: [B, H] ACP threshold, or None for no pruning.
   """
-  B, S, H = c_hi.shape
-  T = num_queries
+  S = c_hi.shape[1]
+  off = S - num_queries
+  seg_q = None if segment_ids is None else segment_ids[:, off:]
+  return chunk_tile_ranges(c_hi[:, off:], c_lo[:, off:], c_hi, c_lo, seg_q, segment_ids,
+                           off + jnp.arange(num_queries, dtype=jnp.int32),
+                           jnp.arange(S, dtype=jnp.int32), block_q, block_k, delta)
+
+
+def _block_ends(pos: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """Indices of the first and last element of each block of ``block`` along [N]."""
+  n = pos.shape[0]
+  a = np.arange(-(-n // block))
+  return a * block, np.minimum((a + 1) * block, n) - 1
+
+
+def chunk_tile_ranges(
+    cq_hi: jax.Array,
+    cq_lo: jax.Array,
+    ck_hi: jax.Array,
+    ck_lo: jax.Array,
+    seg_q: Optional[jax.Array],
+    seg_k: Optional[jax.Array],
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    block_q: int,
+    block_k: int,
+    delta: Optional[jax.Array] = None,
+) -> TileRanges:
+  """Kept-tile ranges of a chunk of T queries against a chunk of S keys anywhere in the
+  sequence, from the causal order, segment boundaries and the ACP threshold.
+
+  cq_hi, cq_lo: [B, T, H] and ck_hi, ck_lo: [B, S, H] the global cumulative log forget gate
+  at the queries and at the keys (double-float pairs). seg_q [B, T], seg_k [B, S]: segment
+  ids, or both None. q_pos [T], k_pos [S]: the tokens' global positions, strictly
+  increasing within each chunk (any layout of a sequence over devices keeps each device's
+  tokens in order), possibly traced. delta: [B, H] ACP threshold, or None.
+
+  A tile is kept when (1) its first key is at or before its last query, (2) the segment-id
+  ranges of its queries and keys overlap, and (3) its corner decay D(first query, last key)
+  = cq[first query] - ck[last key] is >= delta. Because c does not increase along the
+  sequence and positions increase within a chunk, that corner is the tile's largest decay
+  over causally visible pairs whenever the last key is before the first query; otherwise
+  the tile may hold pairs with D close to 0 and is kept. The predicate is a broadcast of
+  per-block vectors that XLA fuses into the four reductions below.
+  """
+  B, T, H = cq_hi.shape
+  S = ck_hi.shape[1]
   nq = -(-T // block_q)
   nk = -(-S // block_k)
-  off = S - T
-  a = jnp.arange(nq)
-  b = jnp.arange(nk)
-  q_first = off + a * block_q  # absolute position of each q block's first row
-  q_last = off + jnp.minimum((a + 1) * block_q, T) - 1
-  k_first = b * block_k
-  k_last = jnp.minimum((b + 1) * block_k, S) - 1
+  qa, qz = _block_ends(q_pos, block_q)
+  ka, kz = _block_ends(k_pos, block_k)
+  q_first, q_last = q_pos[qa], q_pos[qz]  # [nq] global positions
+  k_first, k_last = k_pos[ka], k_pos[kz]  # [nk]
 
   causal = k_first[None, :] <= q_last[:, None]  # [nq, nk]
   kept = jnp.broadcast_to(causal, (B, H, nq, nk))
   if delta is not None:
-    hi = c_hi.transpose(0, 2, 1)  # [B, H, S]
-    lo = c_lo.transpose(0, 2, 1)
-    corner = (hi[:, :, q_first][..., None] - hi[:, :, k_last][:, :, None, :]) + (
-        lo[:, :, q_first][..., None] - lo[:, :, k_last][:, :, None, :])  # [B, H, nq, nk]
-    # A diagonal tile (last key after the first query) holds D_ii = 0 >= delta: always kept.
+    hq, lq = cq_hi.transpose(0, 2, 1), cq_lo.transpose(0, 2, 1)  # [B, H, T]
+    hk, lk = ck_hi.transpose(0, 2, 1), ck_lo.transpose(0, 2, 1)  # [B, H, S]
+    corner = (hq[:, :, qa][..., None] - hk[:, :, kz][:, :, None, :]) + (
+        lq[:, :, qa][..., None] - lk[:, :, kz][:, :, None, :])  # [B, H, nq, nk]
+    # A tile whose last key is not before its first query holds pairs near the diagonal
+    # (D_ii = 0 >= delta): always kept.
     corner = jnp.where(k_last[None, :] >= q_first[:, None], 0.0, corner)
     # "not below" rather than ">=": a NaN corner (NaN gate) or a NaN delta keeps the tile.
     kept = kept & ~(corner < delta[:, :, None, None])
-  if segment_ids is not None:
-    seg = segment_ids.astype(jnp.int32)
+  if seg_q is not None:
     info = jnp.iinfo(jnp.int32)
-    kmin, kmax = _block_min_max(seg, block_k, (info.max, info.min))  # [B, nk]
-    qmin, qmax = _block_min_max(seg[:, off:], block_q, (info.max, info.min))  # [B, nq]
+    kmin, kmax = _block_min_max(seg_k.astype(jnp.int32), block_k, (info.max, info.min))  # [B, nk]
+    qmin, qmax = _block_min_max(seg_q.astype(jnp.int32), block_q, (info.max, info.min))  # [B, nq]
     overlap = (qmin[:, :, None] <= kmax[:, None, :]) & (kmin[:, None, :] <= qmax[:, :, None])
     kept = kept & overlap[:, None]
 

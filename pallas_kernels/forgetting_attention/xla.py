@@ -9,8 +9,14 @@ outputs and accumulators.
 
 Layout: heads are vectorised as [B, Hkv, G] with G = Hq // Hkv, so GQA never repeats k or v.
 Each query/key block is addressed by its block index on a leading axis ([n, B, Hkv, ...]).
-Queries are the last T of the S positions; T and S are padded to whole blocks inside and the
-padding is masked (padded queries get position -1 and so see no key).
+
+Every pass works on a chunk pair (``common.Rows`` against ``common.Cols``): queries and keys
+anywhere in the sequence, masked by their global positions and biased by the global c, so
+the same code computes the single-device op (``forward``, ``backward``: the queries are the
+last T of the S keys) and one step of a sequence-parallel ring (``forward_chunk``,
+``row_terms_chunk``, ``backward_chunk``). T and S are padded to whole blocks inside and the
+padding is masked: padded queries get position -1 and padded keys the largest int32, so no
+query sees a padded key and no padded query sees a key.
 
 Tile skipping comes from :func:`pruning.tile_ranges` alone. The loops run over the union of
 the kept ranges of all (batch, head) pairs, so a tile that no head keeps is neither loaded nor
@@ -30,6 +36,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels.forgetting_attention import common, pruning
@@ -56,7 +63,7 @@ class _QBlocks(NamedTuple):
   c_hi: jax.Array  # [nq, B, Hkv, G, bq]
   c_lo: jax.Array  # [nq, B, Hkv, G, bq]
   seg: Optional[jax.Array]  # [nq, B, bq]
-  pos: jax.Array  # [nq, bq] absolute positions, -1 on padding
+  pos: jax.Array  # [nq, bq] global positions, -1 on padding
 
 
 class _KBlocks(NamedTuple):
@@ -67,7 +74,7 @@ class _KBlocks(NamedTuple):
   c_hi: jax.Array  # [nk, B, Hkv, G, bk]
   c_lo: jax.Array  # [nk, B, Hkv, G, bk]
   seg: Optional[jax.Array]  # [nk, B, bk]
-  pos: jax.Array  # [nk, bk]
+  pos: jax.Array  # [nk, bk] global positions, the largest int32 on padding
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -113,25 +120,29 @@ def _seg_blocks(seg: Optional[jax.Array], block: int) -> Optional[jax.Array]:
   return jnp.moveaxis(_pad_axis1(seg, n * block).reshape(B, n, block), 1, 0)
 
 
-def _q_blocks(q, c_hi, c_lo, segment_ids, S, bq, Hkv) -> _QBlocks:
-  T = q.shape[1]
-  nq = _cdiv(T, bq)
-  rows = jnp.arange(nq * bq, dtype=jnp.int32)
-  pos = jnp.where(rows < T, S - T + rows, -1).reshape(nq, bq)
-  seg = None if segment_ids is None else segment_ids[:, S - T:]
-  return _QBlocks(_to_blocks(q, bq, Hkv), _to_blocks(c_hi[:, S - T:], bq, Hkv),
-                  _to_blocks(c_lo[:, S - T:], bq, Hkv), _seg_blocks(seg, bq), pos)
+def _pos_blocks(pos: jax.Array, block: int, pad) -> jax.Array:
+  """[N] -> [n, block], padded with ``pad``."""
+  n = _cdiv(pos.shape[0], block)
+  return jnp.pad(pos.astype(jnp.int32), (0, n * block - pos.shape[0]),
+                 constant_values=pad).reshape(n, block)
 
 
-def _k_blocks(k, v, c_hi, c_lo, segment_ids, bk, Hkv) -> _KBlocks:
-  B, S, _, D = k.shape
+def _q_blocks(rows: common.Rows, bq: int, Hkv: int) -> _QBlocks:
+  return _QBlocks(_to_blocks(rows.q, bq, Hkv), _to_blocks(rows.c_hi, bq, Hkv),
+                  _to_blocks(rows.c_lo, bq, Hkv), _seg_blocks(rows.seg, bq),
+                  _pos_blocks(rows.pos, bq, -1))
+
+
+def _k_blocks(cols: common.Cols, bk: int, Hkv: int) -> _KBlocks:
+  B, S, _, D = cols.k.shape
   nk = _cdiv(S, bk)
 
   def split(x):  # [B, S, Hkv, D] -> [nk, B, Hkv, bk, D]
     return jnp.moveaxis(_pad_axis1(x, nk * bk).reshape(B, nk, bk, Hkv, D), (1, 2), (0, 3))
 
-  return _KBlocks(split(k), split(v), _to_blocks(c_hi, bk, Hkv), _to_blocks(c_lo, bk, Hkv),
-                  _seg_blocks(segment_ids, bk), jnp.arange(nk * bk, dtype=jnp.int32).reshape(nk, bk))
+  return _KBlocks(split(cols.k), split(cols.v), _to_blocks(cols.c_hi, bk, Hkv),
+                  _to_blocks(cols.c_lo, bk, Hkv), _seg_blocks(cols.seg, bk),
+                  _pos_blocks(cols.pos, bk, np.iinfo(np.int32).max))
 
 
 def _heads(x: jax.Array, Hkv: int) -> jax.Array:
@@ -162,11 +173,12 @@ def _tile(q, k, cq_hi, cq_lo, ck_hi, ck_lo, seg_q, seg_k, pos_q, pos_k, delta, t
   return s + decay, mask
 
 
-def _setup(q, k, c_hi, c_lo, segment_ids, delta, block_q, block_k):
-  B, T, Hq, _ = q.shape
-  S, Hkv = k.shape[1], k.shape[2]
+def _setup(rows: common.Rows, cols: common.Cols, delta, block_q, block_k):
+  B, T, Hq, _ = rows.q.shape
+  S, Hkv = cols.k.shape[1], cols.k.shape[2]
   bq, bk = _block_size(block_q, T), _block_size(block_k, S)
-  ranges = pruning.tile_ranges(c_hi, c_lo, segment_ids, T, bq, bk, delta)
+  ranges = pruning.chunk_tile_ranges(rows.c_hi, rows.c_lo, cols.c_hi, cols.c_lo, rows.seg,
+                                     cols.seg, rows.pos, cols.pos, bq, bk, delta)
   delta_h = None if delta is None else delta.reshape(B, Hkv, Hq // Hkv)
   return bq, bk, ranges, delta_h
 
@@ -176,12 +188,22 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float, block_s
   """o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32 and the lse
   again, which is what ``backward`` reads; see ``api``."""
   del interpret  # plain XLA: nothing to interpret
+  rows, cols = common.whole_sequence(q, k, v, c_hi, c_lo, segment_ids)
+  o, lse, kept = forward_chunk(rows, cols, delta, sm_scale=sm_scale, block_sizes=block_sizes)
+  return o.astype(q.dtype), lse, kept, lse
+
+
+def forward_chunk(rows: common.Rows, cols: common.Cols, delta, *, sm_scale: float,
+                  block_sizes: BlockSizes):
+  """The queries of ``rows`` against the keys of ``cols`` alone: o [B, T, Hq, D] float32,
+  normalised over these keys, their lse [B, Hq, T] (-inf where a query sees none of them,
+  o = 0 there) and the kept tiles [B, Hq] int32. Partial results of chunks merge by lse."""
+  q, v = rows.q, cols.v
   B, T, Hq, D = q.shape
-  S, Hkv = k.shape[1], k.shape[2]
-  bq, bk, ranges, delta_h = _setup(q, k, c_hi, c_lo, segment_ids, delta, block_sizes.block_q,
-                                   block_sizes.block_k)
-  qs = _q_blocks(q, c_hi, c_lo, segment_ids, S, bq, Hkv)
-  ks = _k_blocks(k, v, c_hi, c_lo, segment_ids, bk, Hkv)
+  Hkv = cols.k.shape[2]
+  bq, bk, ranges, delta_h = _setup(rows, cols, delta, block_sizes.block_q, block_sizes.block_k)
+  qs = _q_blocks(rows, bq, Hkv)
+  ks = _k_blocks(cols, bk, Hkv)
   kv_start, kv_end = _heads(ranges.kv_start, Hkv), _heads(ranges.kv_end, Hkv)  # [nq, B, Hkv, G]
   # Kv blocks of each q block's loop: the union of every head's kept range.
   lo, hi = kv_start.min(axis=(1, 2, 3)), kv_end.max(axis=(1, 2, 3))  # [nq]
@@ -213,7 +235,7 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float, block_s
     m, l, acc = lax.fori_loop(lo_i, hi_i, kv_step, init)
     # Rows that see no key get o = 0, lse = -inf; a NaN l (NaN input) stays NaN in both.
     l_safe = jnp.where(l == 0, 1.0, l)
-    o = (acc / l_safe[..., None]).astype(q.dtype)
+    o = acc / l_safe[..., None]
     lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(l_safe))
     return None, (o, lse)
 
@@ -221,7 +243,7 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float, block_s
   _, (o, lse) = lax.scan(q_block, None, xs)
   o = _from_blocks(o, T)  # [B, T, Hq, D]
   lse = _from_blocks(lse, T).transpose(0, 2, 1)  # [B, Hq, T]
-  return o, lse, ranges.kept_tiles(), lse
+  return o, lse, ranges.kept_tiles()
 
 
 def _row_terms(qs, ks, dos, lse_b, dd_b, lo, hi, kv_start, kv_end, delta_h, sm_scale):
@@ -254,45 +276,54 @@ def _row_terms(qs, ks, dos, lse_b, dd_b, lo, hi, kv_start, kv_end, delta_h, sm_s
   return lax.scan(q_block, None, xs)[1]
 
 
-def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_scale: float,
-             block_sizes: BlockSizes, interpret: bool = False):
-  """dq, dk, dv (input dtypes) and dc [B, S, Hq] f32 = row sums minus column sums of dS.
-
-  The textbook dS = P (dP - di) with di = rowsum(o * do) - dlse is not used: under strong
-  forgetting P_ii ~ 1, o_i ~ v_i and dP_ij - di_i cancels to a tiny number, so the output's
-  rounding (2^-9 relative in bfloat16, 2^-24 in float32) would swamp dS on the diagonal.
-  Instead dS is anchored at the query's own key,
-
-      dS_ij = P_ij ((dP_ij - dP_ii) - (g_i - dlse_i)),   g_i = sum_{j != i} P_ij (dP_ij - dP_ii),
-
-  with dP_ii - dP_ii = 0 exactly, so every term keeps its relative precision. For the same
-  reason dc_t sums dS without its diagonal, which the row and the column sum share:
-  dc_t = sum_{j != t} dS_tj - sum_{i != t} dS_it, the row part being g_t - (g_t - dlse_t) r_t
-  (a plain dlse_t - dS_tt would cancel when P_tt ~ 1). g and r come from one extra pass
-  over the kept tiles (two matmuls per tile); then one pass over key blocks
-  and, inside, the query blocks that see them (the mirrored kept ranges) recomputes P from
-  lse and forms dV += P^T dO, dK += dS^T Q, dQ += dS K (dQ accumulated in a float32 buffer).
-  """
-  del interpret, o  # g is summed exactly in its own pass: no estimate from o needed
-  B, T, Hq, D = q.shape
-  S, Hkv = k.shape[1], k.shape[2]
-  G = Hq // Hkv
-  block_q, block_k = block_sizes.bwd
-  bq, bk, ranges, delta_h = _setup(q, k, c_hi, c_lo, segment_ids, delta, block_q, block_k)
-  nq = _cdiv(T, bq)
-  qs = _q_blocks(q, c_hi, c_lo, segment_ids, S, bq, Hkv)
-  ks = _k_blocks(k, v, c_hi, c_lo, segment_ids, bk, Hkv)
+def _bwd_setup(rows, cols, do, lse, dd, delta, block_sizes):
+  """Blocked inputs of both backward passes, at the backward tiles."""
+  Hkv = cols.k.shape[2]
+  bq, bk, ranges, delta_h = _setup(rows, cols, delta, *block_sizes.bwd)
+  qs = _q_blocks(rows, bq, Hkv)
+  ks = _k_blocks(cols, bk, Hkv)
   dos = _to_blocks(do, bq, Hkv)  # [nq, B, Hkv, G, bq, D]
   # Padded rows get lse = 0; their mask is empty so the value never matters.
   lse_b = _to_blocks(lse.transpose(0, 2, 1), bq, Hkv)  # [nq, B, Hkv, G, bq]
-  dlse_b = _to_blocks(dlse.astype(jnp.float32).transpose(0, 2, 1), bq, Hkv)
-  # dP_ii = do_i . v_i with v at each query's own position.
-  dd_b = _to_blocks(common.own_key_dot(do, v).transpose(0, 2, 1), bq, Hkv)  # [nq, B, Hkv, G, bq]
+  dd_b = _to_blocks(dd.transpose(0, 2, 1), bq, Hkv)  # [nq, B, Hkv, G, bq]
+  return bq, bk, ranges, delta_h, qs, ks, dos, lse_b, dd_b
+
+
+def row_terms_chunk(rows: common.Rows, cols: common.Cols, do, lse, dd, delta, *,
+                    sm_scale: float, block_sizes: BlockSizes):
+  """The row terms of the anchored dS over the keys of ``cols``: g_i = sum_{j != i} P_ij
+  (dP_ij - dd_i) and r_i = sum_{j != i} P_ij, each [B, Hq, T] float32; over chunks they add.
+
+  lse [B, Hq, T]: the queries' log-sum-exp over every key (the global one); dd [B, Hq, T]:
+  do_i . v_i at the query's own key (``common.own_key_dot``). The own key (equal positions)
+  is left out: its term is zero exactly.
+  """
+  T, Hkv = rows.q.shape[1], cols.k.shape[2]
+  _, _, ranges, delta_h, qs, ks, dos, lse_b, dd_b = _bwd_setup(rows, cols, do, lse, dd, delta,
+                                                              block_sizes)
   kv_start, kv_end = _heads(ranges.kv_start, Hkv), _heads(ranges.kv_end, Hkv)  # [nq, B, Hkv, G]
   g, r = _row_terms(qs, ks, dos, lse_b, dd_b, kv_start.min(axis=(1, 2, 3)),
                     kv_end.max(axis=(1, 2, 3)), kv_start, kv_end, delta_h, sm_scale)
-  g_b = g - dlse_b
-  row_sums = _from_blocks(g - g_b * r, T)  # [B, T, Hq]: sum_{j != i} dS_ij
+  return _from_blocks(g, T).transpose(0, 2, 1), _from_blocks(r, T).transpose(0, 2, 1)
+
+
+def backward_chunk(rows: common.Rows, cols: common.Cols, do, lse, dd, g_b, delta, *,
+                   sm_scale: float, block_sizes: BlockSizes):
+  """The gradients from the pairs of ``rows`` x ``cols``, float32: dq [B, T, Hq, D], dk, dv
+  [B, S, Hkv, D] and the column part of dc, -sum_{i != j} dS_ij, [B, S, Hq].
+
+  g_b [B, Hq, T] = g - dlse with g summed over every key (``row_terms_chunk``); with it
+  dS_ij = P_ij ((dP_ij - dd_i) - g_b_i). The row part of dc, sum_{j != i} dS_ij = g - g_b r,
+  is the caller's, from the row terms' totals.
+  """
+  q, k, v = rows.q, cols.k, cols.v
+  B, T, Hq, D = q.shape
+  S, Hkv = k.shape[1], k.shape[2]
+  G = Hq // Hkv
+  bq, bk, ranges, delta_h, qs, ks, dos, lse_b, dd_b = _bwd_setup(rows, cols, do, lse, dd, delta,
+                                                                block_sizes)
+  nq = _cdiv(T, bq)
+  g_b = _to_blocks(g_b.transpose(0, 2, 1), bq, Hkv)  # [nq, B, Hkv, G, bq]
   q_start, q_end = _heads(ranges.q_start, Hkv), _heads(ranges.q_end, Hkv)  # [nk, B, Hkv, G]
   lo, hi = q_start.min(axis=(1, 2, 3)), q_end.max(axis=(1, 2, 3))  # [nk]
   seg_q = qs.seg
@@ -327,9 +358,41 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_sc
   xs = (ks.k, ks.v, ks.c_hi, ks.c_lo, ks.seg, ks.pos, lo, hi, q_start, q_end)
   dq0 = jnp.zeros((nq, B, Hkv, G, bq, D), jnp.float32)
   dq, (dk, dv, dc) = lax.scan(kv_block, dq0, xs)
-  dq = (sm_scale * _from_blocks(dq, T)).astype(q.dtype)  # [B, T, Hq, D]
+  dq = sm_scale * _from_blocks(dq, T)  # [B, T, Hq, D]
   # [nk, B, Hkv, bk, D] -> [B, S, Hkv, D]
-  dk = jnp.moveaxis(dk, (0, 3), (1, 2)).reshape(B, -1, Hkv, D)[:, :S].astype(k.dtype)
-  dv = jnp.moveaxis(dv, (0, 3), (1, 2)).reshape(B, -1, Hkv, D)[:, :S].astype(v.dtype)
-  dc = _from_blocks(dc, S).at[:, S - T:].add(row_sums)  # [B, S, Hq]
-  return dq, dk, dv, dc
+  dk = jnp.moveaxis(dk, (0, 3), (1, 2)).reshape(B, -1, Hkv, D)[:, :S]
+  dv = jnp.moveaxis(dv, (0, 3), (1, 2)).reshape(B, -1, Hkv, D)[:, :S]
+  return dq, dk, dv, _from_blocks(dc, S)
+
+
+def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_scale: float,
+             block_sizes: BlockSizes, interpret: bool = False):
+  """dq, dk, dv (input dtypes) and dc [B, S, Hq] f32 = row sums minus column sums of dS.
+
+  The textbook dS = P (dP - di) with di = rowsum(o * do) - dlse is not used: under strong
+  forgetting P_ii ~ 1, o_i ~ v_i and dP_ij - di_i cancels to a tiny number, so the output's
+  rounding (2^-9 relative in bfloat16, 2^-24 in float32) would swamp dS on the diagonal.
+  Instead dS is anchored at the query's own key,
+
+      dS_ij = P_ij ((dP_ij - dP_ii) - (g_i - dlse_i)),   g_i = sum_{j != i} P_ij (dP_ij - dP_ii),
+
+  with dP_ii - dP_ii = 0 exactly, so every term keeps its relative precision. For the same
+  reason dc_t sums dS without its diagonal, which the row and the column sum share:
+  dc_t = sum_{j != t} dS_tj - sum_{i != t} dS_it, the row part being g_t - (g_t - dlse_t) r_t
+  (a plain dlse_t - dS_tt would cancel when P_tt ~ 1). g and r come from one extra pass
+  over the kept tiles (two matmuls per tile, ``row_terms_chunk``); then one pass over key
+  blocks and, inside, the query blocks that see them (the mirrored kept ranges) recomputes P
+  from lse and forms dV += P^T dO, dK += dS^T Q, dQ += dS K (``backward_chunk``; dQ
+  accumulated in a float32 buffer).
+  """
+  del interpret, o  # g is summed exactly in its own pass: no estimate from o needed
+  T, S = q.shape[1], k.shape[1]
+  rows, cols = common.whole_sequence(q, k, v, c_hi, c_lo, segment_ids)
+  dd = common.own_key_dot(do, v)  # [B, Hq, T]: dP_ii = do_i . v_i at each query's own key
+  kw = dict(sm_scale=sm_scale, block_sizes=block_sizes)
+  g, r = row_terms_chunk(rows, cols, do, lse, dd, delta, **kw)
+  g_b = g - dlse.astype(jnp.float32)
+  dq, dk, dv, dc = backward_chunk(rows, cols, do, lse, dd, g_b, delta, **kw)
+  row_sums = (g - g_b * r).transpose(0, 2, 1)  # [B, T, Hq]: sum_{j != i} dS_ij
+  dc = dc.at[:, S - T:].add(row_sums)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dc
