@@ -1,0 +1,197 @@
+"""``sequence_parallel_attention``: forgetting attention over a sequence sharded on a mesh axis.
+
+Four strategies, one call:
+
+  ring      contiguous chunks; K/V travel round the axis (``ring``). Simple; under causal
+            attention the last device does P times the first one's work.
+  zigzag    the ring on the zigzag layout (device d holds chunks d and 2P - 1 - d of 2P):
+            balanced causal work.
+  striped   the ring on the striped layout (token i on device i mod P, or stripes of
+            ``stripe`` tokens): balanced to within a stripe.
+  ulysses   all-to-all to a head split, the single-device op on the whole sequence, and
+            back (``ulysses``); natural (contiguous) order; heads must split over the axis.
+
+Arrays come in the strategy's layout order, sharded or not: a model permutes its inputs
+once with ``layouts.permute(x, strategy_layout(...))`` and its per-token outputs back with
+``layouts.unpermute``. Every strategy computes the single-device op's function on the
+natural-order sequence: the same zero-gate semantics, the same ACP threshold (q/k bounds
+reduced over the axis, S the whole length, so every device prunes what one device would),
+and gradients for q, k, v and log f.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from pallas_kernels.forgetting_attention import api as op_api
+from pallas_kernels.forgetting_attention import common, registry
+from pallas_kernels.forgetting_attention import pruning as pruning_lib
+from pallas_kernels.forgetting_attention.common import AttentionStats, BlockSizes
+from pallas_kernels.forgetting_attention.pruning import Pruning
+from pallas_kernels.sequence_parallel import ring as ring_lib
+from pallas_kernels.sequence_parallel import ulysses as ulysses_lib
+from pallas_kernels.sequence_parallel.layouts import Layout
+
+# strategy -> the layout its arrays come in
+STRATEGIES = {"ring": "contiguous", "zigzag": "zigzag", "striped": "striped",
+              "ulysses": "contiguous"}
+
+
+class SequenceParallelStats(NamedTuple):
+  """What ``return_stats=True`` gives beside the output.
+
+  lse: [B, Hq, S] float32, in the layout's order like the output.
+  kept_tiles, total_tiles: [B, Hq] int32 tiles computed and tiles a causal, unpruned,
+    unsegmented run of the same strategy computes, summed over the devices (None for
+    ``impl="reference"`` under Ulysses).
+  ring_steps: the ring steps each device ran (P for the ring strategies, 0 for Ulysses).
+  """
+
+  lse: jax.Array
+  kept_tiles: Optional[jax.Array]
+  total_tiles: Optional[jax.Array]
+  ring_steps: int
+
+  def kept_fraction(self, per_head: bool = False) -> jax.Array:
+    return AttentionStats(self.lse, self.kept_tiles, self.total_tiles).kept_fraction(per_head)
+
+  def tile_summary(self) -> str:
+    return AttentionStats(self.lse, self.kept_tiles, self.total_tiles).tile_summary()
+
+
+def strategy_layout(strategy: str, length: int, num_shards: int, stripe: int = 1) -> Layout:
+  """The layout of ``strategy``'s arrays for a sequence of ``length`` over ``num_shards``
+  devices; a ValueError naming the argument if the length cannot be split that way."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
+  return Layout(STRATEGIES[strategy], length, num_shards, stripe)
+
+
+def _axes_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  names = (axes,) if isinstance(axes, str) else tuple(axes)
+  size = 1
+  for a in names:
+    size *= mesh.shape[a]
+  return size
+
+
+def _check_mesh(mesh, axis_name, batch_axes, B):
+  if not isinstance(mesh, Mesh):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+  names = () if batch_axes is None else ((batch_axes,) if isinstance(batch_axes, str)
+                                         else tuple(batch_axes))
+  for name, what in [(axis_name, "axis_name")] + [(a, "batch_axes") for a in names]:
+    if name not in mesh.axis_names:
+      raise ValueError(f"{what} {name!r} is not an axis of the mesh {mesh.axis_names}")
+  if axis_name in names:
+    raise ValueError(f"axis_name {axis_name!r} cannot also be a batch axis")
+  if B % _axes_size(mesh, batch_axes):
+    raise ValueError(f"batch {B} must be divisible by the size of batch_axes {batch_axes} "
+                     f"({_axes_size(mesh, batch_axes)})")
+
+
+def sequence_parallel_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_fgate: jax.Array,
+    *,
+    mesh: Mesh,
+    strategy: str = "zigzag",
+    axis_name: str = "context",
+    batch_axes=None,
+    segment_ids: Optional[jax.Array] = None,
+    sm_scale: Optional[float] = None,
+    pruning: Optional[Pruning] = None,
+    impl: str = "auto",
+    block_sizes: Optional[BlockSizes] = None,
+    interpret: bool = False,
+    return_stats: bool = False,
+    stripe: int = 1,
+) -> Union[jax.Array, tuple[jax.Array, SequenceParallelStats]]:
+  """Causal forgetting attention of a whole sequence sharded over ``mesh``'s ``axis_name``.
+
+  Args:
+    q: [B, S, Hq, D]; k, v: [B, S, Hkv, D]; log_fgate: [B, S, Hq] float32 (<= 0);
+      segment_ids: [B, S] integers or None: as for ``forgetting_attention`` with T = S
+      (self-attention over the whole sequence), every array in ``strategy``'s layout order
+      (:func:`strategy_layout`, ``layouts.permute``).
+    mesh: the device mesh; ``axis_name`` is the axis the sequence is split over (S must
+      split into its layout there), ``batch_axes`` the mesh axes (a name or a tuple) the
+      batch is split over, or None for a replicated batch.
+    strategy: "ring" | "zigzag" | "striped" | "ulysses" (see the module docstring).
+    impl: the implementation computing each device's attention. The ring strategies run
+      an implementation's chunk kernels: "auto" and "xla" give the XLA ones on every
+      platform (the Pallas kernels have none yet: naming one raises a ValueError). Ulysses
+      runs the single-device op and takes every ``impl`` it takes.
+    stripe: the stripe width of the "striped" strategy (tokens per stripe).
+    sm_scale, pruning, block_sizes, interpret, return_stats: as for ``forgetting_attention``.
+
+  Returns:
+    o: [B, S, Hq, D] in q.dtype and the layout's order, and a
+    :class:`SequenceParallelStats` if ``return_stats``.
+  """
+  q, k, v, log_fgate = (op_api._as_array(x, name) for x, name in
+                        ((q, "q"), (k, "k"), (v, "v"), (log_fgate, "log_fgate")))
+  if segment_ids is not None:
+    segment_ids = op_api._as_array(op_api._host_segment_ids(segment_ids), "segment_ids")
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
+  ring = strategy != "ulysses"
+  if ring:
+    chunks = registry.chunk_impls()
+    if impl != "auto" and impl not in chunks:
+      raise ValueError(f"impl={impl!r} has no chunk kernels for the {strategy!r} strategy; "
+                       f"use one of {('auto',) + chunks} (or strategy='ulysses')")
+  op_api._validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning)
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"q length {q.shape[1]} must equal k length {k.shape[1]}: a "
+                     f"sequence-parallel op attends over the whole sharded sequence")
+  interpret = op_api._check_flag(interpret, "interpret")
+  return_stats = op_api._check_flag(return_stats, "return_stats")
+  B, S, Hq, D = q.shape
+  Hkv = k.shape[2]
+  _check_mesh(mesh, axis_name, batch_axes, B)
+  num_shards = mesh.shape[axis_name]
+  layout = strategy_layout(strategy, S, num_shards, stripe)
+  scale = op_api._scale(sm_scale, D)
+  if segment_ids is not None:
+    segment_ids = op_api._int32_segment_ids(segment_ids)
+
+  if ring:
+    name = "xla" if impl == "auto" else impl
+    bs = block_sizes or registry.default_block_sizes(name, D)
+    cfg = ring_lib.RingConfig(layout, axis_name, scale, bs, registry.module(name))
+  else:
+    ulysses_lib.check_heads(Hq, Hkv, num_shards)
+    cfg = ulysses_lib.UlyssesConfig(axis_name, num_shards, scale, impl, block_sizes, interpret)
+
+  def local(q, k, v, log_fgate, *seg):
+    seg = seg[0] if seg else None
+    delta = None if pruning is None else pruning_lib.threshold(
+        q, k, pruning, scale, num_keys=S, axis_name=axis_name)
+    if not ring:
+      return ulysses_lib.ulysses_attention(q, k, v, log_fgate, seg, delta, cfg)
+    # Zero gates: the single-device op's floor, from bounds over the whole sequence.
+    log_fgate = common.floor_log_fgate(log_fgate, common.gate_floor(q, k, scale, axis_name))
+    o, lse, kept, total = ring_lib.ring_attention(q, k, v, log_fgate, seg, delta, cfg)
+    return o, lse, lax.psum(kept, axis_name), lax.psum(total, axis_name)
+
+  seq = P(batch_axes, axis_name)
+  args = (q, k, v, log_fgate) + (() if segment_ids is None else (segment_ids,))
+  has_tiles = ring or impl != "reference"
+  tiles_spec = P(batch_axes) if has_tiles else None
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(seq,) * len(args),
+                     out_specs=(seq, P(batch_axes, None, axis_name), tiles_spec, tiles_spec),
+                     check_vma=False)
+  o, lse, kept, total = fn(*args)
+  if not return_stats:
+    return o
+  return o, SequenceParallelStats(lse, kept, total, num_shards if ring else 0)

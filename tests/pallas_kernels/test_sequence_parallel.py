@@ -1,0 +1,353 @@
+"""Sequence-parallel forgetting attention on 8 simulated CPU devices: every strategy and
+P in {2, 4, 8} against the float64 reference on the whole natural-order sequence (output,
+lse and the gradients of q, k, v and log f), the global cumulative gate against the
+single-device one, ACP's global threshold, meshes with a batch axis, the transfers in the
+lowered program, and bad input."""
+
+import collections
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from pallas_kernels import BlockSizes, Pruning
+from pallas_kernels.forgetting_attention import common, pruning, registry
+from pallas_kernels.forgetting_attention.reference import forgetting_attention_reference
+from pallas_kernels.sequence_parallel import (LAYOUTS, STRATEGIES, Layout, cumsum, permute,
+                                              sequence_parallel_attention, strategy_layout,
+                                              unpermute)
+from tests.kernel_utils import make_log_fgate
+from tests.tolerances import FLOAT64_RTOL, TOLERANCES, assert_close
+
+TILES = BlockSizes(16, 16)
+
+
+def _mesh(shape, names):
+  n = int(np.prod(shape))
+  return Mesh(np.array(jax.devices()[:n]).reshape(shape), names)
+
+
+def _inputs(B, S, Hq, Hkv, D, gate, seed, segments=None, zero_gate_at=None):
+  rng = np.random.default_rng(seed)
+  x = {"q": rng.normal(size=(B, S, Hq, D)), "k": rng.normal(size=(B, S, Hkv, D)),
+       "v": rng.normal(size=(B, S, Hkv, D)), "do": rng.normal(size=(B, S, Hq, D)),
+       "dlse": rng.normal(size=(B, Hq, S))}
+  x = {n: np.asarray(a, np.float32) for n, a in x.items()}
+  lf = make_log_fgate(rng, B, S, Hq, gate)
+  if zero_gate_at is not None:
+    lf[:, zero_gate_at, 0] = -np.inf
+  x["log_fgate"] = lf
+  x["segment_ids"] = None if segments is None else np.broadcast_to(
+      np.repeat(np.arange(len(segments)), segments).astype(np.int32), (B, S)).copy()
+  return x
+
+
+def _reference(x, prune_threshold=None):
+  """o, lse and the gradients of sum(o do) + sum(lse dlse), float64."""
+  with jax.enable_x64(True):
+    f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
+    thr = None if prune_threshold is None else f64(prune_threshold)
+
+    def f(q, k, v, lf):
+      return forgetting_attention_reference(q, k, v, lf, segment_ids=x["segment_ids"],
+                                            prune_threshold=thr)
+
+    (o, lse), vjp = jax.vjp(f, *(f64(x[n]) for n in ("q", "k", "v", "log_fgate")))
+    grads = vjp((f64(x["do"]), f64(x["dlse"])))
+    return [np.asarray(a) for a in (o, lse, *grads)]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned, with_segments,
+              impl="auto"):
+  """A jitted function of natural-order inputs: o, lse and the gradients of
+  sum(o do) + sum(lse dlse) through ``strategy``, all in natural order, plus the tile counts."""
+  mesh = _mesh(mesh_shape, mesh_names)
+  layout = strategy_layout(strategy, S, mesh.shape["context"])
+  prune = Pruning(log_tolerance=-10.0) if pruned else None
+
+  def run(q, k, v, lf, seg):
+    o, stats = sequence_parallel_attention(
+        *(permute(a, layout) for a in (q, k, v, lf)), mesh=mesh, strategy=strategy,
+        batch_axes=batch_axes, segment_ids=None if seg is None else permute(seg, layout),
+        pruning=prune, impl=impl, block_sizes=TILES, return_stats=True)
+    return unpermute(o, layout), unpermute(stats.lse, layout, axis=2), stats
+
+  def f(q, k, v, lf, seg, do, dlse):
+    def loss(q, k, v, lf):
+      o, lse, stats = run(q, k, v, lf, seg)
+      return jnp.sum(o * do) + jnp.sum(lse * dlse), (o, lse, stats)
+
+    (_, (o, lse, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+        q, k, v, lf)
+    return (o, lse, *grads), stats
+
+  return jax.jit(f)
+
+
+def _run(strategy, x, mesh_shape=(8,), mesh_names=("context",), batch_axes=None,
+         pruned=False, impl="auto"):
+  S = x["q"].shape[1]
+  f = _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned,
+                x["segment_ids"] is not None, impl)
+  seg = None if x["segment_ids"] is None else jnp.asarray(x["segment_ids"])
+  return f(*(jnp.asarray(x[n]) for n in ("q", "k", "v", "log_fgate")), seg,
+           jnp.asarray(x["do"]), jnp.asarray(x["dlse"]))
+
+
+NAMES = ("o", "lse", "dq", "dk", "dv", "dlog_fgate")
+
+
+def _assert_matches(got, want, what):
+  for name, a, r in zip(NAMES, got, want):
+    assert_close(np.asarray(a), r, np.float32, f"{what} {name}")
+
+
+# ---------------------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("num_shards", [2, 4, 8])
+def test_layout_round_trip_and_increasing_positions(name, num_shards):
+  stripe = 2 if name == "striped" and num_shards == 4 else 1
+  layout = Layout(name, 64, num_shards, stripe)
+  x = jnp.arange(3 * 64).reshape(3, 64)
+  np.testing.assert_array_equal(unpermute(permute(x, layout), layout), x)
+  np.testing.assert_array_equal(np.sort(layout.order), np.arange(64))
+  pos = layout.shard_positions()
+  assert np.all(np.diff(pos, axis=1) > 0)
+  runs = pos.reshape(num_shards, -1, layout.run_length)
+  assert np.all(np.diff(runs, axis=2) == 1)  # runs of consecutive positions
+
+
+def test_layout_orders():
+  zz = Layout("zigzag", 16, 4).shard_positions()  # 8 chunks of 2
+  np.testing.assert_array_equal(zz[0], [0, 1, 14, 15])
+  np.testing.assert_array_equal(zz[3], [6, 7, 8, 9])
+  st = Layout("striped", 8, 4).shard_positions()
+  np.testing.assert_array_equal(st[1], [1, 5])  # token i on device i mod P
+  np.testing.assert_array_equal(Layout("striped", 16, 2, stripe=4).shard_positions()[1],
+                                [4, 5, 6, 7, 12, 13, 14, 15])
+  np.testing.assert_array_equal(Layout("contiguous", 8, 2).shard_positions()[1], [4, 5, 6, 7])
+
+
+@pytest.mark.parametrize("args,match", [
+    (("zigzag", 24, 8), "sequence length 24 must be divisible by 2 x the number of shards = 16"),
+    (("contiguous", 10, 4), "sequence length 10 must be divisible by the number of shards = 4"),
+    (("striped", 16, 4, 3), "divisible by the number of shards x stripe = 12"),
+    (("ring", 16, 4), "layout must be one of"),
+    (("zigzag", 16, 4, 2), "stripe applies to the 'striped' layout only"),
+    (("contiguous", 16, 0), "number of shards must be >= 1"),
+])
+def test_layout_refuses_what_cannot_split(args, match):
+  with pytest.raises(ValueError, match=match):
+    Layout(*args)
+
+
+# -------------------------------------------------------------------- the global gate c
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_global_cumsum_equals_single_device_at_128k(name):
+  """c itself over 8 devices at 131072 tokens with log f ~ -1 (|c| ~ 1.3e5), where a float32
+  cumulative sum would be off by ~1e-2: hi + lo equals the single-device double-float c to
+  float32 relative precision of the decays that matter (|error| << 2^-24 |c|), and the
+  reverse scan (the gradient of log f) equals a float64 suffix sum to float32 precision."""
+  S, P_ = 131072, 8
+  layout = Layout(name, S, P_, 16 if name == "striped" else 1)
+  rng = np.random.default_rng(1)
+  lf = jnp.asarray(-rng.uniform(0.5, 1.5, size=(1, S, 2)), jnp.float32)
+  dc = jnp.asarray(rng.normal(size=(1, S, 2)), jnp.float32)
+  mesh = _mesh((P_,), ("context",))
+  spec = P(None, "context")
+
+  def local(lf, dc):
+    hi, lo = cumsum.global_cumsum(lf, layout, "context")
+    return hi, lo, cumsum.global_reverse_cumsum(dc, layout, "context")
+
+  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=(spec,) * 3,
+                             check_vma=False))
+  hi, lo, rev = (np.asarray(unpermute(a, layout), np.float64)
+                 for a in fn(permute(lf, layout), permute(dc, layout)))
+  want_hi, want_lo = (np.asarray(a, np.float64) for a in common.compensated_cumsum(lf, axis=1))
+  exact = np.cumsum(np.asarray(lf, np.float64), axis=1)
+  got, want = hi + lo, want_hi + want_lo
+  assert np.max(np.abs(want - exact) / np.abs(exact)) < 2.0 ** -40  # the oracle itself
+  assert np.max(np.abs(got - exact) / np.abs(exact)) < 2.0 ** -40
+  rev_exact = np.cumsum(np.asarray(dc, np.float64)[:, ::-1], axis=1)[:, ::-1]
+  assert_close(rev, rev_exact, np.float32, "reverse scan")
+
+
+# ----------------------------------------------------------- against the float64 reference
+
+
+# Hq = 8 and Hkv = 2: GQA 4:1, and Ulysses at P = 4 and 8 repeats kv heads (Hkv < P).
+# Segments: a document of 70 tokens spans 3 to 5 contiguous shards at P = 4 and 8.
+SEGMENTS = (30, 70, 28)
+
+
+@pytest.mark.parametrize("num_shards", [2, 4, 8])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_matches_reference(strategy, num_shards):
+  x = _inputs(1, 128, 8, 2, 16, "medium", seed=num_shards, segments=SEGMENTS,
+              zero_gate_at=50)
+  got, stats = _run(strategy, x, mesh_shape=(num_shards,))
+  _assert_matches(got, _reference(x), f"{strategy} P={num_shards}")
+  assert stats.ring_steps == (0 if strategy == "ulysses" else num_shards)
+
+
+def test_strong_gates_long_sequence():
+  """log f < -8: each token nearly forgets its past; the anchored backward keeps the
+  gradients' relative precision across devices."""
+  x = _inputs(1, 1024, 2, 1, 32, "strong", seed=3)
+  for strategy in ("zigzag", "striped"):
+    got, _ = _run(strategy, x, mesh_shape=(4,))
+    _assert_matches(got, _reference(x), strategy)
+
+
+def test_data_and_context_mesh():
+  """(data 2, context 4): the batch split over 'data', the sequence over 'context'."""
+  x = _inputs(2, 128, 4, 2, 16, "spread", seed=4, segments=SEGMENTS)
+  for strategy in ("zigzag", "ulysses"):
+    got, _ = _run(strategy, x, mesh_shape=(2, 4), mesh_names=("data", "context"),
+                  batch_axes="data")
+    _assert_matches(got, _reference(x), strategy)
+
+
+# --------------------------------------------------------------------------------- ACP
+
+
+def _single_device_threshold(x):
+  return pruning.threshold(jnp.asarray(x["q"]), jnp.asarray(x["k"]), Pruning(log_tolerance=-10.0),
+                           x["q"].shape[-1] ** -0.5)
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_pruning_prunes_what_one_device_prunes(strategy):
+  """The global threshold (bounds reduced over the axis, S the whole length) equals the
+  single-device one, so the pruned function is the reference's with that threshold; strong
+  gates make most tiles prunable and the kept tiles fall (Ulysses: the single-device op's
+  own tiles)."""
+  x = _inputs(1, 256, 4, 2, 16, "strong", seed=5)
+  delta = _single_device_threshold(x)
+  assert np.all(np.isfinite(np.asarray(delta)))
+  got, stats = _run(strategy, x, mesh_shape=(4,), pruned=True)
+  _assert_matches(got, _reference(x, prune_threshold=delta), strategy)
+  kept, total = np.asarray(stats.kept_tiles), np.asarray(stats.total_tiles)
+  # A striped tile of 16 local tokens spans 16 P positions of decay, so fewer tiles fall
+  # below the threshold than in the contiguous layouts.
+  assert np.all(kept < (total if strategy == "striped" else total / 2)), (kept, total)
+
+
+def test_global_threshold_is_the_single_device_threshold():
+  x = _inputs(2, 64, 4, 2, 16, "medium", seed=6)
+  x["q"][1, 37, 2] *= 50.0  # the largest norm on one device only
+  mesh = _mesh((4,), ("context",))
+  prune = Pruning(log_tolerance=-7.0)
+
+  def local(q, k):
+    return pruning.threshold(q, k, prune, 0.25, num_keys=64, axis_name="context")
+
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(None, "context"),) * 2, out_specs=P(),
+                     check_vma=False)
+  got = fn(jnp.asarray(x["q"]), jnp.asarray(x["k"]))
+  want = pruning.threshold(jnp.asarray(x["q"]), jnp.asarray(x["k"]), prune, 0.25)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_nan_input_with_pruning_is_nan_not_zeros():
+  x = _inputs(1, 128, 8, 2, 16, "strong", seed=7)
+  x["k"][0, 100, 1, 3] = np.nan  # on one device only
+  (o, *_), _ = _run("zigzag", x, mesh_shape=(4,), pruned=True)
+  o = np.asarray(o)
+  assert np.all(np.isnan(o[0, 100:, 4:]))  # the heads of kv head 1, from the NaN key on
+  assert np.all(np.isfinite(o[0, :, :4]))
+
+
+# ------------------------------------------------------------ the program: transfers, lowering
+
+
+def _lowered(strategy, num_shards, S=128, Hq=8, Hkv=2, D=16, platform=None, impl="auto"):
+  mesh = _mesh((num_shards,), ("context",))
+  sd = jax.ShapeDtypeStruct
+  shapes = (sd((1, S, Hq, D), jnp.bfloat16), sd((1, S, Hkv, D), jnp.bfloat16),
+            sd((1, S, Hkv, D), jnp.bfloat16), sd((1, S, Hq), jnp.float32),
+            sd((1, S), jnp.int32))
+
+  def f(q, k, v, lf, seg):
+    def loss(q, k, v, lf):
+      o = sequence_parallel_attention(q, k, v, lf, mesh=mesh, strategy=strategy,
+                                      segment_ids=seg, impl=impl)
+      return jnp.sum(o.astype(jnp.float32))
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, lf)
+
+  traced = jax.jit(f).trace(*shapes)
+  return traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+
+
+def test_ring_transfers_kv_in_gqa_form_once_per_step():
+  """Forward + backward on P = 4: three rings of P - 1 transfers of the chunk (k, v, c hi,
+  c lo, segment ids, positions) and P transfers of the travelling dk, dv, dc; k and v move
+  with their Hkv = 2 heads, never repeated to Hq = 8."""
+  text = _lowered("ring", 4).as_text()
+  shapes = collections.Counter(re.findall(r"collective_permute.*-> tensor<([^>]*)>", text))
+  L = 128 // 4
+  assert shapes == {
+      f"1x{L}x2x16xbf16": 3 * 3 * 2,  # k, v: 3 rings x 3 steps
+      f"1x{L}x8xf32": 3 * 3 * 2 + 4,  # c hi, lo; the travelling dc (4 shifts)
+      f"1x{L}xi32": 3 * 3,  # segment ids
+      f"{L}xi32": 3 * 3,  # positions
+      f"1x{L}x2x16xf32": 4 * 2,  # the travelling dk, dv (float32, Hkv heads)
+  }, shapes
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowers_for_gpu_and_tpu_from_the_cpu(platform):
+  """Forward and backward lower for both accelerators: the ring (XLA chunk kernels) and
+  Ulysses with the platform's Pallas kernels inside shard_map."""
+  text = _lowered("ulysses", 4, platform=platform).as_text()
+  kernel = {"cuda": r"__gpu\$xla\.gpu\.triton", "tpu": r"custom_call @tpu_custom_call"}
+  assert len(re.findall(kernel[platform], text)) == 3, platform  # forward, dQ, dK/dV
+  _lowered("zigzag", 4, platform=platform)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def _args(S=64, Hq=4, Hkv=2):
+  return (jnp.ones((1, S, Hq, 16)), jnp.ones((1, S, Hkv, 16)), jnp.ones((1, S, Hkv, 16)),
+          -jnp.ones((1, S, Hq)))
+
+
+@pytest.mark.parametrize("kwargs,args,match", [
+    (dict(strategy="zigzag"), _args(S=76), "sequence length 76 must be divisible by 2 x the number of shards = 8"),
+    (dict(strategy="tree"), _args(), "strategy must be one of"),
+    (dict(strategy="ulysses"), _args(Hq=6, Hkv=2), r"q heads \(6\) to be divisible"),
+    (dict(strategy="ulysses"), _args(Hq=12, Hkv=3), r"k/v heads \(3\) to divide"),
+    (dict(strategy="ring", impl="pallas_gpu"), _args(), "impl='pallas_gpu' has no chunk kernels"),
+    (dict(strategy="ring", axis_name="seq"), _args(), "axis_name 'seq' is not an axis"),
+    (dict(strategy="ring", batch_axes="data"), _args(), "batch_axes 'data' is not an axis"),
+    (dict(strategy="ring", segment_ids=jnp.zeros((1, 63), jnp.int32)), _args(),
+     "segment_ids must have shape"),
+    (dict(strategy="ring", mesh="context"), _args(), "mesh must be a jax.sharding.Mesh"),
+])
+def test_bad_input_names_argument(kwargs, args, match):
+  kwargs = dict(dict(mesh=_mesh((4,), ("context",))), **kwargs)
+  with pytest.raises(ValueError, match=match):
+    sequence_parallel_attention(*args, **kwargs)
+
+
+def test_queries_must_cover_the_sequence():
+  q, k, v, lf = _args()
+  with pytest.raises(ValueError, match="q length 32 must equal k length 64"):
+    sequence_parallel_attention(q[:, :32], k, v, lf, mesh=_mesh((4,), ("context",)))
+
+
+def test_registry_lists_chunk_impls():
+  assert "xla" in registry.chunk_impls()
+  assert set(registry.chunk_impls()) <= set(registry.BLOCKWISE)
