@@ -194,10 +194,15 @@ def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float, block_s
 
 
 def forward_chunk(rows: common.Rows, cols: common.Cols, delta, *, sm_scale: float,
-                  block_sizes: BlockSizes):
+                  block_sizes: BlockSizes, interpret: bool = False):
   """The queries of ``rows`` against the keys of ``cols`` alone: o [B, T, Hq, D] float32,
   normalised over these keys, their lse [B, Hq, T] (-inf where a query sees none of them,
-  o = 0 there) and the kept tiles [B, Hq] int32. Partial results of chunks merge by lse."""
+  o = 0 there) and the kept tiles [B, Hq] int32. Partial results of chunks merge by lse.
+
+  The chunk contract every implementation with chunk kernels follows (``registry``): this,
+  ``row_terms_chunk`` and ``backward_chunk``, at any global positions of the two chunks.
+  """
+  del interpret  # plain XLA
   q, v = rows.q, cols.v
   B, T, Hq, D = q.shape
   Hkv = cols.k.shape[2]
@@ -290,7 +295,7 @@ def _bwd_setup(rows, cols, do, lse, dd, delta, block_sizes):
 
 
 def row_terms_chunk(rows: common.Rows, cols: common.Cols, do, lse, dd, delta, *,
-                    sm_scale: float, block_sizes: BlockSizes):
+                    sm_scale: float, block_sizes: BlockSizes, interpret: bool = False):
   """The row terms of the anchored dS over the keys of ``cols``: g_i = sum_{j != i} P_ij
   (dP_ij - dd_i) and r_i = sum_{j != i} P_ij, each [B, Hq, T] float32; over chunks they add.
 
@@ -298,6 +303,7 @@ def row_terms_chunk(rows: common.Rows, cols: common.Cols, do, lse, dd, delta, *,
   do_i . v_i at the query's own key (``common.own_key_dot``). The own key (equal positions)
   is left out: its term is zero exactly.
   """
+  del interpret
   T, Hkv = rows.q.shape[1], cols.k.shape[2]
   _, _, ranges, delta_h, qs, ks, dos, lse_b, dd_b = _bwd_setup(rows, cols, do, lse, dd, delta,
                                                               block_sizes)
@@ -308,7 +314,7 @@ def row_terms_chunk(rows: common.Rows, cols: common.Cols, do, lse, dd, delta, *,
 
 
 def backward_chunk(rows: common.Rows, cols: common.Cols, do, lse, dd, g_b, delta, *,
-                   sm_scale: float, block_sizes: BlockSizes):
+                   sm_scale: float, block_sizes: BlockSizes, interpret: bool = False):
   """The gradients from the pairs of ``rows`` x ``cols``, float32: dq [B, T, Hq, D], dk, dv
   [B, S, Hkv, D] and the column part of dc, -sum_{i != j} dS_ij, [B, S, Hq].
 
@@ -316,6 +322,7 @@ def backward_chunk(rows: common.Rows, cols: common.Cols, do, lse, dd, g_b, delta
   dS_ij = P_ij ((dP_ij - dd_i) - g_b_i). The row part of dc, sum_{j != i} dS_ij = g - g_b r,
   is the caller's, from the row terms' totals.
   """
+  del interpret
   q, k, v = rows.q, cols.k, cols.v
   B, T, Hq, D = q.shape
   S, Hkv = k.shape[1], k.shape[2]

@@ -168,7 +168,7 @@ def sequence_parallel_attention(
   if ring:
     name = "xla" if impl == "auto" else impl
     bs = block_sizes or registry.default_block_sizes(name, D)
-    cfg = ring_lib.RingConfig(layout, axis_name, scale, bs, registry.module(name))
+    cfg = ring_lib.RingConfig(layout, axis_name, scale, bs, registry.module(name), interpret)
   else:
     ulysses_lib.check_heads(Hq, Hkv, num_shards)
     cfg = ulysses_lib.UlyssesConfig(axis_name, num_shards, scale, impl, block_sizes, interpret)

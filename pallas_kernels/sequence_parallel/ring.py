@@ -42,6 +42,7 @@ class RingConfig(NamedTuple):
   sm_scale: float
   block_sizes: BlockSizes
   module: Any  # the implementation's module (its chunk kernels)
+  interpret: bool = False  # Pallas kernels in interpret mode
 
 
 def _shift(tree, cfg: RingConfig):
@@ -95,7 +96,7 @@ def _ring_fwd(q, k, v, log_fgate, segment_ids, delta, cfg: RingConfig):
   o = jnp.zeros((B, L, Hq, D), jnp.float32)
   lse = jnp.full((B, Hq, L), -jnp.inf, jnp.float32)
   kept = total = jnp.zeros((B, Hq), jnp.int32)
-  kw = dict(sm_scale=cfg.sm_scale, block_sizes=cfg.block_sizes)
+  kw = dict(sm_scale=cfg.sm_scale, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
   chunk = cols
   for step in range(cfg.layout.num_shards):
     nxt = _shift(chunk, cfg) if step + 1 < cfg.layout.num_shards else None
@@ -114,7 +115,7 @@ def _ring_bwd(cfg: RingConfig, res, cotangents):
   do = cotangents[0].astype(q.dtype)
   dlse = cotangents[1].astype(jnp.float32)
   P = cfg.layout.num_shards
-  kw = dict(sm_scale=cfg.sm_scale, block_sizes=cfg.block_sizes)
+  kw = dict(sm_scale=cfg.sm_scale, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
   dd = common.own_key_dot(do, v)  # [B, Hq, L]: the anchor of dS, at the device's own keys
   # Ring 1: the row terms g, r of every query over every chunk.
   g = r = jnp.zeros(lse.shape, jnp.float32)
