@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -49,13 +50,14 @@ class SequenceParallelStats(NamedTuple):
   kept_tiles, total_tiles: [B, Hq] int32 tiles computed and tiles a causal, unpruned,
     unsegmented run of the same strategy computes, summed over the devices (None for
     ``impl="reference"`` under Ulysses).
-  ring_steps: the ring steps each device ran (P for the ring strategies, 0 for Ulysses).
+  ring_steps: int32 scalar, the ring steps each device ran: P for the ring strategies, fewer
+    when ``ring_steps`` was given and ACP pruned the rest; 0 for Ulysses.
   """
 
   lse: jax.Array
   kept_tiles: Optional[jax.Array]
   total_tiles: Optional[jax.Array]
-  ring_steps: int
+  ring_steps: jax.Array
 
   def kept_fraction(self, per_head: bool = False) -> jax.Array:
     return AttentionStats(self.lse, self.kept_tiles, self.total_tiles).kept_fraction(per_head)
@@ -115,6 +117,7 @@ def sequence_parallel_attention(
     interpret: bool = False,
     return_stats: bool = False,
     stripe: int = 1,
+    ring_steps: Optional[int] = None,
 ) -> Union[jax.Array, tuple[jax.Array, SequenceParallelStats]]:
   """Causal forgetting attention of a whole sequence sharded over ``mesh``'s ``axis_name``.
 
@@ -132,6 +135,12 @@ def sequence_parallel_attention(
       platform (the Pallas kernels have none yet: naming one raises a ValueError). Ulysses
       runs the single-device op and takes every ``impl`` it takes.
     stripe: the stripe width of the "striped" strategy (tokens per stripe).
+    ring_steps: with strategy "ring" and ``pruning``: visit only the device's own chunk and
+      the ``ring_steps - 1`` chunks before it when ACP prunes every pair farther apart,
+      which every device checks at run time from the chunk boundaries' c (a few floats
+      gathered); when it does not, the rest of the ring runs (the exact result either
+      way). Saves the transfers and the bookkeeping of the skipped steps; the compute of
+      pruned chunks is skipped inside the kernels in any case. None: all P steps.
     sm_scale, pruning, block_sizes, interpret, return_stats: as for ``forgetting_attention``.
 
   Returns:
@@ -165,10 +174,23 @@ def sequence_parallel_attention(
   if segment_ids is not None:
     segment_ids = op_api._int32_segment_ids(segment_ids)
 
+  if ring_steps is not None:
+    if strategy != "ring":
+      raise ValueError(f"ring_steps applies to strategy='ring' only, got strategy={strategy!r}")
+    if pruning is None:
+      raise ValueError("ring_steps needs pruning: the chunks it skips are the ones ACP prunes")
+    if (isinstance(ring_steps, (bool, np.bool_)) or not isinstance(ring_steps, (int, np.integer))
+        or not 1 <= ring_steps <= num_shards):
+      raise ValueError(f"ring_steps must be an integer in [1, {num_shards}] (the devices on "
+                       f"{axis_name!r}), got {ring_steps!r}")
+    ring_steps = int(ring_steps)
   if ring:
     name = "xla" if impl == "auto" else impl
     bs = block_sizes or registry.default_block_sizes(name, D)
-    cfg = ring_lib.RingConfig(layout, axis_name, scale, bs, registry.module(name), interpret)
+    batch_names = () if batch_axes is None else ((batch_axes,) if isinstance(batch_axes, str)
+                                                 else tuple(batch_axes))
+    cfg = ring_lib.RingConfig(layout, axis_name, scale, bs, registry.module(name), interpret,
+                              ring_steps, (axis_name,) + batch_names)
   else:
     ulysses_lib.check_heads(Hq, Hkv, num_shards)
     cfg = ulysses_lib.UlyssesConfig(axis_name, num_shards, scale, impl, block_sizes, interpret)
@@ -178,20 +200,21 @@ def sequence_parallel_attention(
     delta = None if pruning is None else pruning_lib.threshold(
         q, k, pruning, scale, num_keys=S, axis_name=axis_name)
     if not ring:
-      return ulysses_lib.ulysses_attention(q, k, v, log_fgate, seg, delta, cfg)
+      return ulysses_lib.ulysses_attention(q, k, v, log_fgate, seg, delta, cfg) + (
+          jnp.int32(0),)
     # Zero gates: the single-device op's floor, from bounds over the whole sequence.
     log_fgate = common.floor_log_fgate(log_fgate, common.gate_floor(q, k, scale, axis_name))
-    o, lse, kept, total = ring_lib.ring_attention(q, k, v, log_fgate, seg, delta, cfg)
-    return o, lse, lax.psum(kept, axis_name), lax.psum(total, axis_name)
+    o, lse, kept, total, steps = ring_lib.ring_attention(q, k, v, log_fgate, seg, delta, cfg)
+    return o, lse, lax.psum(kept, axis_name), lax.psum(total, axis_name), steps
 
   seq = P(batch_axes, axis_name)
   args = (q, k, v, log_fgate) + (() if segment_ids is None else (segment_ids,))
   has_tiles = ring or impl != "reference"
   tiles_spec = P(batch_axes) if has_tiles else None
   fn = jax.shard_map(local, mesh=mesh, in_specs=(seq,) * len(args),
-                     out_specs=(seq, P(batch_axes, None, axis_name), tiles_spec, tiles_spec),
+                     out_specs=(seq, P(batch_axes, None, axis_name), tiles_spec, tiles_spec, P()),
                      check_vma=False)
-  o, lse, kept, total = fn(*args)
+  o, lse, kept, total, steps = fn(*args)
   if not return_stats:
     return o
-  return o, SequenceParallelStats(lse, kept, total, num_shards if ring else 0)
+  return o, SequenceParallelStats(lse, kept, total, steps)

@@ -24,7 +24,7 @@ no result; every device still joins every transfer, so the program stays SPMD.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,13 +43,72 @@ class RingConfig(NamedTuple):
   block_sizes: BlockSizes
   module: Any  # the implementation's module (its chunk kernels)
   interpret: bool = False  # Pallas kernels in interpret mode
+  steps: Optional[int] = None  # ring steps when ACP prunes the rest (contiguous only); None: P
+  sync_axes: tuple = ()  # every mesh axis the devices of one program span (for the decision)
 
 
-def _shift(tree, cfg: RingConfig):
-  """Every array of ``tree`` to the next device of the ring (device d -> d + 1 mod P)."""
+def _shift(tree, cfg: RingConfig, by: int = 1):
+  """Every array of ``tree`` ``by`` devices on along the ring (device d -> d + by mod P)."""
   P = cfg.layout.num_shards
-  perm = [(i, (i + 1) % P) for i in range(P)]
+  perm = [(i, (i + by) % P) for i in range(P)]
   return jax.tree.map(lambda x: lax.ppermute(x, cfg.axis_name, perm), tree)
+
+
+def _ring_pass(cols: Cols, state, step_fn, cfg: RingConfig, prunable, on_truncated=None):
+  """``state = step_fn(chunk, state)`` against every chunk of the ring, the device's own
+  first, then the one of the device before it, and so on.
+
+  With ``cfg.steps = n < P`` (the contiguous layout with ACP), the first n chunks are always
+  visited and the other P - n only unless ``prunable`` (a bool every device agrees on) says
+  ACP prunes all of them; then ``on_truncated(state)`` finishes instead. The transfer of the
+  next chunk is issued before each step's compute.
+  """
+  P = cfg.layout.num_shards
+  n = cfg.steps or P
+  chunk = cols
+  for step in range(n):
+    nxt = _shift(chunk, cfg) if step + 1 < n else None
+    state = step_fn(chunk, state)
+    chunk = nxt if nxt is not None else chunk
+  if n == P:
+    return state
+
+  def rest(args):
+    chunk, state = args
+    chunk = _shift(chunk, cfg)
+    for step in range(n, P):
+      nxt = _shift(chunk, cfg) if step + 1 < P else None
+      state = step_fn(chunk, state)
+      chunk = nxt
+    return state
+
+  def truncated(args):
+    return args[1] if on_truncated is None else on_truncated(args[1])
+
+  return lax.cond(prunable, truncated, rest, (chunk, state))
+
+
+def _prunable(rows: Rows, delta, cfg: RingConfig):
+  """Whether ACP prunes every pair of a query chunk with a key chunk n = ``cfg.steps`` or
+  more chunks before it (contiguous layout): a bool, the same on every device.
+
+  c does not increase, so the pair's largest decay is c(first query of chunk d) - c(last key
+  of chunk d - n), and the nearest such key chunk is the one with the largest. The pair is
+  pruned exactly (every element dropped) when that corner is below delta for every batch
+  row and head. The chunk boundaries' c (hi, lo) are gathered from every device (4 B Hq
+  floats each); a NaN corner or a -inf delta keeps the whole ring.
+  """
+  n, P = cfg.steps, cfg.layout.num_shards
+  ends = jnp.stack([rows.c_hi[:, 0], rows.c_lo[:, 0], rows.c_hi[:, -1], rows.c_lo[:, -1]])
+  ends = lax.all_gather(lax.stop_gradient(ends), cfg.axis_name)  # [P, 4, B, Hq], device order
+  ok = jnp.bool_(True)
+  for d in range(n, P):
+    corner = (ends[d, 0] - ends[d - n, 2]) + (ends[d, 1] - ends[d - n, 3])
+    ok = ok & jnp.all(corner < delta)
+  ok = ok.astype(jnp.int32)
+  for axis in cfg.sync_axes:  # every device of the program takes the same branch
+    ok = lax.pmin(ok, axis)
+  return ok > 0
 
 
 def _merge(o, lse, o_s, lse_s):
@@ -72,16 +131,22 @@ def _local(q, k, v, log_fgate, segment_ids, cfg: RingConfig):
   return Rows(q, c_hi, c_lo, segment_ids, pos), Cols(k, v, c_hi, c_lo, segment_ids, pos)
 
 
-def _causal_tiles(rows: Rows, cols: Cols, cfg: RingConfig):
-  """[B, Hq] tiles a causal, unsegmented, unpruned step computes at the forward tiles."""
+def _causal_tiles(rows: Rows, cfg: RingConfig):
+  """[B, Hq] tiles a causal, unsegmented, unpruned full ring computes at the forward tiles
+  (from the layout's positions: nothing travels)."""
   bs = cfg.block_sizes
-  return pruning.chunk_tile_ranges(rows.c_hi, rows.c_lo, cols.c_hi, cols.c_lo, None, None,
-                                   rows.pos, cols.pos, bs.block_q, bs.block_k).kept_tiles()
+  total = 0
+  for pos in cfg.layout.shard_positions():
+    total = total + pruning.chunk_tile_ranges(
+        rows.c_hi, rows.c_lo, rows.c_hi, rows.c_lo, None, None, rows.pos, jnp.asarray(pos),
+        bs.block_q, bs.block_k).kept_tiles()
+  return total
 
 
 def ring_attention(q, k, v, log_fgate, segment_ids, delta, cfg: RingConfig):
   """o [B, L, Hq, D] (q.dtype), lse [B, Hq, L] f32, kept and causal tiles [B, Hq] int32
-  summed over the steps, on this device's tokens; call inside ``shard_map``."""
+  summed over the steps, and the ring steps run (int32), on this device's tokens; call
+  inside ``shard_map``."""
   return _ring(q, k, v, log_fgate, segment_ids, delta, cfg)
 
 
@@ -90,55 +155,61 @@ def _ring(q, k, v, log_fgate, segment_ids, delta, cfg: RingConfig):
   return _ring_fwd(q, k, v, log_fgate, segment_ids, delta, cfg)[0]
 
 
+def _kwargs(cfg: RingConfig):
+  return dict(sm_scale=cfg.sm_scale, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
+
+
 def _ring_fwd(q, k, v, log_fgate, segment_ids, delta, cfg: RingConfig):
   rows, cols = _local(q, k, v, log_fgate, segment_ids, cfg)
   B, L, Hq, D = q.shape
-  o = jnp.zeros((B, L, Hq, D), jnp.float32)
-  lse = jnp.full((B, Hq, L), -jnp.inf, jnp.float32)
-  kept = total = jnp.zeros((B, Hq), jnp.int32)
-  kw = dict(sm_scale=cfg.sm_scale, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
-  chunk = cols
-  for step in range(cfg.layout.num_shards):
-    nxt = _shift(chunk, cfg) if step + 1 < cfg.layout.num_shards else None
-    o_s, lse_s, kept_s = cfg.module.forward_chunk(rows, chunk, delta, **kw)
+  P = cfg.layout.num_shards
+  prunable = _prunable(rows, delta, cfg) if (cfg.steps or P) < P else jnp.bool_(False)
+
+  def step(chunk, state):
+    o, lse, kept = state
+    o_s, lse_s, kept_s = cfg.module.forward_chunk(rows, chunk, delta, **_kwargs(cfg))
     o, lse = _merge(o, lse, o_s, lse_s)
-    kept = kept + kept_s.astype(jnp.int32)
-    total = total + _causal_tiles(rows, chunk, cfg)
-    chunk = nxt
-  res = (rows, cols, delta, lse)
-  return (o.astype(q.dtype), lse, kept, total), res
+    return o, lse, kept + kept_s.astype(jnp.int32)
+
+  init = (jnp.zeros((B, L, Hq, D), jnp.float32), jnp.full((B, Hq, L), -jnp.inf, jnp.float32),
+          jnp.zeros((B, Hq), jnp.int32))
+  o, lse, kept = _ring_pass(cols, init, step, cfg, prunable)
+  steps = jnp.where(prunable, cfg.steps or P, P).astype(jnp.int32)
+  res = (rows, cols, delta, lse, prunable)
+  return (o.astype(q.dtype), lse, kept, _causal_tiles(rows, cfg), steps), res
 
 
 def _ring_bwd(cfg: RingConfig, res, cotangents):
-  rows, cols, delta, lse = res
+  rows, cols, delta, lse, prunable = res
   q, k, v = rows.q, cols.k, cols.v
   do = cotangents[0].astype(q.dtype)
   dlse = cotangents[1].astype(jnp.float32)
-  P = cfg.layout.num_shards
-  kw = dict(sm_scale=cfg.sm_scale, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
+  kw = _kwargs(cfg)
   dd = common.own_key_dot(do, v)  # [B, Hq, L]: the anchor of dS, at the device's own keys
+
   # Ring 1: the row terms g, r of every query over every chunk.
-  g = r = jnp.zeros(lse.shape, jnp.float32)
-  chunk = cols
-  for step in range(P):
-    nxt = _shift(chunk, cfg) if step + 1 < P else None
+  def row_step(chunk, state):
     g_s, r_s = cfg.module.row_terms_chunk(rows, chunk, do, lse, dd, delta, **kw)
-    g, r = g + g_s, r + r_s
-    chunk = nxt
+    return state[0] + g_s, state[1] + r_s
+
+  zeros = jnp.zeros(lse.shape, jnp.float32)
+  g, r = _ring_pass(cols, (zeros, zeros), row_step, cfg, prunable)
   g_b = g - dlse
   row_sums = (g - g_b * r).transpose(0, 2, 1)  # [B, L, Hq]: sum_{j != i} dS_ij
+
   # Ring 2: dq at home; dk, dv and the column part of dc ride with their chunk.
-  dq = jnp.zeros(q.shape, jnp.float32)
+  def grad_step(chunk, state):
+    dq, acc = state
+    dq_s, dk_s, dv_s, dc_s = cfg.module.backward_chunk(rows, chunk, do, lse, dd, g_b, delta, **kw)
+    return dq + dq_s, _shift((acc[0] + dk_s, acc[1] + dv_s, acc[2] + dc_s), cfg)
+
+  def home(state):  # after n of P shifts an accumulator is n devices past its chunk's home
+    return state[0], _shift(state[1], cfg, by=-(cfg.steps or 0))
+
   acc = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32),
          jnp.zeros(cols.c_hi.shape, jnp.float32))
-  chunk = cols
-  for step in range(P):
-    nxt = _shift(chunk, cfg) if step + 1 < P else None
-    dq_s, dk_s, dv_s, dc_s = cfg.module.backward_chunk(rows, chunk, do, lse, dd, g_b, delta, **kw)
-    dq = dq + dq_s
-    acc = _shift((acc[0] + dk_s, acc[1] + dv_s, acc[2] + dc_s), cfg)
-    chunk = nxt
-  dk, dv, dc_col = acc  # after P shifts every accumulator is back with its chunk
+  dq, (dk, dv, dc_col) = _ring_pass(cols, (jnp.zeros(q.shape, jnp.float32), acc), grad_step,
+                                    cfg, prunable, on_truncated=home)
   dlog_f = cumsum.global_reverse_cumsum(dc_col + row_sums, cfg.layout, cfg.axis_name)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dlog_f, None, None
 

@@ -63,7 +63,7 @@ def _reference(x, prune_threshold=None):
 
 @functools.lru_cache(maxsize=None)
 def _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned, with_segments,
-              impl="auto"):
+              impl="auto", ring_steps=None):
   """A jitted function of natural-order inputs: o, lse and the gradients of
   sum(o do) + sum(lse dlse) through ``strategy``, all in natural order, plus the tile counts."""
   mesh = _mesh(mesh_shape, mesh_names)
@@ -74,7 +74,7 @@ def _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned, with_segm
     o, stats = sequence_parallel_attention(
         *(permute(a, layout) for a in (q, k, v, lf)), mesh=mesh, strategy=strategy,
         batch_axes=batch_axes, segment_ids=None if seg is None else permute(seg, layout),
-        pruning=prune, impl=impl, block_sizes=TILES, return_stats=True)
+        pruning=prune, impl=impl, block_sizes=TILES, return_stats=True, ring_steps=ring_steps)
     return unpermute(o, layout), unpermute(stats.lse, layout, axis=2), stats
 
   def f(q, k, v, lf, seg, do, dlse):
@@ -90,10 +90,10 @@ def _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned, with_segm
 
 
 def _run(strategy, x, mesh_shape=(8,), mesh_names=("context",), batch_axes=None,
-         pruned=False, impl="auto"):
+         pruned=False, impl="auto", ring_steps=None):
   S = x["q"].shape[1]
   f = _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned,
-                x["segment_ids"] is not None, impl)
+                x["segment_ids"] is not None, impl, ring_steps)
   seg = None if x["segment_ids"] is None else jnp.asarray(x["segment_ids"])
   return f(*(jnp.asarray(x[n]) for n in ("q", "k", "v", "log_fgate")), seg,
            jnp.asarray(x["do"]), jnp.asarray(x["dlse"]))
@@ -243,6 +243,22 @@ def test_pruning_prunes_what_one_device_prunes(strategy):
   assert np.all(kept < (total if strategy == "striped" else total / 2)), (kept, total)
 
 
+@pytest.mark.parametrize("gate,steps_run", [("strong", 2), ("weak", 8)])
+def test_truncated_ring_equals_full_ring(gate, steps_run):
+  """ring_steps=2 on 8 devices: with strong gates ACP prunes every chunk pair two or more
+  chunks apart, every device sees it, and the ring stops after 2 steps; with weak gates it
+  does not, and the rest of the ring runs. Both equal the reference with the single-device
+  threshold, and the full ring."""
+  x = _inputs(1, 256, 4, 2, 16, gate, seed=8, segments=(100, 156))
+  delta = _single_device_threshold(x)
+  got, stats = _run("ring", x, pruned=True, ring_steps=2)
+  assert int(stats.ring_steps) == steps_run
+  _assert_matches(got, _reference(x, prune_threshold=delta), f"ring_steps=2, {gate}")
+  full, _ = _run("ring", x, pruned=True)
+  for name, a, b in zip(NAMES, got, full):
+    assert_close(np.asarray(a), np.asarray(b, np.float64), np.float32, f"truncated vs full {name}")
+
+
 def test_global_threshold_is_the_single_device_threshold():
   x = _inputs(2, 64, 4, 2, 16, "medium", seed=6)
   x["q"][1, 37, 2] *= 50.0  # the largest norm on one device only
@@ -340,6 +356,17 @@ def test_bad_input_names_argument(kwargs, args, match):
   kwargs = dict(dict(mesh=_mesh((4,), ("context",))), **kwargs)
   with pytest.raises(ValueError, match=match):
     sequence_parallel_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(strategy="zigzag", ring_steps=2), "ring_steps applies to strategy='ring' only"),
+    (dict(strategy="ring", ring_steps=2), "ring_steps needs pruning"),
+    (dict(strategy="ring", ring_steps=5, pruning=Pruning()), r"ring_steps must be an integer in \[1, 4\]"),
+    (dict(strategy="ring", ring_steps=2.0, pruning=Pruning()), "ring_steps must be an integer"),
+])
+def test_bad_ring_steps(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    sequence_parallel_attention(*_args(), mesh=_mesh((4,), ("context",)), **kwargs)
 
 
 def test_queries_must_cover_the_sequence():
