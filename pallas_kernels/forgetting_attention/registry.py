@@ -3,7 +3,8 @@
 Each blockwise module exposes ``forward`` and ``backward`` on the cumulative gate (see
 ``api``) and optionally ``default_block_sizes(head_dim)`` (its tuned tiles) and the chunk
 kernels of the sequence-parallel ring (``forward_chunk``, ``row_terms_chunk``,
-``backward_chunk`` on ``common.Rows`` x ``common.Cols``). Every list of implementations
+``backward_chunk`` on ``common.Rows`` x ``common.Cols``; ``chunks=True`` in its line, which
+the sequence-parallel op reads without importing the module). Every list of implementations
 (the public op's ``impl`` values, model configs, the command-line choices, the tests)
 derives from :data:`REGISTRY`.
 """
@@ -22,15 +23,16 @@ class Impl(NamedTuple):
   backend: Optional[str]  # the backend a Pallas impl compiles for (elsewhere: interpret=True)
   platforms: tuple[str, ...]  # the lowering platforms of that backend
   small_tiles: Optional[BlockSizes]  # the smallest tiles it takes (for tests on short sequences)
+  chunks: bool  # has the chunk kernels of the sequence-parallel ring
 
 
 REGISTRY: dict[str, Impl] = {i.name: i for i in (
-    Impl("reference", None, None, (), None),
-    Impl("xla", "pallas_kernels.forgetting_attention.xla", None, (), BlockSizes(16, 16)),
+    Impl("reference", None, None, (), None, False),
+    Impl("xla", "pallas_kernels.forgetting_attention.xla", None, (), BlockSizes(16, 16), True),
     Impl("pallas_gpu", "pallas_kernels.forgetting_attention.gpu", "gpu", ("cuda", "rocm"),
-         BlockSizes(16, 16)),
+         BlockSizes(16, 16), False),
     Impl("pallas_tpu", "pallas_kernels.forgetting_attention.tpu", "tpu", ("tpu",),
-         BlockSizes(16, 128, 32, 128)),
+         BlockSizes(16, 128, 32, 128), False),
 )}
 
 IMPLS = tuple(REGISTRY)  # every implementation
@@ -50,10 +52,6 @@ def default_block_sizes(name: str, head_dim: int) -> BlockSizes:
   return BlockSizes() if tuned is None else tuned(head_dim)
 
 
-def has_chunks(name: str) -> bool:
-  """Whether the implementation has the chunk kernels a sequence-parallel ring runs."""
-  return REGISTRY[name].module is not None and hasattr(module(name), "backward_chunk")
-
-
 def chunk_impls() -> tuple[str, ...]:
-  return tuple(n for n in BLOCKWISE if has_chunks(n))
+  """The implementations with the chunk kernels a sequence-parallel ring runs."""
+  return tuple(n for n, i in REGISTRY.items() if i.chunks)

@@ -63,24 +63,26 @@ def _reference(x, prune_threshold=None):
 
 @functools.lru_cache(maxsize=None)
 def _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned, with_segments,
-              impl="auto", ring_steps=None):
+              impl="auto", ring_steps=None, stripe=1):
   """A jitted function of natural-order inputs: o, lse and the gradients of
   sum(o do) + sum(lse dlse) through ``strategy``, all in natural order, plus the tile counts."""
   mesh = _mesh(mesh_shape, mesh_names)
-  layout = strategy_layout(strategy, S, mesh.shape["context"])
+  layout = strategy_layout(strategy, S, mesh.shape["context"], stripe)
   prune = Pruning(log_tolerance=-10.0) if pruned else None
 
   def run(q, k, v, lf, seg):
     o, stats = sequence_parallel_attention(
         *(permute(a, layout) for a in (q, k, v, lf)), mesh=mesh, strategy=strategy,
         batch_axes=batch_axes, segment_ids=None if seg is None else permute(seg, layout),
-        pruning=prune, impl=impl, block_sizes=TILES, return_stats=True, ring_steps=ring_steps)
+        pruning=prune, impl=impl, block_sizes=TILES, return_stats=True, ring_steps=ring_steps,
+        stripe=stripe)
     return unpermute(o, layout), unpermute(stats.lse, layout, axis=2), stats
 
   def f(q, k, v, lf, seg, do, dlse):
     def loss(q, k, v, lf):
       o, lse, stats = run(q, k, v, lf, seg)
-      return jnp.sum(o * do) + jnp.sum(lse * dlse), (o, lse, stats)
+      return (jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(lse * dlse),
+              (o, lse, stats))
 
     (_, (o, lse, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
         q, k, v, lf)
@@ -90,21 +92,29 @@ def _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned, with_segm
 
 
 def _run(strategy, x, mesh_shape=(8,), mesh_names=("context",), batch_axes=None,
-         pruned=False, impl="auto", ring_steps=None):
+         pruned=False, impl="auto", ring_steps=None, stripe=1, dtype=np.float32):
+  """``x`` through ``strategy`` with q, k, v and do in ``dtype`` (``x``'s own arrays are
+  rounded to it in place, so that the float64 reference sees the same inputs)."""
   S = x["q"].shape[1]
+  for n in ("q", "k", "v", "do"):
+    x[n] = np.asarray(jnp.asarray(x[n], dtype).astype(jnp.float32))
   f = _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned,
-                x["segment_ids"] is not None, impl, ring_steps)
+                x["segment_ids"] is not None, impl, ring_steps, stripe)
   seg = None if x["segment_ids"] is None else jnp.asarray(x["segment_ids"])
-  return f(*(jnp.asarray(x[n]) for n in ("q", "k", "v", "log_fgate")), seg,
-           jnp.asarray(x["do"]), jnp.asarray(x["dlse"]))
+  cast = lambda n: jnp.asarray(x[n], dtype)
+  return f(cast("q"), cast("k"), cast("v"), jnp.asarray(x["log_fgate"]), seg, cast("do"),
+           jnp.asarray(x["dlse"]))
 
 
 NAMES = ("o", "lse", "dq", "dk", "dv", "dlog_fgate")
 
 
-def _assert_matches(got, want, what):
+def _assert_matches(got, want, what, dtype=np.float32):
   for name, a, r in zip(NAMES, got, want):
-    assert_close(np.asarray(a), r, np.float32, f"{what} {name}")
+    # lse is a float32 computation on the rounded inputs whatever their dtype; o and every
+    # gradient go through products in the inputs' dtype.
+    dt = np.float32 if name == "lse" else dtype
+    assert_close(np.asarray(a, np.float64), r, dt, f"{what} {name}")
 
 
 # ---------------------------------------------------------------------------------- layouts
@@ -198,6 +208,16 @@ def test_matches_reference(strategy, num_shards):
   got, stats = _run(strategy, x, mesh_shape=(num_shards,))
   _assert_matches(got, _reference(x), f"{strategy} P={num_shards}")
   assert stats.ring_steps == (0 if strategy == "ulysses" else num_shards)
+
+
+@pytest.mark.parametrize("strategy,dtype,stripe", [("zigzag", jnp.bfloat16, 1),
+                                                   ("striped", jnp.float16, 4)])
+def test_half_precision_and_wide_stripes(strategy, dtype, stripe):
+  """bfloat16 and float16 inputs (float32 accumulation and merge) at their dtype's
+  tolerance; stripes of 4 tokens."""
+  x = _inputs(1, 128, 4, 2, 16, "medium", seed=9, segments=SEGMENTS)
+  got, _ = _run(strategy, x, mesh_shape=(4,), dtype=dtype, stripe=stripe)
+  _assert_matches(got, _reference(x), f"{strategy} {np.dtype(dtype).name}", np.dtype(dtype))
 
 
 def test_strong_gates_long_sequence():
