@@ -17,8 +17,8 @@ Tables (P = devices on the sequence axis, tiles 128 x 128 unless --tile):
            device computes, with no timing noise. Ulysses: each device's heads over the
            whole sequence.
   bytes    bytes each device sends per forward and per forward + backward, read from the
-           lowered program (the operands of its collective-permutes, all-to-alls and
-           all-gathers), bf16 q, k, v.
+           compiled program (``traffic.collective_traffic``: collective-permutes,
+           all-to-alls and all-gathers, loops times their trip counts).
   steps    ring steps the truncated ring (strategy "ring", ``ring_steps``) needs under ACP:
            the smallest n such that ACP prunes every chunk pair n or more chunks apart, for
            all heads and for all heads but the one with the longest memory, against the
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
@@ -53,6 +52,7 @@ from pallas_kernels.forgetting_attention.common import BlockSizes  # noqa: E402
 from pallas_kernels.forgetting_attention.pruning import Pruning  # noqa: E402
 from pallas_kernels.sequence_parallel import (STRATEGIES, sequence_parallel_attention,  # noqa: E402
                                               strategy_layout)
+from pallas_kernels.sequence_parallel.traffic import collective_traffic  # noqa: E402
 
 GATES = ("weak", "medium", "strong", "spread")
 
@@ -121,67 +121,48 @@ def balance_table(args):
 
 # --------------------------------------------------------------------------------- bytes
 
-_COLLECTIVE = re.compile(r'"?stablehlo\.(collective_permute|all_to_all|all_gather)"?.*?'
-                         r'\(([^)]*)\)\s*->\s*(.*)$')
-_TENSOR = re.compile(r"tensor<([0-9x]*)x?([a-z]+[0-9]*)>")
-_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "i64": 8, "f64": 8, "i1": 1}
-
-
-def _tensor_bytes(t):
-  dims, dtype = t
-  n = 1
-  for x in filter(None, dims.split("x")):
-    n *= int(x)
-  return n * _BYTES.get(dtype, 4)
-
-
-def collective_bytes(text):
-  """Bytes one device sends: the operands of every collective in the lowered program."""
-  total = 0
-  for line in text.splitlines():
-    m = re.search(r"stablehlo\.(collective_permute|all_to_all|all_gather)", line)
-    if not m:
-      continue
-    sig = line.rsplit(":", 1)[-1]  # "(operand types) -> result types"
-    operands = sig.split("->")[0]
-    total += sum(_tensor_bytes(t) for t in _TENSOR.findall(operands))
-  return total
-
-
 def _mesh(P):
   return Mesh(np.array(jax.devices()[:P]), ("context",))
 
 
-def _lower(strategy, S, P, H, Hkv, D, grad, ring_steps=None):
+def _lower(strategy, S, P, H, Hkv, D, grad, dtype=jnp.float32):
   mesh = _mesh(P)
   sd = jax.ShapeDtypeStruct
-  shapes = (sd((1, S, H, D), jnp.bfloat16), sd((1, S, Hkv, D), jnp.bfloat16),
-            sd((1, S, Hkv, D), jnp.bfloat16), sd((1, S, H), jnp.float32))
+  shapes = (sd((1, S, H, D), dtype), sd((1, S, Hkv, D), dtype), sd((1, S, Hkv, D), dtype),
+            sd((1, S, H), jnp.float32))
 
   def fwd(q, k, v, lf):
     return sequence_parallel_attention(q, k, v, lf, mesh=mesh, strategy=strategy,
                                        impl="xla" if strategy != "ulysses" else "auto")
 
-  def fwd_bwd(q, k, v, lf):
-    return jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))(
-        q, k, v, lf)
+  def fwd_bwd(q, k, v, lf):  # value_and_grad: the forward's output stays live
+    return jax.value_and_grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)),
+                              argnums=(0, 1, 2, 3))(q, k, v, lf)
 
   return jax.jit(fwd_bwd if grad else fwd).trace(*shapes).lower()
 
 
+def _sent(strategy, S, P, H, Hkv, D, grad):
+  traffic = collective_traffic(_lower(strategy, S, P, H, Hkv, D, grad).compile().as_text(), P)
+  return sum(t.bytes for t in traffic.values())
+
+
 def bytes_table(args):
   S, H, Hkv, D = args.bytes_length, args.heads, args.kv_heads, args.head_dim
-  print(f"\n## Bytes sent per device (S = {S}, H = {H}, Hkv = {Hkv}, D = {D}, bf16; MiB)\n")
+  print(f"\n## Bytes sent per device (S = {S}, H = {H}, Hkv = {Hkv}, D = {D}, float32 q, k, v "
+        f"(the CPU compiler widens bfloat16 transfers to float32: with bfloat16 on a GPU or "
+        f"TPU, k and v move half these bytes); MiB)\n")
   print("| P | strategy | forward | per ring step | forward + backward |")
   print("|---|---|---|---|---|")
   for P in (2, 4, 8):
     for strategy in STRATEGIES:
       if strategy == "ulysses" and (H % P or (Hkv % P and P % Hkv)):
         continue
-      f = collective_bytes(_lower(strategy, S, P, H, Hkv, D, False).as_text())
-      fb = collective_bytes(_lower(strategy, S, P, H, Hkv, D, True).as_text())
+      f = _sent(strategy, S, P, H, Hkv, D, False)
+      fb = _sent(strategy, S, P, H, Hkv, D, True)
       step = f"{f / (P - 1) / 2**20:.2f}" if strategy != "ulysses" else "-"
       print(f"| {P} | {strategy} | {f / 2**20:.2f} | {step} | {fb / 2**20:.2f} |")
+      sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------------- steps

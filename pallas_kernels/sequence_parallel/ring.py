@@ -1,7 +1,7 @@
 """The ring: every device's queries meet every device's keys, K/V travelling round the axis.
 
 Inside ``shard_map`` over a mesh axis of P devices, each device holds its layout's L = S / P
-tokens (``layouts``). Forward, P steps: at step s device d computes its queries against the
+tokens (``layouts``). Forward, P steps (one loop): at step s device d computes its queries against the
 chunk of device d - s with the implementation's chunk kernel (``forward_chunk``: global
 positions and the global c, so masks, decay and ACP are exactly the single-device op's)
 and merges the partial (o, lse) by log-sum-exp in float32, while the chunk (k, v in GQA
@@ -54,6 +54,25 @@ def _shift(tree, cfg: RingConfig, by: int = 1):
   return jax.tree.map(lambda x: lax.ppermute(x, cfg.axis_name, perm), tree)
 
 
+def _steps(chunk, state, step_fn, cfg: RingConfig, count: int, ship_last: bool):
+  """``count`` ring steps as one loop: each step issues the transfer of the next chunk, then
+  computes on the current one. A loop, not an unrolled sequence, so that every step reuses
+  the same two chunk buffers (unrolled, XLA kept each step's received chunk alive: memory
+  per device grew with P). ``ship_last``: whether the last step ships its chunk on too."""
+
+  def body(carry, _):
+    chunk, state = carry
+    nxt = _shift(chunk, cfg)
+    return (nxt, step_fn(chunk, state)), None
+
+  looped = count if ship_last else count - 1
+  if looped > 0:
+    (chunk, state), _ = lax.scan(body, (chunk, state), None, length=looped)
+  if not ship_last:
+    state = step_fn(chunk, state)
+  return chunk, state
+
+
 def _ring_pass(cols: Cols, state, step_fn, cfg: RingConfig, prunable, on_truncated=None):
   """``state = step_fn(chunk, state)`` against every chunk of the ring, the device's own
   first, then the one of the device before it, and so on.
@@ -65,22 +84,13 @@ def _ring_pass(cols: Cols, state, step_fn, cfg: RingConfig, prunable, on_truncat
   """
   P = cfg.layout.num_shards
   n = cfg.steps or P
-  chunk = cols
-  for step in range(n):
-    nxt = _shift(chunk, cfg) if step + 1 < n else None
-    state = step_fn(chunk, state)
-    chunk = nxt if nxt is not None else chunk
+  chunk, state = _steps(cols, state, step_fn, cfg, n, ship_last=False)
   if n == P:
     return state
 
   def rest(args):
     chunk, state = args
-    chunk = _shift(chunk, cfg)
-    for step in range(n, P):
-      nxt = _shift(chunk, cfg) if step + 1 < P else None
-      state = step_fn(chunk, state)
-      chunk = nxt
-    return state
+    return _steps(_shift(chunk, cfg), state, step_fn, cfg, P - n, ship_last=False)[1]
 
   def truncated(args):
     return args[1] if on_truncated is None else on_truncated(args[1])

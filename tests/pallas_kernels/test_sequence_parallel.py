@@ -4,7 +4,6 @@ lse and the gradients of q, k, v and log f), the global cumulative gate against 
 single-device one, ACP's global threshold, meshes with a batch axis, the transfers in the
 lowered program, and bad input."""
 
-import collections
 import functools
 import re
 
@@ -15,11 +14,12 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels import BlockSizes, Pruning
-from pallas_kernels.forgetting_attention import common, pruning, registry
+from pallas_kernels.forgetting_attention import common, forgetting_attention, pruning, registry
 from pallas_kernels.forgetting_attention.reference import forgetting_attention_reference
 from pallas_kernels.sequence_parallel import (LAYOUTS, STRATEGIES, Layout, cumsum, permute,
                                               sequence_parallel_attention, strategy_layout,
                                               unpermute)
+from pallas_kernels.sequence_parallel.traffic import collective_traffic
 from tests.kernel_utils import make_log_fgate
 from tests.tolerances import FLOAT64_RTOL, TOLERANCES, assert_close
 
@@ -307,12 +307,12 @@ def test_nan_input_with_pruning_is_nan_not_zeros():
 # ------------------------------------------------------------ the program: transfers, lowering
 
 
-def _lowered(strategy, num_shards, S=128, Hq=8, Hkv=2, D=16, platform=None, impl="auto"):
+def _lowered(strategy, num_shards, S=128, Hq=8, Hkv=2, D=16, platform=None, impl="auto",
+             dtype=jnp.bfloat16):
   mesh = _mesh((num_shards,), ("context",))
   sd = jax.ShapeDtypeStruct
-  shapes = (sd((1, S, Hq, D), jnp.bfloat16), sd((1, S, Hkv, D), jnp.bfloat16),
-            sd((1, S, Hkv, D), jnp.bfloat16), sd((1, S, Hq), jnp.float32),
-            sd((1, S), jnp.int32))
+  shapes = (sd((1, S, Hq, D), dtype), sd((1, S, Hkv, D), dtype), sd((1, S, Hkv, D), dtype),
+            sd((1, S, Hq), jnp.float32), sd((1, S), jnp.int32))
 
   def f(q, k, v, lf, seg):
     def loss(q, k, v, lf):
@@ -320,26 +320,51 @@ def _lowered(strategy, num_shards, S=128, Hq=8, Hkv=2, D=16, platform=None, impl
                                       segment_ids=seg, impl=impl)
       return jnp.sum(o.astype(jnp.float32))
 
-    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, lf)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, lf)
 
   traced = jax.jit(f).trace(*shapes)
   return traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
 
 
 def test_ring_transfers_kv_in_gqa_form_once_per_step():
-  """Forward + backward on P = 4: three rings of P - 1 transfers of the chunk (k, v, c hi,
-  c lo, segment ids, positions) and P transfers of the travelling dk, dv, dc; k and v move
-  with their Hkv = 2 heads, never repeated to Hq = 8."""
-  text = _lowered("ring", 4).as_text()
-  shapes = collections.Counter(re.findall(r"collective_permute.*-> tensor<([^>]*)>", text))
+  """Forward + backward on P = 4, read from the compiled program (loops times their trip
+  counts): three rings of P - 1 transfers of the chunk (k, v, c hi, c lo, segment ids,
+  positions) and P transfers of the travelling dk, dv, dc; k and v move with their Hkv = 2
+  heads, never repeated to Hq = 8. Nothing else is sent but the c scan's gathered run
+  totals."""
+  compiled = _lowered("ring", 4, dtype=jnp.float32).compile()
+  traffic = collective_traffic(compiled.as_text(), 4)
   L = 128 // 4
-  assert shapes == {
-      f"1x{L}x2x16xbf16": 3 * 3 * 2,  # k, v: 3 rings x 3 steps
-      f"1x{L}x8xf32": 3 * 3 * 2 + 4,  # c hi, lo; the travelling dc (4 shifts)
-      f"1x{L}xi32": 3 * 3,  # segment ids
-      f"{L}xi32": 3 * 3,  # positions
-      f"1x{L}x2x16xf32": 4 * 2,  # the travelling dk, dv (float32, Hkv heads)
-  }, shapes
+  assert traffic["permute"].shapes == {
+      f"f32[1,{L},2,16]": 3 * 3 * 2 + 4 * 2,  # k, v: 3 rings x 3 steps; dk, dv: 4 shifts
+      f"f32[1,{L},8]": 3 * 3 * 2 + 4,  # c hi, lo; the travelling dc
+      f"s32[1,{L}]": 3 * 3,  # segment ids
+      f"s32[{L}]": 3 * 3,  # positions
+  }, traffic["permute"].shapes
+  assert set(traffic) == {"permute", "all_gather"}
+  # The c scan gathers 2 x R run totals per device, and its reverse R: B Hq floats each.
+  assert traffic["all_gather"].bytes < 1024
+
+
+def _temp_bytes(fn, S, H=8, Hkv=2, D=32):
+  sd = jax.ShapeDtypeStruct
+  shapes = (sd((1, S, H, D), jnp.bfloat16), sd((1, S, Hkv, D), jnp.bfloat16),
+            sd((1, S, Hkv, D), jnp.bfloat16), sd((1, S, H), jnp.float32))
+  g = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3)))
+  return g.trace(*shapes).lower().compile().memory_analysis().temp_size_in_bytes
+
+
+def test_memory_per_device_falls_with_the_devices():
+  """Forward + backward temporary memory per device (compiled memory analysis): going from
+  S to 2S adds under a quarter of what it adds on one device with 8 devices (ideal: 1/8):
+  the ring keeps only the device's own chunk and the one in flight, nothing gathered."""
+  mesh = _mesh((8,), ("context",))
+  one = lambda q, k, v, lf: forgetting_attention(q, k, v, lf, impl="xla")
+  ring = lambda q, k, v, lf: sequence_parallel_attention(q, k, v, lf, mesh=mesh,
+                                                         strategy="zigzag")
+  grow_one = _temp_bytes(one, 8192) - _temp_bytes(one, 4096)
+  grow_ring = _temp_bytes(ring, 8192) - _temp_bytes(ring, 4096)
+  assert 0 < grow_ring < grow_one / 4, (grow_ring, grow_one)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
