@@ -622,7 +622,9 @@ def test_stale_staging_directories_ignored_and_removed(tmp_path):
           tmp_path / f".new.fox-convert-{host}-{_dead_pid()}-{uuid.uuid4().hex}"]
   for path in dead:
     (path / "params").mkdir(parents=True)
-    os.utime(path, (time.time() - 60,) * 2)
+    # Older than this process's start, which is what marks a pid-less one stale (a minute
+    # before now was not: with the module imported earlier it made the test flaky).
+    os.utime(path, (converted._RUN_START - 60,) * 2)
   converted.check_output_dir(str(empty), overwrite=False)
   for out in (empty, tmp_path / "new"):
     with pytest.raises(ValueError, match="stop"):
