@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.forgetting_attention import api
+from pallas_kernels.forgetting_attention import registry
 from pallas_kernels.forgetting_attention.api import forgetting_attention
 from pallas_kernels.forgetting_attention.reference import forgetting_attention_reference
 
@@ -86,8 +86,8 @@ def reference_f64(inp: Inputs, sm_scale=None, prune_threshold=None, grads=True):
 def interpret_for(impl: str) -> bool:
   """Whether ``impl`` must run in interpret mode here: a Pallas implementation away from the
   backend it compiles for (api's table); never for reference / xla."""
-  backend = jax.default_backend()
-  return api._BACKENDS.get(impl, backend) != backend
+  needs = registry.REGISTRY[impl].backend
+  return needs is not None and needs != jax.default_backend()
 
 
 def case_id(B, T, S, Hq, Hkv, D, dtype, gate, segments):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import forgetting_attention
+from pallas_kernels.forgetting_attention import registry
 from pallas_kernels.forgetting_attention.common import BlockSizes
 from tests.kernel_utils import case_id, interpret_for, make_inputs, reference_f64
 from tests.tolerances import assert_close
@@ -32,7 +33,7 @@ def _inputs(case):
   return inp._replace(log_fgate=jnp.asarray(np.minimum(lf, 0.0), jnp.float32))
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl", registry.BLOCKWISE)
 @pytest.mark.parametrize("case", CASES, ids=[case_id(*c[:7], "log_f-14", c[7]) for c in CASES])
 def test_gradients_under_extreme_forgetting(impl, case):
   inp = _inputs(case)

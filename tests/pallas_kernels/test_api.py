@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import BlockSizes, Pruning, QKNormBound, forgetting_attention
-from pallas_kernels.forgetting_attention import pruning
+from pallas_kernels.forgetting_attention import pruning, registry
 from tests.kernel_utils import interpret_for, make_inputs, reference_f64
 from tests.tolerances import assert_close
 
@@ -61,7 +61,7 @@ def test_pallas_gpu_refuses_non_gpu_backend():
     forgetting_attention(*_args(), impl="pallas_gpu")
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl", registry.BLOCKWISE)
 def test_float32_inputs_with_x64_enabled(impl):
   """A program that turns jax_enable_x64 on (Python ints become int64) still gets the
   float32 result: the kernels' index arithmetic stays int32."""

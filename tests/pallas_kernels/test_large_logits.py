@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import BlockSizes, forgetting_attention
+from pallas_kernels.forgetting_attention import registry
 from pallas_kernels.forgetting_attention.reference import forgetting_attention_reference
 from tests.kernel_utils import interpret_for, make_inputs
 from tests.tolerances import assert_close
@@ -69,7 +70,7 @@ def _run_fn(impl):
   return run
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl", registry.BLOCKWISE)
 def test_gradients_at_large_logits(impl):
   for magnitude in MAGNITUDES:
     inp, dlse = _inputs(magnitude)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import BlockSizes, Pruning, QKNormBound, forgetting_attention
-from pallas_kernels.forgetting_attention import common, pruning
+from pallas_kernels.forgetting_attention import common, pruning, registry
 from tests.kernel_utils import Inputs, make_inputs, reference_f64
 from tests.tolerances import SCALAR_F32_RTOL, TOLERANCES, assert_close
 
@@ -523,7 +523,7 @@ def _nan_inputs():
   return make_inputs(1, 48, 64, 2, 1, 16, jnp.float32, gate="strong", seed=21)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl", registry.IMPLS)
 def test_nan_query_with_pruning_is_nan_not_zero(impl):
   """A NaN in q makes the "auto" bound of its head NaN. That head must then prune nothing (as
   if pruning were off): the query's row is NaN, every other row is the unpruned result, the

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from pallas_kernels import BlockSizes, Pruning, forgetting_attention
+from pallas_kernels.forgetting_attention import registry
 from tests.kernel_utils import Inputs, interpret_for, make_inputs, reference_f64
 from tests.tolerances import assert_close
 
-IMPLS = ["reference", "xla", "pallas_gpu", "pallas_tpu"]
+IMPLS = list(registry.IMPLS)
 TILES = {"reference": None, "xla": BlockSizes(16, 16), "pallas_gpu": BlockSizes(16, 32, 32, 16),
          "pallas_tpu": BlockSizes(16, 128, 32, 128)}
 NAMES = ("o", "lse", "dq", "dk", "dv", "dlog_fgate")
