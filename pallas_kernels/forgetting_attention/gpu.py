@@ -1,34 +1,40 @@
 """Forgetting attention as Pallas kernels lowered to Triton (GPU; interpret mode on a CPU).
 
-Three kernels, none with atomics:
+Three kernels, none with atomics, each on a chunk pair (``common.Rows`` x ``common.Cols``:
+global positions and the global c on each side), so the single-device op (the chunk pair
+``common.whole_sequence``) and the sequence-parallel ring run the same kernels (``tiling``
+has the passes and how they compose):
 
-  forward  grid (q blocks, B, Hq):  online softmax over the kept kv tiles of one q block.
-  dQ       grid (q blocks, B, Hq):  loops over the kept kv tiles of one q block; also writes
-           the row term g of the anchored dS and the row sums of dS (see the comment above
-           the backward kernels).
-  dK/dV    grid (kv blocks, B, Hkv): one kv tile stays on chip while the kernel loops over
-           the q heads of its GQA group and, for each, over that head's kept q tiles; it
-           also writes dc = -(column sums of dS) per q head. Runs after dQ (it reads g).
+  forward       grid (q blocks, B, Hq):  online softmax over the kept kv tiles of one q block.
+  row sweep     grid (q blocks, B, Hq):  loops over the kept kv tiles of one q block for the
+                backward's per-row work: dq (from the estimate g~ or the exact g_b) and the
+                row terms of the anchored dS (see the comment above the backward kernels).
+  column sweep  grid (kv blocks, B, Hkv): one kv tile stays on chip while the kernel loops
+                over the q heads of its GQA group and, for each, over that head's kept q
+                tiles; dk, dv and dc = -(column sums of dS) per q head. Reads g_b.
 
-Every loop runs over a dynamic tile range from ``pruning.tile_ranges`` (causal diagonal,
-segment boundaries, ACP), so skipped tiles are never loaded. Inside a range, tiles that lie
-fully below the diagonal skip the element-wise mask; the others mask causally and by segment.
-The forward uses ``block_q x block_k`` tiles, both backward kernels ``block_q_bwd x block_k_bwd``.
+Every loop runs over a dynamic tile range from ``pruning.chunk_tile_ranges`` (causal order of
+the positions, segment boundaries, ACP), so skipped tiles are never loaded. Inside a range,
+tiles whose last key lies strictly before their first query (``tiling.full_blocks``) skip
+the causal mask and hold no query's own key; the others mask by position (pos_q >= pos_k)
+and segment, and find the own key where pos_q == pos_k. With segment ids every tile masks.
+The forward uses ``block_q x block_k`` tiles, the backward sweeps ``block_q_bwd x block_k_bwd``.
 
 Logits are kept in base 2: s2 = log2(e) * (scale * q.k + D) with
 D_ij = (c_hi_i - c_hi_j) + (c_lo_i - c_lo_j) (see ``common``), so one exp2 per element. The
-backward reads the forward's base-2 log-sum-exp lse2 = m + log2(l) as the forward computed
-it, and recomputes P = exp2(s2 - lse2) from the same s2: converting lse2 to natural log and
-back would round it twice, and P inherits that absolute error of ~|lse2| 2^-23, a relative
-error of 1e-4 at logits ~1e3 (inf at ~1e9). The natural lse is for the stats only.
+single-device backward reads the forward's base-2 log-sum-exp lse2 = m + log2(l) as the
+forward computed it, and recomputes P = exp2(s2 - lse2) from the same s2: converting lse2 to
+natural log and back would round it twice, and P inherits that absolute error of
+~|lse2| 2^-23, a relative error of 1e-4 at logits ~1e3 (inf at ~1e9). The natural lse is
+for the stats and the chunk contract: the ring merges natural-log lse over chunks, so its
+backward kernels get the global lse in natural log and convert it once (``_LOG2E``).
 Float32 inputs use full float32 products (no tf32); bf16 / f16 feed the tensor cores with
 float32 accumulation.
 
 Padding happens here, not in the kernels: T and S are padded to whole tiles and D to a
-power of two (at least 16, the smallest Triton dot). Padded keys come after every real
-query, so the causal mask hides them; padded queries get do = 0, dd = 0, dlse = 0, lse = 0
-and an edge-replicated c, which keeps their logits finite and their gradient contributions
-zero. Works with JAX 0.10 and 0.11 (``_launch`` picks the Triton compiler-params class).
+power of two (at least 16, the smallest Triton dot); positions, c and the other padded rows
+follow ``tiling``. Works with JAX 0.10 and 0.11 (``_launch`` picks the Triton
+compiler-params class).
 """
 
 from __future__ import annotations
@@ -38,19 +44,16 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.forgetting_attention import common, pruning, tiling
-from pallas_kernels.forgetting_attention.common import BlockSizes
+from pallas_kernels.forgetting_attention import common, tiling
+from pallas_kernels.forgetting_attention.common import BlockSizes, Cols, Rows
+from pallas_kernels.forgetting_attention.tiling import EXACT, ESTIMATE, ROW_TERMS, Operands
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-# A finite mask value: a fully masked tile gives exp2(0) = 1 weights that the first unmasked
-# tile's rescaling (exp2(_MASK - m) = 0) erases, where -inf would give NaN.
-_MASK = -0.7 * float(np.finfo(np.float32).max)
 _MIN_BLOCK = 16
 
 
@@ -87,15 +90,6 @@ def _stages(bs: BlockSizes, dp: int) -> int:
   return 3 if dp <= 64 else 2
 
 
-def _dot(a, b, ta=False, tb=False):
-  """a @ b with float32 accumulation; full float32 products (no tf32) for float32 inputs."""
-  ca = 0 if ta else 1
-  cb = 1 if tb else 0
-  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=prec,
-                         preferred_element_type=jnp.float32)
-
-
 def _logits(q, k, cq_hi, cq_lo, ck_hi, ck_lo, qk_scale, delta):
   """Base-2 logits of one tile, [bq, bk] float32; pairs pruned by ACP already masked.
 
@@ -107,15 +101,17 @@ def _logits(q, k, cq_hi, cq_lo, ck_hi, ck_lo, qk_scale, delta):
   decay (a NaN gate) is kept and reaches the output instead of being masked away.
   """
   decay = (cq_hi[:, None] - ck_hi[None, :]) + (cq_lo[:, None] - ck_lo[None, :])
-  s = _dot(q, k, tb=True) * qk_scale + decay * _LOG2E
-  return jnp.where(decay < delta[:, None], _MASK, s)
+  s = tiling.dot(q, k, tb=True) * qk_scale + decay * _LOG2E
+  return jnp.where(decay < delta[:, None], tiling.MASKED, s)
 
 
 def _mask(s, q_pos, k_pos, seg_q, seg_k):
+  """The causal mask by global position (a key at or before the query) and the segment mask;
+  also the own-key diagonal (equal positions), [bq, bk]."""
   keep = k_pos[None, :] <= q_pos[:, None]
   if seg_q is not None:
     keep = keep & (seg_q[:, None] == seg_k[None, :])
-  return jnp.where(keep, s, _MASK)
+  return jnp.where(keep, s, tiling.MASKED), q_pos[:, None] == k_pos[None, :]
 
 
 def _split(start, end, boundary):
@@ -126,44 +122,42 @@ def _split(start, end, boundary):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, *rest, scale, bq,
-                bk, off, has_seg):
-  seg_ref = rest[0] if has_seg else None
-  delta = rest[int(has_seg)][...]  # [bq]
-  o_ref, lse_ref = rest[-2:]
+def _fwd_kernel(kvs_ref, kve_ref, full_ref, x: Operands, o_ref, lse_ref, *, scale, bk,
+                has_seg):
   i = pl.program_id(0)
   start, end = kvs_ref[i], kve_ref[i]
-  q_first = off + i * bq
-  q = q_ref[...]  # [bq, Dp]
-  cq_hi = chi_ref[pl.ds(q_first, bq)]  # [bq]
-  cq_lo = clo_ref[pl.ds(q_first, bq)]
-  q_pos = q_first + jnp.arange(bq)
-  seg_q = seg_ref[pl.ds(q_first, bq)] if has_seg else None
+  q = x.q[...]  # [bq, Dp]
+  cq_hi, cq_lo = x.cq_hi[...], x.cq_lo[...]  # [bq]
+  q_pos = x.q_pos[...]
+  seg_q = x.seg_q[...] if has_seg else None
+  delta = x.delta[...]
   qk_scale = scale * _LOG2E
 
   def body(kb, carry, masked):
     acc, m, l = carry
     ks = pl.ds(kb * bk, bk)
-    k = k_ref[ks, :]  # [bk, Dp]
-    v = v_ref[ks, :]
-    s = _logits(q, k, cq_hi, cq_lo, chi_ref[ks], clo_ref[ks], qk_scale, delta)  # [bq, bk]
+    k = x.k[ks, :]  # [bk, Dp]
+    v = x.v[ks, :]
+    s = _logits(q, k, cq_hi, cq_lo, x.ck_hi[ks], x.ck_lo[ks], qk_scale, delta)  # [bq, bk]
     if masked:
-      s = _mask(s, q_pos, kb * bk + jnp.arange(bk), seg_q, seg_ref[ks] if has_seg else None)
+      s, _ = _mask(s, q_pos, x.k_pos[ks], seg_q, x.seg_k[ks] if has_seg else None)
     # Triton lowers max to maxnumf, which skips NaN; a NaN logit still reaches l and acc
     # through its own p = exp2(NaN - m), so NaN input gives a NaN row, not a dropped pair.
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
+    shift = tiling.safe_max(m_new)
+    alpha = jnp.exp2(m - shift)
+    p = jnp.exp2(s - shift[:, None])
     l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    acc = acc * alpha[:, None] + tiling.dot(p.astype(v.dtype), v)
     return acc, m_new, l
 
-  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
-           jnp.zeros((bq,), jnp.float32))
-  # Tiles whose last key is at or before the block's first query need no mask.
-  mid = start if has_seg else _split(start, end, tiling.idiv(q_first + 1, bk))
+  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((q.shape[0],), -jnp.inf, jnp.float32),
+           jnp.zeros((q.shape[0],), jnp.float32))
+  # kv blocks [start, mid) lie strictly before the block's first query: no mask needed.
+  mid = start if has_seg else _split(start, end, full_ref[i])
   carry = lax.fori_loop(start, mid, functools.partial(body, masked=False), carry)
   acc, m, l = lax.fori_loop(mid, end, functools.partial(body, masked=True), carry)
+  # A row that saw no key has l = 0, acc = 0, m = -inf: o = 0 and lse2 = -inf.
   l = jnp.where(l == 0.0, 1.0, l)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(l)  # base 2: the backward's P must see these very bits
@@ -171,125 +165,138 @@ def _fwd_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, *rest, 
 
 # ----------------------------------------------------------------------------- backward
 #
-# Both kernels use the anchored dS of ``common`` ("anchored dS"): X_ij = dP_ij - dd_i is
-# exactly 0 on the diagonal and dS_ij = P_ij (X_ij - g_i). The dQ pass sums g_i exactly over
-# its row (for the dK/dV pass, which runs after it) but must form dS before the sweep ends,
-# so it uses the estimate g~ and anchors k at the own key:
+# Both sweeps use the anchored dS of ``common`` ("anchored dS"): X_ij = dP_ij - dd_i is
+# exactly 0 on the diagonal and dS_ij = P_ij (X_ij - g_i). The row sweep has three modes
+# (``tiling``):
 #
-#   dq_i = scale * (sum_{j != i} dS~_ij k_j - (sum_{j != i} dS~_ij - dlse_i) k_i),
+#   "estimate"  (single device) sums g_i exactly over its row (for the column sweep, which
+#               runs after it) but must form dS before the sweep ends, so it uses the
+#               estimate g~ and anchors k at the own key,
 #
-# off by (g_i - g~_i) sum_{j != i} P_ij (k_j - k_i), which vanishes with 1 - P_ii. The row
-# sum of dS~ is taken over the values the matmul sees (rounded to the input dtype), so the
-# two terms cancel exactly where the keys are alike. Three tile matmuls (QK^T, dO V^T,
-# dS~ K); the dK/dV pass has four (QK^T, dO V^T, P^T dO, dS^T Q).
+#                 dq_i = scale * (sum_{j != i} dS~_ij k_j - (sum_{j != i} dS~_ij - dlse_i) k_i),
+#
+#               off by (g_i - g~_i) sum_{j != i} P_ij (k_j - k_i), which vanishes with
+#               1 - P_ii. The row sum of dS~ is taken over the values the matmul sees
+#               (rounded to the input dtype), so the two terms cancel exactly where the keys
+#               are alike. Three tile matmuls (QK^T, dO V^T, dS~ K).
+#   "row_terms" (ring 1) the sums alone: g_i = sum_{j != i} P_ij X_ij, r_i = sum_{j != i} P_ij
+#               over the chunk's keys; two matmuls (QK^T, dO V^T).
+#   "exact"     (ring 2) dq_i = scale sum_j dS_ij k_j with the exact global g_b: each dS_ij
+#               keeps its relative precision, the own key's too (dS_ii = -P_ii g_b_i); three
+#               matmuls.
+#
+# The column sweep has four (QK^T, dO V^T, P^T dO, dS^T Q).
 
 
-def _dq_kernel(kvs_ref, kve_ref, q_ref, k_ref, v_ref, kown_ref, chi_ref, clo_ref, do_ref,
-               lse_ref, dd_ref, gt_ref, dlse_ref, *rest, scale, bq, bk, off, has_seg):
-  seg_ref = rest[0] if has_seg else None
-  delta = rest[int(has_seg)][...]  # [bq]
-  dq_ref, g_ref, r_ref = rest[-3:]
+def _row_kernel(kvs_ref, kve_ref, full_ref, x: Operands, *outs, scale, bk, has_seg, mode):
   i = pl.program_id(0)
   start, end = kvs_ref[i], kve_ref[i]
-  q_first = off + i * bq
-  q = q_ref[...]  # [bq, Dp]
-  do = do_ref[...]
-  lse2 = lse_ref[...]  # [bq], base 2 as the forward computed it
-  dd = dd_ref[...]
-  gt = gt_ref[...]  # the estimate g~
-  cq_hi = chi_ref[pl.ds(q_first, bq)]
-  cq_lo = clo_ref[pl.ds(q_first, bq)]
-  q_pos = q_first + jnp.arange(bq)
-  seg_q = seg_ref[pl.ds(q_first, bq)] if has_seg else None
+  q = x.q[...]  # [bq, Dp]
+  do = x.do[...]
+  lse2 = x.lse[...]  # [bq], base 2
+  dd = x.dd[...]
+  g = None if mode == ROW_TERMS else x.g[...]  # g~ ("estimate") or g_b ("exact")
+  cq_hi, cq_lo = x.cq_hi[...], x.cq_lo[...]
+  q_pos = x.q_pos[...]
+  seg_q = x.seg_q[...] if has_seg else None
+  delta = x.delta[...]
   qk_scale = scale * _LOG2E
+  sums = mode in (ESTIMATE, ROW_TERMS)
 
   def body(kb, carry, masked):
-    dsk, ds_row, gsum, p_off = carry
     ks = pl.ds(kb * bk, bk)
-    k = k_ref[ks, :]
-    v = v_ref[ks, :]
-    s = _logits(q, k, cq_hi, cq_lo, chi_ref[ks], clo_ref[ks], qk_scale, delta)
-    x = _dot(do, v, tb=True) - dd[:, None]  # [bq, bk]
+    k = x.k[ks, :]
+    s = _logits(q, k, cq_hi, cq_lo, x.ck_hi[ks], x.ck_lo[ks], qk_scale, delta)
+    xx = tiling.dot(do, x.v[ks, :], tb=True) - dd[:, None]  # X, [bq, bk]
     if masked:
-      k_pos = kb * bk + jnp.arange(bk)
-      s = _mask(s, q_pos, k_pos, seg_q, seg_ref[ks] if has_seg else None)
-      diag = q_pos[:, None] == k_pos[None, :]
-      x = jnp.where(diag, 0.0, x)
+      s, diag = _mask(s, q_pos, x.k_pos[ks], seg_q, x.seg_k[ks] if has_seg else None)
+      xx = jnp.where(diag, 0.0, xx)
     p = jnp.exp2(s - lse2[:, None])  # [bq, bk]
-    px = p * x
-    ds = px - p * gt[:, None]
-    if masked:  # the own key's term is the k_i part of the anchoring
-      ds = jnp.where(diag, 0.0, ds)
-      p = jnp.where(diag, 0.0, p)
-    ds = ds.astype(k.dtype)
-    return (dsk + _dot(ds, k), ds_row + jnp.sum(ds.astype(jnp.float32), axis=1),
-            gsum + jnp.sum(px, axis=1), p_off + jnp.sum(p, axis=1))
+    out = dict(carry)
+    if sums:
+      px = p * xx
+      out["gsum"] = carry["gsum"] + jnp.sum(px, axis=1)
+      out["p_off"] = carry["p_off"] + jnp.sum(jnp.where(diag, 0.0, p) if masked else p, axis=1)
+    if mode == ESTIMATE:
+      ds = px - p * g[:, None]
+      if masked:  # the own key's term is the k_i part of the anchoring
+        ds = jnp.where(diag, 0.0, ds)
+      ds = ds.astype(k.dtype)
+      out["dsk"] = carry["dsk"] + tiling.dot(ds, k)
+      out["ds_row"] = carry["ds_row"] + jnp.sum(ds.astype(jnp.float32), axis=1)
+    elif mode == EXACT:
+      ds = (p * (xx - g[:, None])).astype(k.dtype)
+      out["dsk"] = carry["dsk"] + tiling.dot(ds, k)
+    return out
 
-  zrow = jnp.zeros((bq,), jnp.float32)
-  carry = (jnp.zeros(q.shape, jnp.float32), zrow, zrow, zrow)
-  mid = start if has_seg else _split(start, end, tiling.idiv(q_first + 1, bk))
+  zrow = jnp.zeros((q.shape[0],), jnp.float32)
+  carry = {}
+  if sums:
+    carry.update(gsum=zrow, p_off=zrow)
+  if mode != ROW_TERMS:
+    carry["dsk"] = jnp.zeros(q.shape, jnp.float32)
+  if mode == ESTIMATE:
+    carry["ds_row"] = zrow
+  mid = start if has_seg else _split(start, end, full_ref[i])
   carry = lax.fori_loop(start, mid, functools.partial(body, masked=False), carry)
-  dsk, ds_row, gsum, p_off = lax.fori_loop(mid, end, functools.partial(body, masked=True), carry)
-  dlse = dlse_ref[...]
-  k_own = kown_ref[...].astype(jnp.float32)  # [bq, Dp]: k at each query's own position
-  dq_ref[...] = (scale * (dsk - (ds_row - dlse)[:, None] * k_own)).astype(dq_ref.dtype)
-  g = gsum - dlse
-  g_ref[...] = g
-  # Row sum of dS without its diagonal: sum_{j != i} P_ij (X_ij - g_i), X_ii = 0.
-  r_ref[...] = gsum - g * p_off
+  carry = lax.fori_loop(mid, end, functools.partial(body, masked=True), carry)
+  if mode == ESTIMATE:
+    dq_ref, gsum_ref, poff_ref = outs
+    dlse = x.dlse[...]
+    k_own = x.k_own[...].astype(jnp.float32)  # [bq, Dp]: k at each query's own position
+    dq = scale * (carry["dsk"] - (carry["ds_row"] - dlse)[:, None] * k_own)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+  elif mode == ROW_TERMS:
+    gsum_ref, poff_ref = outs
+  else:
+    (dq_ref,) = outs
+    dq_ref[...] = (scale * carry["dsk"]).astype(dq_ref.dtype)
+  if sums:
+    gsum_ref[...] = carry["gsum"]
+    poff_ref[...] = carry["p_off"]
 
 
-def _dkv_kernel(qs_ref, qe_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, lse_ref,
-                dd_ref, g_ref, *rest, scale, bq, bk, off, group, has_seg):
-  seg_ref = rest[0] if has_seg else None
-  delta_ref = rest[int(has_seg)]  # [Hq, tp]
-  dk_ref, dv_ref, dc_ref = rest[-3:]
+def _column_kernel(qs_ref, qe_ref, full_ref, x: Operands, dk_ref, dv_ref, dc_ref, *, scale,
+                   bq, group, has_seg):
   j = pl.program_id(0)
   hkv = pl.program_id(2)
-  k = k_ref[...]  # [bk, Dp]
-  v = v_ref[...]
-  ks = pl.ds(j * bk, bk)
-  k_pos = j * bk + jnp.arange(bk)
-  seg_k = seg_ref[ks] if has_seg else None
+  k = x.k[...]  # [bk, Dp]
+  v = x.v[...]
+  k_pos = x.k_pos[...]  # [bk]
+  seg_k = x.seg_k[...] if has_seg else None
   qk_scale = scale * _LOG2E
-  # q blocks from this index on lie entirely after the tile's last key: no mask needed.
-  first_unmasked = tiling.idiv(jnp.maximum((j + 1) * bk - off - 1 + bq - 1, 0), bq)
+  first_full = full_ref[j]  # q blocks from here on lie strictly after the tile's last key
 
   def head(gi, carry):
     dk, dv = carry
     h = hkv * group + gi
-    ck_hi = chi_ref[h, ks]  # [bk]
-    ck_lo = clo_ref[h, ks]
+    ck_hi, ck_lo = x.ck_hi[h, :], x.ck_lo[h, :]  # [bk]
     start, end = qs_ref[h, j], qe_ref[h, j]
 
     def body(a, inner, masked):
       dk, dv, dcol = inner
       qsl = pl.ds(a * bq, bq)
-      q_first = off + a * bq
-      q = q_ref[qsl, h, :]  # [bq, Dp]
-      do = do_ref[qsl, h, :]
-      lse2 = lse_ref[h, qsl]  # [bq], base 2
-      dd = dd_ref[h, qsl]
-      g = g_ref[h, qsl]
-      cs = pl.ds(q_first, bq)
-      delta = delta_ref[h, qsl]
-      s = _logits(q, k, chi_ref[h, cs], clo_ref[h, cs], ck_hi, ck_lo, qk_scale, delta)
-      x = _dot(do, v, tb=True) - dd[:, None]  # [bq, bk]
+      q = x.q[qsl, h, :]  # [bq, Dp]
+      do = x.do[qsl, h, :]
+      lse2 = x.lse[h, qsl]  # [bq], base 2
+      dd = x.dd[h, qsl]
+      g_b = x.g[h, qsl]
+      s = _logits(q, k, x.cq_hi[h, qsl], x.cq_lo[h, qsl], ck_hi, ck_lo, qk_scale,
+                  x.delta[h, qsl])
+      xx = tiling.dot(do, v, tb=True) - dd[:, None]  # [bq, bk]
       if masked:
-        q_pos = q_first + jnp.arange(bq)
-        s = _mask(s, q_pos, k_pos, seg_ref[cs] if has_seg else None, seg_k)
-        diag = q_pos[:, None] == k_pos[None, :]
-        x = jnp.where(diag, 0.0, x)
+        s, diag = _mask(s, x.q_pos[qsl], k_pos, x.seg_q[qsl] if has_seg else None, seg_k)
+        xx = jnp.where(diag, 0.0, xx)
       p = jnp.exp2(s - lse2[:, None])
-      ds = p * (x - g[:, None])
-      dv = dv + _dot(p.astype(do.dtype), do, ta=True)
-      dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
-      # Column sum of dS without its diagonal (the row sums in dq's pass leave it out too).
+      ds = p * (xx - g_b[:, None])
+      dv = dv + tiling.dot(p.astype(do.dtype), do, ta=True)
+      dk = dk + tiling.dot(ds.astype(q.dtype), q, ta=True)
+      # Column sum of dS without its diagonal (the row terms leave it out too).
       col = jnp.sum(jnp.where(diag, 0.0, ds) if masked else ds, axis=0)
       return dk, dv, dcol - col
 
-    inner = (dk, dv, jnp.zeros((bk,), jnp.float32))
-    mid = end if has_seg else _split(start, end, first_unmasked)
+    inner = (dk, dv, jnp.zeros((k.shape[0],), jnp.float32))
+    mid = end if has_seg else _split(start, end, first_full)
     inner = lax.fori_loop(start, mid, functools.partial(body, masked=True), inner)
     dk, dv, dcol = lax.fori_loop(mid, end, functools.partial(body, masked=False), inner)
     dc_ref[h, :] = dcol
@@ -301,158 +308,234 @@ def _dkv_kernel(qs_ref, qe_ref, q_ref, k_ref, v_ref, chi_ref, clo_ref, do_ref, l
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-# ----------------------------------------------------------------------------- wrappers
+# ----------------------------------------------------------------------------- layout
 
 
-class _Geometry(tiling.TileGeometry):
-  """Padded sizes and layouts of one pass with q tile ``bq`` and kv tile ``bk``."""
+class _Layout(tiling.Geometry):
+  """The sizes of one pass and the arrays in the kernels' layout: q-side [B, tp, Hq, Dp] and
+  kv-side [B, sk, Hkv, Dp] tiles, per-query vectors [B, Hq, tp], per-key [B, Hq, sk]."""
 
-  def __init__(self, q, k, bq, bk):
-    super().__init__(q, k, bq, bk, min_bq=_MIN_BLOCK, min_bk=_MIN_BLOCK,
-                     dp=max(_MIN_BLOCK, tiling.next_pow2(q.shape[-1])))
-    # c and segment ids are read at key positions and at query positions off + [0, tp).
-    self.sc = max(self.off + self.tp, self.sk)
+  def __init__(self, rows: Rows, cols: Cols, bq: int, bk: int):
+    super().__init__(rows, cols, bq, bk, min_bq=_MIN_BLOCK, min_bk=_MIN_BLOCK,
+                     dp=max(_MIN_BLOCK, tiling.next_pow2(rows.q.shape[-1])))
 
-  def pad_q(self, x):  # [B, T, Hq, D] -> [B, tp, Hq, dp]
+  def q_side(self, x):  # [B, T, H, D] -> [B, tp, H, dp]
     return tiling.pad_axis(tiling.pad_axis(x, 1, self.tp), 3, self.dp)
 
-  def pad_kv(self, x):  # [B, S, Hkv, D] -> [B, sk, Hkv, dp]
+  def kv_side(self, x):  # [B, S, Hkv, D] -> [B, sk, Hkv, dp]
     return tiling.pad_axis(tiling.pad_axis(x, 1, self.sk), 3, self.dp)
 
-  def own_kv(self, x):  # [B, S, Hkv, D] -> [B, tp, Hkv, dp] at the query positions
-    return tiling.pad_axis(tiling.pad_axis(x[:, self.off:], 1, self.tp), 3, self.dp)
+  def per_query(self, x):  # [B, Hq, T] -> [B, Hq, tp] f32, zero-padded
+    return tiling.pad_axis(x.astype(jnp.float32), 2, self.tp)
 
-  def pad_c(self, c):  # [B, S, Hq] -> [B, Hq, sc], edge-replicated
-    return tiling.pad_axis(c.transpose(0, 2, 1), 2, self.sc, mode="edge")
-
-  def pad_rows(self, x):  # [B, Hq, T] -> [B, Hq, tp]
-    return tiling.pad_axis(x, 2, self.tp)
-
-  def pad_seg(self, seg):  # [B, S] -> [B, sc], edge-replicated
-    return tiling.pad_axis(seg, 1, self.sc, mode="edge")
-
-  def delta_rows(self, delta):  # [B, Hq] or None -> [B, Hq, tp]: each row's ACP threshold
+  def operands(self, rows: Rows, cols: Cols, delta) -> Operands:
+    """The forward's operands; c and segment ids edge-replicated into the padding."""
+    has_seg = rows.seg is not None
+    c_q = lambda c: tiling.pad_axis(c.transpose(0, 2, 1), 2, self.tp, mode="edge")
+    c_k = lambda c: tiling.pad_axis(c.transpose(0, 2, 1), 2, self.sk, mode="edge")
     if delta is None:
-      return jnp.full((self.B, self.Hq, self.tp), -jnp.inf, jnp.float32)
-    return jnp.broadcast_to(delta.astype(jnp.float32)[:, :, None], (self.B, self.Hq, self.tp))
+      delta_q = jnp.full((self.B, self.Hq, self.tp), -jnp.inf, jnp.float32)
+    else:
+      delta_q = jnp.broadcast_to(delta.astype(jnp.float32)[:, :, None],
+                                 (self.B, self.Hq, self.tp))
+    return Operands(
+        q=self.q_side(rows.q), k=self.kv_side(cols.k), v=self.kv_side(cols.v),
+        cq_hi=c_q(rows.c_hi), cq_lo=c_q(rows.c_lo), ck_hi=c_k(cols.c_hi), ck_lo=c_k(cols.c_lo),
+        q_pos=self.q_pos(rows), k_pos=self.k_pos(cols),
+        seg_q=tiling.pad_axis(rows.seg, 1, self.tp, mode="edge") if has_seg else None,
+        seg_k=tiling.pad_axis(cols.seg, 1, self.sk, mode="edge") if has_seg else None,
+        delta=delta_q)
+
+  def row_specs(self) -> Operands:
+    """BlockSpecs of the grid (q blocks, B, Hq): one q block of one head, every key."""
+    group = self.group
+    q_tile = pl.BlockSpec((None, self.bq, None, self.dp), lambda i, b, h: (b, i, h, 0))
+    kv_all = pl.BlockSpec((None, self.sk, None, self.dp), lambda i, b, h: (b, 0, h // group, 0))
+    q_vec = pl.BlockSpec((None, None, self.bq), lambda i, b, h: (b, h, i))
+    k_vec = pl.BlockSpec((None, None, self.sk), lambda i, b, h: (b, h, 0))
+    return Operands(
+        q=q_tile, k=kv_all, v=kv_all, cq_hi=q_vec, cq_lo=q_vec, ck_hi=k_vec, ck_lo=k_vec,
+        q_pos=pl.BlockSpec((self.bq,), lambda i, b, h: (i,)),
+        k_pos=pl.BlockSpec((self.sk,), lambda i, b, h: (0,)),
+        seg_q=pl.BlockSpec((None, self.bq), lambda i, b, h: (b, i)),
+        seg_k=pl.BlockSpec((None, self.sk), lambda i, b, h: (b, 0)),
+        delta=q_vec, do=q_tile, lse=q_vec, dd=q_vec, g=q_vec, dlse=q_vec,
+        k_own=pl.BlockSpec((None, self.bq, None, self.dp),
+                           lambda i, b, h: (b, i, h // group, 0)))
+
+  def column_specs(self) -> Operands:
+    """BlockSpecs of the grid (kv blocks, B, Hkv): one kv block of one kv head, every query
+    of every head."""
+    q_all = pl.BlockSpec((None, self.tp, self.Hq, self.dp), lambda j, b, h: (b, 0, 0, 0))
+    kv_tile = pl.BlockSpec((None, self.bk, None, self.dp), lambda j, b, h: (b, j, h, 0))
+    q_vec = pl.BlockSpec((None, self.Hq, self.tp), lambda j, b, h: (b, 0, 0))
+    k_vec = pl.BlockSpec((None, self.Hq, self.bk), lambda j, b, h: (b, 0, j))
+    return Operands(
+        q=q_all, k=kv_tile, v=kv_tile, cq_hi=q_vec, cq_lo=q_vec, ck_hi=k_vec, ck_lo=k_vec,
+        q_pos=pl.BlockSpec((self.tp,), lambda j, b, h: (0,)),
+        k_pos=pl.BlockSpec((self.bk,), lambda j, b, h: (j,)),
+        seg_q=pl.BlockSpec((None, self.tp), lambda j, b, h: (b, 0)),
+        seg_k=pl.BlockSpec((None, self.bk), lambda j, b, h: (b, j)),
+        delta=q_vec, do=q_all, lse=q_vec, dd=q_vec, g=q_vec)
+
+
+def _params(block_sizes: BlockSizes, geo: _Layout):
+  return _launch(_warps(block_sizes, geo.bq, geo.bk, geo.dp), _stages(block_sizes, geo.dp))
+
+
+def _backward_operands(geo: _Layout, rows, cols, delta, do, lse2, dd, g):
+  return geo.operands(rows, cols, delta)._replace(
+      do=geo.q_side(do), lse=geo.per_query(lse2), dd=geo.per_query(dd),
+      g=None if g is None else geo.per_query(g))
+
+
+# ----------------------------------------------------------------------------- passes
+
+
+def _forward(rows: Rows, cols: Cols, delta, out_dtype, *, sm_scale, block_sizes, interpret):
+  """o [B, T, Hq, D] out_dtype, lse2 [B, Hq, T] (base 2) and kept tiles [B, Hq]."""
+  geo = _Layout(rows, cols, block_sizes.block_q, block_sizes.block_k)
+  ranges = tiling.tile_ranges(geo, rows, cols, delta)
+  kept = tiling.kept_tiles(geo, ranges, rows, cols, delta, block_sizes)
+  x = geo.operands(rows, cols, delta)
+  kv_full, _ = tiling.full_blocks(x.q_pos, x.k_pos, geo)
+  specs = geo.row_specs()
+  r_spec = pl.BlockSpec((None, None, geo.nq), lambda i, b, h: (b, h, 0))
+  full_spec = pl.BlockSpec((geo.nq,), lambda i, b, h: (0,))
+  kernel = functools.partial(_fwd_kernel, scale=sm_scale, bk=geo.bk, has_seg=rows.seg is not None)
+  o, lse2 = pl.pallas_call(
+      kernel,
+      grid=(geo.nq, geo.B, geo.Hq),
+      in_specs=[r_spec, r_spec, full_spec, tiling.present(specs, x)],
+      out_specs=[specs.q, specs.lse],
+      out_shape=[jax.ShapeDtypeStruct((geo.B, geo.tp, geo.Hq, geo.dp), out_dtype),
+                 jax.ShapeDtypeStruct((geo.B, geo.Hq, geo.tp), jnp.float32)],
+      compiler_params=_params(block_sizes, geo),
+      interpret=interpret,
+      name="forgetting_attention_fwd",
+  )(ranges.kv_start, ranges.kv_end, kv_full, x)
+  return o[:, :geo.T, :, :geo.D], lse2[:, :, :geo.T], kept
+
+
+def _row_sweep(mode, rows: Rows, cols: Cols, delta, do, lse2, dd, g, dlse, k_own, *, sm_scale,
+               block_sizes, interpret):
+  """The row sweep in ``mode`` (see ``tiling``): "estimate" -> dq (q.dtype), gsum, p_off;
+  "row_terms" -> gsum, p_off; "exact" -> dq (float32); sums [B, Hq, T]."""
+  geo = _Layout(rows, cols, *block_sizes.bwd)
+  ranges = tiling.tile_ranges(geo, rows, cols, delta)
+  x = _backward_operands(geo, rows, cols, delta, do, lse2, dd, g)
+  if mode == ESTIMATE:
+    x = x._replace(dlse=geo.per_query(dlse), k_own=geo.q_side(k_own))
+  kv_full, _ = tiling.full_blocks(x.q_pos, x.k_pos, geo)
+  specs = geo.row_specs()
+  r_spec = pl.BlockSpec((None, None, geo.nq), lambda i, b, h: (b, h, 0))
+  full_spec = pl.BlockSpec((geo.nq,), lambda i, b, h: (0,))
+  sd = jax.ShapeDtypeStruct
+  dq_shape = sd((geo.B, geo.tp, geo.Hq, geo.dp),
+                rows.q.dtype if mode == ESTIMATE else jnp.float32)
+  sum_shape = sd((geo.B, geo.Hq, geo.tp), jnp.float32)
+  shapes = {ESTIMATE: [dq_shape, sum_shape, sum_shape], ROW_TERMS: [sum_shape, sum_shape],
+            EXACT: [dq_shape]}[mode]
+  out_specs = [specs.q if s is dq_shape else specs.lse for s in shapes]
+  outs = pl.pallas_call(
+      functools.partial(_row_kernel, scale=sm_scale, bk=geo.bk, has_seg=rows.seg is not None,
+                        mode=mode),
+      grid=(geo.nq, geo.B, geo.Hq),
+      in_specs=[r_spec, r_spec, full_spec, tiling.present(specs, x)],
+      out_specs=out_specs,
+      out_shape=shapes,
+      compiler_params=_params(block_sizes, geo),
+      interpret=interpret,
+      name={ESTIMATE: "forgetting_attention_dq", ROW_TERMS: "forgetting_attention_row_terms",
+            EXACT: "forgetting_attention_dq_exact"}[mode],
+  )(ranges.kv_start, ranges.kv_end, kv_full, x)
+  unpad = lambda a: a[:, :geo.T, :, :geo.D] if a.ndim == 4 else a[:, :, :geo.T]
+  outs = [unpad(a) for a in outs]
+  return outs[0] if mode == EXACT else tuple(outs)
+
+
+def _column_sweep(rows: Rows, cols: Cols, delta, do, lse2, dd, g_b, out_dtype, *, sm_scale,
+                  block_sizes, interpret):
+  """dk, dv [B, S, Hkv, D] out_dtype and dc_col [B, S, Hq] f32."""
+  geo = _Layout(rows, cols, *block_sizes.bwd)
+  ranges = tiling.tile_ranges(geo, rows, cols, delta)
+  x = _backward_operands(geo, rows, cols, delta, do, lse2, dd, g_b)
+  _, q_full = tiling.full_blocks(x.q_pos, x.k_pos, geo)
+  specs = geo.column_specs()
+  r_spec = pl.BlockSpec((None, geo.Hq, geo.nk), lambda j, b, h: (b, 0, 0))
+  full_spec = pl.BlockSpec((geo.nk,), lambda j, b, h: (0,))
+  kv_shape = jax.ShapeDtypeStruct((geo.B, geo.sk, geo.Hkv, geo.dp), out_dtype)
+  dk, dv, dc = pl.pallas_call(
+      functools.partial(_column_kernel, scale=sm_scale, bq=geo.bq, group=geo.group,
+                        has_seg=rows.seg is not None),
+      grid=(geo.nk, geo.B, geo.Hkv),
+      in_specs=[r_spec, r_spec, full_spec, tiling.present(specs, x)],
+      out_specs=[specs.k, specs.k, specs.ck_hi],
+      out_shape=[kv_shape, kv_shape, jax.ShapeDtypeStruct((geo.B, geo.Hq, geo.sk), jnp.float32)],
+      compiler_params=_params(block_sizes, geo),
+      interpret=interpret,
+      name="forgetting_attention_dkv",
+  )(ranges.q_start, ranges.q_end, q_full, x)
+  unpad = lambda a: a[:, :geo.S, :, :geo.D]
+  return unpad(dk), unpad(dv), dc[:, :, :geo.S].transpose(0, 2, 1)
+
+
+def _passes(sm_scale: float, block_sizes: BlockSizes, interpret: bool) -> tiling.Passes:
+  kw = dict(sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
+  # The one rounding of the chunk path: the ring's merged lse is natural.
+  return tiling.Passes(functools.partial(_row_sweep, **kw), functools.partial(_column_sweep, **kw),
+                       to_res=lambda lse: lse.astype(jnp.float32) * _LOG2E)
+
+
+# ----------------------------------------------------------------------------- the module's api
 
 
 def forward(q, k, v, c_hi, c_lo, segment_ids, delta, *, sm_scale: float,
             block_sizes: BlockSizes, interpret: bool = False):
   """o [B, T, Hq, D] (q.dtype), lse [B, Hq, T] f32, kept_tiles [B, Hq] i32 and lse2 [B, Hq, T]
-  f32, the base-2 log-sum-exp that ``backward`` reads (see ``api``)."""
-  g = _Geometry(q, k, block_sizes.block_q, block_sizes.block_k)
-  ranges, kept = tiling.forward_ranges(g, c_hi, c_lo, segment_ids, delta, block_sizes)
-  has_seg = segment_ids is not None
-  group = g.group
-  q_spec = pl.BlockSpec((None, g.bq, None, g.dp), lambda i, b, h: (b, i, h, 0))
-  kv_spec = pl.BlockSpec((None, g.sk, None, g.dp), lambda i, b, h: (b, 0, h // group, 0))
-  c_spec = pl.BlockSpec((None, None, g.sc), lambda i, b, h: (b, h, 0))
-  r_spec = pl.BlockSpec((None, None, g.nq), lambda i, b, h: (b, h, 0))
-  row_spec = pl.BlockSpec((None, None, g.bq), lambda i, b, h: (b, h, i))
-  in_specs = [r_spec, r_spec, q_spec, kv_spec, kv_spec, c_spec, c_spec]
-  args = [ranges.kv_start, ranges.kv_end, g.pad_q(q), g.pad_kv(k), g.pad_kv(v),
-          g.pad_c(c_hi), g.pad_c(c_lo)]
-  if has_seg:
-    in_specs.append(pl.BlockSpec((None, g.sc), lambda i, b, h: (b, 0)))
-    args.append(g.pad_seg(segment_ids))
-  in_specs.append(row_spec)
-  args.append(g.delta_rows(delta))
-  kernel = functools.partial(_fwd_kernel, scale=sm_scale, bq=g.bq, bk=g.bk, off=g.off,
-                             has_seg=has_seg)
-  o, lse = pl.pallas_call(
-      kernel,
-      grid=(g.nq, g.B, g.Hq),
-      in_specs=in_specs,
-      out_specs=[q_spec, row_spec],
-      out_shape=[jax.ShapeDtypeStruct((g.B, g.tp, g.Hq, g.dp), q.dtype),
-                 jax.ShapeDtypeStruct((g.B, g.Hq, g.tp), jnp.float32)],
-      compiler_params=_launch(_warps(block_sizes, g.bq, g.bk, g.dp), _stages(block_sizes, g.dp)),
-      interpret=interpret,
-      name="forgetting_attention_fwd",
-  )(*args)
-  lse2 = lse[:, :, :g.T]
-  return o[:, :g.T, :, :g.D], lse2 * _LN2, kept, lse2
+  f32, the base-2 log-sum-exp that ``backward`` reads (see ``api``): the chunk pair
+  ``common.whole_sequence``."""
+  rows, cols = common.whole_sequence(q, k, v, c_hi, c_lo, segment_ids)
+  o, lse2, kept = _forward(rows, cols, delta, q.dtype, sm_scale=sm_scale,
+                           block_sizes=block_sizes, interpret=interpret)
+  return o, lse2 * _LN2, kept, lse2
 
 
 def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse2, do, dlse, *, sm_scale: float,
              block_sizes: BlockSizes, interpret: bool = False):
   """dq, dk, dv in the inputs' dtypes and dc [B, S, Hq] f32 (see ``api``); lse2 is the
-  forward's base-2 log-sum-exp.
+  forward's base-2 log-sum-exp, read as computed (``tiling.single_device_backward``)."""
+  return tiling.single_device_backward(_passes(sm_scale, block_sizes, interpret), q, k, v, c_hi,
+                                       c_lo, segment_ids, delta, o, lse2, do, dlse)
 
-  dS is anchored at each query's own key (see the comment above the backward kernels), and
-  dc_t = sum_{j != t} dS_tj - sum_{i != t} dS_it leaves out the diagonal that the row and
-  column sums share, which would otherwise cancel when P_tt ~ 1.
-  """
-  bq, bk = block_sizes.bwd
-  g = _Geometry(q, k, bq, bk)
-  ranges = pruning.tile_ranges(c_hi, c_lo, segment_ids, g.T, g.bq, g.bk, delta)
-  has_seg = segment_ids is not None
-  group = g.group
-  qp, kp, vp, dop = g.pad_q(q), g.pad_kv(k), g.pad_kv(v), g.pad_q(do)
-  chi, clo = g.pad_c(c_hi), g.pad_c(c_lo)
-  dd = common.own_key_dot(do, v)  # [B, Hq, T]: the anchor of dS
-  gt = common.row_term_estimate(o, do, dd, dlse)
-  lsep, ddp, dlsep = g.pad_rows(lse2), g.pad_rows(dd), g.pad_rows(dlse.astype(jnp.float32))
-  segp = g.pad_seg(segment_ids) if has_seg else None
-  params = _launch(_warps(block_sizes, g.bq, g.bk, g.dp), _stages(block_sizes, g.dp))
-  static = dict(scale=sm_scale, bq=g.bq, bk=g.bk, off=g.off, has_seg=has_seg)
-  deltap = g.delta_rows(delta)
 
-  # dQ (and g): one q block of one q head per program, looping over its kept kv tiles.
-  q_spec = pl.BlockSpec((None, g.bq, None, g.dp), lambda i, b, h: (b, i, h, 0))
-  kv_spec = pl.BlockSpec((None, g.sk, None, g.dp), lambda i, b, h: (b, 0, h // group, 0))
-  c_spec = pl.BlockSpec((None, None, g.sc), lambda i, b, h: (b, h, 0))
-  row_spec = pl.BlockSpec((None, None, g.bq), lambda i, b, h: (b, h, i))
-  r_spec = pl.BlockSpec((None, None, g.nq), lambda i, b, h: (b, h, 0))
-  own_spec = pl.BlockSpec((None, g.bq, None, g.dp), lambda i, b, h: (b, i, h // group, 0))
-  in_specs = [r_spec, r_spec, q_spec, kv_spec, kv_spec, own_spec, c_spec, c_spec, q_spec,
-              row_spec, row_spec, row_spec, row_spec]
-  args = [ranges.kv_start, ranges.kv_end, qp, kp, vp, g.own_kv(k), chi, clo, dop, lsep, ddp,
-          g.pad_rows(gt), dlsep]
-  if has_seg:
-    in_specs.append(pl.BlockSpec((None, g.sc), lambda i, b, h: (b, 0)))
-    args.append(segp)
-  in_specs.append(row_spec)
-  args.append(deltap)
-  dq, gp, rp = pl.pallas_call(
-      functools.partial(_dq_kernel, **static),
-      grid=(g.nq, g.B, g.Hq),
-      in_specs=in_specs,
-      out_specs=[q_spec, row_spec, row_spec],
-      out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
-                 jax.ShapeDtypeStruct((g.B, g.Hq, g.tp), jnp.float32),
-                 jax.ShapeDtypeStruct((g.B, g.Hq, g.tp), jnp.float32)],
-      compiler_params=params,
-      interpret=interpret,
-      name="forgetting_attention_dq",
-  )(*args)
+def forward_chunk(rows: Rows, cols: Cols, delta, *, sm_scale: float, block_sizes: BlockSizes,
+                  interpret: bool = False):
+  """The queries of ``rows`` against the keys of ``cols`` alone, at any global positions:
+  o [B, T, Hq, D] float32 normalised over these keys, their natural lse [B, Hq, T] (-inf
+  where a query sees none of them, o = 0 there) and the kept tiles [B, Hq] int32; the
+  contract of ``xla.forward_chunk``."""
+  tiling.check_chunks(rows, cols, "forward_chunk")
+  o, lse2, kept = _forward(rows, cols, delta, jnp.float32, sm_scale=sm_scale,
+                           block_sizes=block_sizes, interpret=interpret)
+  return o, lse2 * _LN2, kept
 
-  # dK/dV (+dc): one kv block of one kv head per program, looping over the group's q heads.
-  qall_spec = pl.BlockSpec((None, g.tp, g.Hq, g.dp), lambda j, b, h: (b, 0, 0, 0))
-  kvb_spec = pl.BlockSpec((None, g.bk, None, g.dp), lambda j, b, h: (b, j, h, 0))
-  call_spec = pl.BlockSpec((None, g.Hq, g.sc), lambda j, b, h: (b, 0, 0))
-  rows_spec = pl.BlockSpec((None, g.Hq, g.tp), lambda j, b, h: (b, 0, 0))
-  rk_spec = pl.BlockSpec((None, g.Hq, g.nk), lambda j, b, h: (b, 0, 0))
-  in_specs = [rk_spec, rk_spec, qall_spec, kvb_spec, kvb_spec, call_spec, call_spec,
-              qall_spec, rows_spec, rows_spec, rows_spec]
-  args = [ranges.q_start, ranges.q_end, qp, kp, vp, chi, clo, dop, lsep, ddp, gp]
-  if has_seg:
-    in_specs.append(pl.BlockSpec((None, g.sc), lambda j, b, h: (b, 0)))
-    args.append(segp)
-  in_specs.append(rows_spec)
-  args.append(deltap)
-  dk, dv, dc = pl.pallas_call(
-      functools.partial(_dkv_kernel, group=group, **static),
-      grid=(g.nk, g.B, g.Hkv),
-      in_specs=in_specs,
-      out_specs=[kvb_spec, kvb_spec, pl.BlockSpec((None, g.Hq, g.bk), lambda j, b, h: (b, 0, j))],
-      out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype),
-                 jax.ShapeDtypeStruct((g.B, g.Hq, g.sk), jnp.float32)],
-      compiler_params=params,
-      interpret=interpret,
-      name="forgetting_attention_dkv",
-  )(*args)
-  # Minus the column sums at every key, plus the row sums at the query positions.
-  dc = dc[:, :, :g.S].at[:, :, g.off:].add(rp[:, :, :g.T]).transpose(0, 2, 1)  # [B, S, Hq]
-  return dq[:, :g.T, :, :g.D], dk[:, :g.S, :, :g.D], dv[:, :g.S, :, :g.D], dc
+
+def row_terms_chunk(rows: Rows, cols: Cols, do, lse, dd, delta, *, sm_scale: float,
+                    block_sizes: BlockSizes, interpret: bool = False):
+  """g_i = sum_{j != i} P_ij (dP_ij - dd_i) and r_i = sum_{j != i} P_ij over the keys of
+  ``cols``, each [B, Hq, T] float32, P from the global natural ``lse`` (converted to base 2
+  once); the contract of ``xla.row_terms_chunk``."""
+  tiling.check_chunks(rows, cols, "row_terms_chunk")
+  return tiling.row_terms_chunk(_passes(sm_scale, block_sizes, interpret), rows, cols, do, lse,
+                                dd, delta)
+
+
+def backward_chunk(rows: Rows, cols: Cols, do, lse, dd, g_b, delta, *, sm_scale: float,
+                   block_sizes: BlockSizes, interpret: bool = False):
+  """dq [B, T, Hq, D], dk, dv [B, S, Hkv, D] and dc_col [B, S, Hq] = -sum_{i != j} dS_ij, all
+  float32, from the pairs of ``rows`` x ``cols`` with dS_ij = P_ij ((dP_ij - dd_i) - g_b_i);
+  the contract of ``xla.backward_chunk`` (the exact row sweep, then the column sweep)."""
+  tiling.check_chunks(rows, cols, "backward_chunk")
+  return tiling.backward_chunk(_passes(sm_scale, block_sizes, interpret), rows, cols, do, lse,
+                               dd, g_b, delta)
