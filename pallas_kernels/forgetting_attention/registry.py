@@ -30,9 +30,9 @@ REGISTRY: dict[str, Impl] = {i.name: i for i in (
     Impl("reference", None, None, (), None, False),
     Impl("xla", "pallas_kernels.forgetting_attention.xla", None, (), BlockSizes(16, 16), True),
     Impl("pallas_gpu", "pallas_kernels.forgetting_attention.gpu", "gpu", ("cuda", "rocm"),
-         BlockSizes(16, 16), False),
+         BlockSizes(16, 16), True),
     Impl("pallas_tpu", "pallas_kernels.forgetting_attention.tpu", "tpu", ("tpu",),
-         BlockSizes(16, 128, 32, 128), False),
+         BlockSizes(16, 128, 32, 128), True),
 )}
 
 IMPLS = tuple(REGISTRY)  # every implementation

@@ -66,6 +66,33 @@ class SequenceParallelStats(NamedTuple):
     return AttentionStats(self.lse, self.kept_tiles, self.total_tiles).tile_summary()
 
 
+class _OnItsPlatform:
+  """A Pallas implementation's chunk kernels behind ``lax.platform_dependent``: they lower
+  for the platforms of the implementation's backend; lowering for any other raises the
+  ValueError the single-device op raises there (``api._on_platform``)."""
+
+  def __init__(self, impl: str):
+    self.impl = impl
+    self.module = registry.module(impl)
+
+  def _call(self, kernel: str, *args, **kwargs):
+    run = lambda *a: tuple(jax.tree.leaves(getattr(self.module, kernel)(*a, **kwargs)))
+    shapes = jax.eval_shape(run, *args)
+    unavailable = lambda *_: tuple(op_api._unavailable_p.bind(
+        impl=self.impl, shapes=tuple((s.shape, jnp.dtype(s.dtype)) for s in shapes)))
+    return lax.platform_dependent(*args, **{p: run for p in op_api._PLATFORMS[self.impl]},
+                                  default=unavailable)
+
+  def forward_chunk(self, *args, **kwargs):
+    return self._call("forward_chunk", *args, **kwargs)
+
+  def row_terms_chunk(self, *args, **kwargs):
+    return self._call("row_terms_chunk", *args, **kwargs)
+
+  def backward_chunk(self, *args, **kwargs):
+    return self._call("backward_chunk", *args, **kwargs)
+
+
 def strategy_layout(strategy: str, length: int, num_shards: int, stripe: int = 1) -> Layout:
   """The layout of ``strategy``'s arrays for a sequence of ``length`` over ``num_shards``
   devices; a ValueError naming the argument if the length cannot be split that way."""
@@ -131,9 +158,11 @@ def sequence_parallel_attention(
       batch is split over, or None for a replicated batch.
     strategy: "ring" | "zigzag" | "striped" | "ulysses" (see the module docstring).
     impl: the implementation computing each device's attention. The ring strategies run
-      an implementation's chunk kernels: "auto" and "xla" give the XLA ones on every
-      platform (the Pallas kernels have none yet: naming one raises a ValueError). Ulysses
-      runs the single-device op and takes every ``impl`` it takes.
+      an implementation's chunk kernels (``registry.chunk_impls``): "auto" and "xla" give
+      the XLA ones on every platform, "pallas_gpu" and "pallas_tpu" their Pallas kernels,
+      which lower for their own backend only (elsewhere a ValueError, at once when called
+      on arrays of another backend, at lowering under jit; ``interpret=True`` runs them on
+      the CPU). Ulysses runs the single-device op and takes every ``impl`` it takes.
     stripe: the stripe width of the "striped" strategy (tokens per stripe).
     ring_steps: with strategy "ring" and ``pruning``: visit only the device's own chunk and
       the ``ring_steps - 1`` chunks before it when ACP prunes every pair farther apart,
@@ -165,6 +194,11 @@ def sequence_parallel_attention(
                      f"sequence-parallel op attends over the whole sharded sequence")
   interpret = op_api._check_flag(interpret, "interpret")
   return_stats = op_api._check_flag(return_stats, "return_stats")
+  # As the single-device op: a Pallas impl called on arrays of another backend fails now.
+  traced = any(isinstance(x, jax.core.Tracer) for x in (q, k, v, log_fgate))
+  if impl in op_api._BACKENDS and not interpret and not traced:
+    if jax.default_backend() != op_api._BACKENDS[impl]:
+      raise ValueError(op_api._needs_backend(impl, f"this one is {jax.default_backend()!r}"))
   B, S, Hq, D = q.shape
   Hkv = k.shape[2]
   _check_mesh(mesh, axis_name, batch_axes, B)
@@ -189,7 +223,10 @@ def sequence_parallel_attention(
     bs = block_sizes or registry.default_block_sizes(name, D)
     batch_names = () if batch_axes is None else ((batch_axes,) if isinstance(batch_axes, str)
                                                  else tuple(batch_axes))
-    cfg = ring_lib.RingConfig(layout, axis_name, scale, bs, registry.module(name), interpret,
+    kernels = registry.module(name)
+    if name in op_api._PLATFORMS and not interpret:
+      kernels = _OnItsPlatform(name)
+    cfg = ring_lib.RingConfig(layout, axis_name, scale, bs, kernels, interpret,
                               ring_steps, (axis_name,) + batch_names)
   else:
     ulysses_lib.check_heads(Hq, Hkv, num_shards)

@@ -63,7 +63,7 @@ def _reference(x, prune_threshold=None):
 
 @functools.lru_cache(maxsize=None)
 def _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned, with_segments,
-              impl="auto", ring_steps=None, stripe=1):
+              impl="auto", ring_steps=None, stripe=1, tiles=TILES, interpret=False):
   """A jitted function of natural-order inputs: o, lse and the gradients of
   sum(o do) + sum(lse dlse) through ``strategy``, all in natural order, plus the tile counts."""
   mesh = _mesh(mesh_shape, mesh_names)
@@ -74,8 +74,8 @@ def _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned, with_segm
     o, stats = sequence_parallel_attention(
         *(permute(a, layout) for a in (q, k, v, lf)), mesh=mesh, strategy=strategy,
         batch_axes=batch_axes, segment_ids=None if seg is None else permute(seg, layout),
-        pruning=prune, impl=impl, block_sizes=TILES, return_stats=True, ring_steps=ring_steps,
-        stripe=stripe)
+        pruning=prune, impl=impl, block_sizes=tiles, return_stats=True, ring_steps=ring_steps,
+        stripe=stripe, interpret=interpret)
     return unpermute(o, layout), unpermute(stats.lse, layout, axis=2), stats
 
   def f(q, k, v, lf, seg, do, dlse):
@@ -92,14 +92,15 @@ def _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned, with_segm
 
 
 def _run(strategy, x, mesh_shape=(8,), mesh_names=("context",), batch_axes=None,
-         pruned=False, impl="auto", ring_steps=None, stripe=1, dtype=np.float32):
+         pruned=False, impl="auto", ring_steps=None, stripe=1, dtype=np.float32, tiles=TILES,
+         interpret=False):
   """``x`` through ``strategy`` with q, k, v and do in ``dtype`` (``x``'s own arrays are
   rounded to it in place, so that the float64 reference sees the same inputs)."""
   S = x["q"].shape[1]
   for n in ("q", "k", "v", "do"):
     x[n] = np.asarray(jnp.asarray(x[n], dtype).astype(jnp.float32))
   f = _compiled(strategy, mesh_shape, mesh_names, S, batch_axes, pruned,
-                x["segment_ids"] is not None, impl, ring_steps, stripe)
+                x["segment_ids"] is not None, impl, ring_steps, stripe, tiles, interpret)
   seg = None if x["segment_ids"] is None else jnp.asarray(x["segment_ids"])
   cast = lambda n: jnp.asarray(x[n], dtype)
   return f(cast("q"), cast("k"), cast("v"), jnp.asarray(x["log_fgate"]), seg, cast("do"),
@@ -227,6 +228,34 @@ def test_strong_gates_long_sequence():
   for strategy in ("zigzag", "striped"):
     got, _ = _run(strategy, x, mesh_shape=(4,))
     _assert_matches(got, _reference(x), strategy)
+
+
+@functools.lru_cache(maxsize=None)
+def _pallas_ring_case(gate):
+  """S = 512 over P = 4: 128-token chunks (one TPU kv tile; zigzag's two runs of 64 share
+  it), a document spanning all four devices and a zero gate; inputs and their reference."""
+  x = _inputs(1, 512, 2, 1, 32, gate, seed=11, segments=(120, 280, 112), zero_gate_at=200)
+  return x, _reference(x)
+
+
+# The Pallas chunk kernels in interpret mode: 16 x 16 tiles for pallas_gpu; for pallas_tpu
+# one 128 x 128 tile per chunk pair, which keeps the TPU interpreter's steps few
+# (test_chunks.py runs its smallest tiles on every kind of chunk pair).
+PALLAS_RING_TILES = {"pallas_gpu": BlockSizes(16, 16), "pallas_tpu": BlockSizes(128, 128)}
+
+
+@pytest.mark.parametrize("strategy,gate", [("zigzag", "medium"), ("striped", "strong")])
+@pytest.mark.parametrize("impl", list(PALLAS_RING_TILES))
+def test_pallas_chunk_kernels_in_the_ring(impl, strategy, gate):
+  """The ring on each Pallas implementation's chunk kernels at P = 4 equals the float64
+  reference: the partial results merge, dk, dv, dc ride home, positions and the global c
+  place every chunk; with strong gates (log f < -8) every gradient keeps float32 relative
+  precision through the exact-g dq."""
+  x, want = _pallas_ring_case(gate)
+  got, stats = _run(strategy, dict(x), mesh_shape=(4,), impl=impl,
+                    tiles=PALLAS_RING_TILES[impl], interpret=True)
+  _assert_matches(got, want, f"{impl} {strategy}")
+  assert stats.ring_steps == 4
 
 
 def test_data_and_context_mesh():
@@ -369,12 +398,23 @@ def test_memory_per_device_falls_with_the_devices():
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_lowers_for_gpu_and_tpu_from_the_cpu(platform):
-  """Forward and backward lower for both accelerators: the ring (XLA chunk kernels) and
-  Ulysses with the platform's Pallas kernels inside shard_map."""
+  """Forward and backward lower for both accelerators: the ring on the XLA chunk kernels and
+  on the platform's Pallas ones, and Ulysses with the platform's Pallas kernels inside
+  shard_map. A Pallas impl lowered for another platform names itself."""
   text = _lowered("ulysses", 4, platform=platform).as_text()
   kernel = {"cuda": r"__gpu\$xla\.gpu\.triton", "tpu": r"custom_call @tpu_custom_call"}
   assert len(re.findall(kernel[platform], text)) == 3, platform  # forward, dQ, dK/dV
   _lowered("zigzag", 4, platform=platform)
+  impl, other = {"cuda": ("pallas_gpu", "pallas_tpu"),
+                 "tpu": ("pallas_tpu", "pallas_gpu")}[platform]
+  text = _lowered("zigzag", 4, platform=platform, impl=impl).as_text()
+  # Forward, row terms, exact dq and dK/dV (each where the ring's loops trace a step).
+  assert len(re.findall(kernel[platform], text)) >= 4, impl
+  for name in ("fwd", "row_terms", "dq_exact", "dkv"):
+    assert f"forgetting_attention_{name}" in text, (impl, name)
+  backend = "GPU" if other == "pallas_gpu" else "TPU"
+  with pytest.raises(ValueError, match=f"impl='{other}' needs a {backend} backend"):
+    _lowered("zigzag", 4, platform=platform, impl=other)
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -390,7 +430,7 @@ def _args(S=64, Hq=4, Hkv=2):
     (dict(strategy="tree"), _args(), "strategy must be one of"),
     (dict(strategy="ulysses"), _args(Hq=6, Hkv=2), r"q heads \(6\) to be divisible"),
     (dict(strategy="ulysses"), _args(Hq=12, Hkv=3), r"k/v heads \(3\) to divide"),
-    (dict(strategy="ring", impl="pallas_gpu"), _args(), "impl='pallas_gpu' has no chunk kernels"),
+    (dict(strategy="ring", impl="reference"), _args(), "impl='reference' has no chunk kernels"),
     (dict(strategy="ring", axis_name="seq"), _args(), "axis_name 'seq' is not an axis"),
     (dict(strategy="ring", batch_axes="data"), _args(), "batch_axes 'data' is not an axis"),
     (dict(strategy="ring", segment_ids=jnp.zeros((1, 63), jnp.int32)), _args(),
@@ -421,5 +461,21 @@ def test_queries_must_cover_the_sequence():
 
 
 def test_registry_lists_chunk_impls():
-  assert "xla" in registry.chunk_impls()
+  assert set(registry.chunk_impls()) == {"xla", "pallas_gpu", "pallas_tpu"}
   assert set(registry.chunk_impls()) <= set(registry.BLOCKWISE)
+  for name in registry.chunk_impls():
+    assert hasattr(registry.module(name), "backward_chunk"), name
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the refusal on a CPU")
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_pallas_ring_refuses_another_backend(impl):
+  """Called on CPU arrays without interpret=True, a Pallas impl's ring refuses at once, as
+  the single-device op does; under jit the lowering refuses (test_lowers_...)."""
+  backend = "GPU" if impl == "pallas_gpu" else "TPU"
+  with pytest.raises(ValueError, match=f"impl='{impl}' needs a {backend} backend"):
+    sequence_parallel_attention(*_args(), mesh=_mesh((4,), ("context",)), strategy="zigzag",
+                                impl=impl)
+  with pytest.raises(ValueError, match=f"impl='{impl}' needs a {backend} backend"):
+    jax.jit(functools.partial(sequence_parallel_attention, mesh=_mesh((4,), ("context",)),
+                              strategy="zigzag", impl=impl))(*_args())
