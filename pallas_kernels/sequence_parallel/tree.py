@@ -35,8 +35,13 @@ def tree_attention(rows: Rows, cols: Cols, delta: Optional[jax.Array], *, axis_n
   if impl not in registry.chunk_impls():
     raise ValueError(f"impl={impl!r} has no chunk kernels; use one of {registry.chunk_impls()}")
   bs = block_sizes or registry.default_block_sizes(impl, rows.q.shape[-1])
-  o, lse, _ = registry.module(impl).forward_chunk(rows, cols, delta, sm_scale=sm_scale,
-                                                  block_sizes=bs, interpret=interpret)
+  kernels = registry.module(impl)
+  if registry.REGISTRY[impl].backend is not None and not interpret:
+    # Lowers for the implementation's own platforms only; elsewhere the op's ValueError.
+    from pallas_kernels.sequence_parallel.api import _OnItsPlatform
+    kernels = _OnItsPlatform(impl)
+  o, lse, _ = kernels.forward_chunk(rows, cols, delta, sm_scale=sm_scale, block_sizes=bs,
+                                    interpret=interpret)
   m = lax.pmax(lse, axis_name)  # [B, Hq, T]
   m_safe = jnp.where(m == -jnp.inf, 0.0, m)  # no key anywhere: weights 0, o 0, lse -inf
   w = jnp.exp(lse - m_safe)
