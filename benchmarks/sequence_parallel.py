@@ -221,7 +221,7 @@ def time_table(args):
   mesh = _mesh(P)
   print(f"\n## Forward + backward on {P} {jax.devices()[0].platform} devices: time (s) and "
         f"per-device temporary memory (MiB) (H = {H}, Hkv = {Hkv}, D = {D}, bf16, "
-        f"zero-gate and spread gates, no ACP)\n")
+        f"spread gates, no ACP)\n")
   print("| S | one device | " + " | ".join(STRATEGIES) + " | compile |")
   print("|---|---|" + "---|" * len(STRATEGIES) + "---|")
   for S in args.lengths:
