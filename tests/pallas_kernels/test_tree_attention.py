@@ -58,8 +58,7 @@ def _tree(q, k, v, lf, filled, layout_name, prune):
   return fn(*(permute(jnp.asarray(x), layout) for x in (k, v, c_hi, c_lo)), pos)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "striped"])
-@pytest.mark.parametrize("pruned", [False, True])
+@pytest.mark.parametrize("layout,pruned", [("contiguous", True), ("striped", False)])
 def test_equals_single_device(layout, pruned):
   filled, T = 150, 3  # devices holding slots >= 160 (contiguous) see no key
   q, k, v, lf = _case(filled, T, "strong" if pruned else "medium", seed=1)
