@@ -247,13 +247,7 @@ def forgetting_attention(
   _scale(sm_scale, q.shape[-1])
   interpret = _check_flag(interpret, "interpret")
   return_stats = _check_flag(return_stats, "return_stats")
-  # Called on arrays, the op runs here and now: a Pallas impl for another backend fails
-  # early. Under a trace (jit) the platform is only known when the program is lowered,
-  # possibly for another machine (ahead-of-time), and the lowering decides (``_on_platform``).
-  traced = any(isinstance(x, jax.core.Tracer) for x in (q, k, v, log_fgate))
-  if impl in _BACKENDS and not interpret and not traced:
-    if jax.default_backend() != _BACKENDS[impl]:
-      raise ValueError(_needs_backend(impl, f"this one is {jax.default_backend()!r}"))
+  _check_eager_backend(impl, interpret, (q, k, v, log_fgate))
   return _forgetting_attention(q, k, v, log_fgate, segment_ids=segment_ids, sm_scale=sm_scale,
                                pruning=pruning, impl=impl, block_sizes=block_sizes,
                                interpret=interpret, return_stats=return_stats)
@@ -281,6 +275,16 @@ def _dispatch(q, k, v, log_fgate, segment_ids, delta, *, scale, impl, block_size
   cfg = _Config(impl, scale, block_sizes, bool(interpret))
   o, lse, kept, total = _blockwise(q, k, v, log_fgate, segment_ids, delta, cfg)
   return (o, AttentionStats(lse, kept, total)) if return_stats else o
+
+
+def _check_eager_backend(impl: str, interpret: bool, arrays) -> None:
+  """Called on arrays, the op runs here and now: a Pallas impl for another backend fails
+  early. Under a trace (jit) the platform is only known when the program is lowered,
+  possibly for another machine (ahead-of-time), and the lowering decides (``_on_platform``)."""
+  traced = any(isinstance(x, jax.core.Tracer) for x in arrays)
+  if impl in _BACKENDS and not interpret and not traced:
+    if jax.default_backend() != _BACKENDS[impl]:
+      raise ValueError(_needs_backend(impl, f"this one is {jax.default_backend()!r}"))
 
 
 def _needs_backend(impl: str, where: str) -> str:

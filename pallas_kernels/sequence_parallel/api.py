@@ -195,10 +195,7 @@ def sequence_parallel_attention(
   interpret = op_api._check_flag(interpret, "interpret")
   return_stats = op_api._check_flag(return_stats, "return_stats")
   # As the single-device op: a Pallas impl called on arrays of another backend fails now.
-  traced = any(isinstance(x, jax.core.Tracer) for x in (q, k, v, log_fgate))
-  if impl in op_api._BACKENDS and not interpret and not traced:
-    if jax.default_backend() != op_api._BACKENDS[impl]:
-      raise ValueError(op_api._needs_backend(impl, f"this one is {jax.default_backend()!r}"))
+  op_api._check_eager_backend(impl, interpret, (q, k, v, log_fgate))
   B, S, Hq, D = q.shape
   Hkv = k.shape[2]
   _check_mesh(mesh, axis_name, batch_axes, B)
