@@ -93,6 +93,16 @@ class _OnItsPlatform:
     return self._call("backward_chunk", *args, **kwargs)
 
 
+def _auto_chunk_impl() -> str:
+  """The ring's "auto": the chunk kernels of the default backend's Pallas implementation,
+  else xla."""
+  backend = jax.default_backend()
+  for name in registry.chunk_impls():
+    if registry.REGISTRY[name].backend == backend:
+      return name
+  return "xla"
+
+
 def strategy_layout(strategy: str, length: int, num_shards: int, stripe: int = 1) -> Layout:
   """The layout of ``strategy``'s arrays for a sequence of ``length`` over ``num_shards``
   devices; a ValueError naming the argument if the length cannot be split that way."""
@@ -158,11 +168,14 @@ def sequence_parallel_attention(
       batch is split over, or None for a replicated batch.
     strategy: "ring" | "zigzag" | "striped" | "ulysses" (see the module docstring).
     impl: the implementation computing each device's attention. The ring strategies run
-      an implementation's chunk kernels (``registry.chunk_impls``): "auto" and "xla" give
-      the XLA ones on every platform, "pallas_gpu" and "pallas_tpu" their Pallas kernels,
-      which lower for their own backend only (elsewhere a ValueError, at once when called
-      on arrays of another backend, at lowering under jit; ``interpret=True`` runs them on
-      the CPU). Ulysses runs the single-device op and takes every ``impl`` it takes.
+      an implementation's chunk kernels (``registry.chunk_impls``): "xla" gives the XLA ones
+      on every platform, "pallas_gpu" and "pallas_tpu" their Pallas kernels, which lower
+      for their own backend only (elsewhere a ValueError, at once when called on arrays of
+      another backend, at lowering under jit; ``interpret=True`` runs them on the CPU).
+      "auto" is the Pallas implementation of the default backend (``jax.default_backend()``:
+      pallas_gpu on a GPU, pallas_tpu on a TPU), else xla; to lower for another platform
+      ahead of time, name the implementation. Ulysses runs the single-device op and takes
+      every ``impl`` it takes (its "auto" decides at lowering).
     stripe: the stripe width of the "striped" strategy (tokens per stripe).
     ring_steps: with strategy "ring" and ``pruning``: visit only the device's own chunk and
       the ``ring_steps - 1`` chunks before it when ACP prunes every pair farther apart,
@@ -216,7 +229,7 @@ def sequence_parallel_attention(
                        f"{axis_name!r}), got {ring_steps!r}")
     ring_steps = int(ring_steps)
   if ring:
-    name = "xla" if impl == "auto" else impl
+    name = _auto_chunk_impl() if impl == "auto" else impl
     bs = block_sizes or registry.default_block_sizes(name, D)
     batch_names = () if batch_axes is None else ((batch_axes,) if isinstance(batch_axes, str)
                                                  else tuple(batch_axes))

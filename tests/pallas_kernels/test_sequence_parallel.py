@@ -455,6 +455,16 @@ def test_bad_ring_steps(kwargs, match):
     sequence_parallel_attention(*_args(), mesh=_mesh((4,), ("context",)), **kwargs)
 
 
+@pytest.mark.parametrize("backend,impl", [("gpu", "pallas_gpu"), ("tpu", "pallas_tpu"),
+                                          ("cpu", "xla")])
+def test_auto_ring_picks_the_default_backends_kernels(monkeypatch, backend, impl):
+  """impl='auto' in a ring strategy is the default backend's Pallas implementation with
+  chunk kernels (xla on a CPU), read from the registry."""
+  from pallas_kernels.sequence_parallel import api as sp_api
+  monkeypatch.setattr(sp_api.jax, "default_backend", lambda: backend)
+  assert sp_api._auto_chunk_impl() == impl
+
+
 def test_queries_must_cover_the_sequence():
   q, k, v, lf = _args()
   with pytest.raises(ValueError, match="q length 32 must equal k length 64"):
