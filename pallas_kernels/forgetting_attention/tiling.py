@@ -244,20 +244,35 @@ def single_device_backward(passes: Passes, q, k, v, c_hi, c_lo, segment_ids, del
   return dq, dk, dv, dc.at[:, S - T:].add(row_sums)
 
 
-def row_terms_chunk(passes: Passes, rows, cols, do, lse, dd, delta):
-  """(g, r) [B, Hq, T] f32 over the keys of ``cols``, from the natural global lse."""
-  return passes.row_sweep(ROW_TERMS, rows, cols, delta, do, passes.to_res(lse), dd, None, None,
-                          None)
+def backward_chunk_kernels(passes_of):
+  """A Pallas module's ``row_terms_chunk`` and ``backward_chunk`` (the contract of
+  ``xla.row_terms_chunk`` / ``xla.backward_chunk``) from its ``passes_of(sm_scale,
+  block_sizes, interpret) -> Passes``; both take the natural global lse and convert it to
+  the backend's units once."""
 
+  def row_terms_chunk(rows: Rows, cols: Cols, do, lse, dd, delta, *, sm_scale: float,
+                      block_sizes: BlockSizes, interpret: bool = False):
+    """g_i = sum_{j != i} P_ij (dP_ij - dd_i) and r_i = sum_{j != i} P_ij over the keys of
+    ``cols``, each [B, Hq, T] float32, P from the global natural ``lse``."""
+    check_chunks(rows, cols, "row_terms_chunk")
+    passes = passes_of(sm_scale, block_sizes, interpret)
+    return passes.row_sweep(ROW_TERMS, rows, cols, delta, do, passes.to_res(lse), dd, None,
+                            None, None)
 
-def backward_chunk(passes: Passes, rows, cols, do, lse, dd, g_b, delta):
-  """dq [B, T, Hq, D], dk, dv [B, S, Hkv, D] and dc_col [B, S, Hq], all float32, from the
-  natural global lse (converted to the backend's units once, for both sweeps)."""
-  lse_res = passes.to_res(lse)
-  g_b = g_b.astype(jnp.float32)
-  dq = passes.row_sweep(EXACT, rows, cols, delta, do, lse_res, dd, g_b, None, None)
-  dk, dv, dc = passes.column_sweep(rows, cols, delta, do, lse_res, dd, g_b, jnp.float32)
-  return dq, dk, dv, dc
+  def backward_chunk(rows: Rows, cols: Cols, do, lse, dd, g_b, delta, *, sm_scale: float,
+                     block_sizes: BlockSizes, interpret: bool = False):
+    """dq [B, T, Hq, D], dk, dv [B, S, Hkv, D] and dc_col [B, S, Hq] = -sum_{i != j} dS_ij,
+    all float32, with dS_ij = P_ij ((dP_ij - dd_i) - g_b_i): the exact row sweep, then the
+    column sweep."""
+    check_chunks(rows, cols, "backward_chunk")
+    passes = passes_of(sm_scale, block_sizes, interpret)
+    lse_res = passes.to_res(lse)
+    g_b = g_b.astype(jnp.float32)
+    dq = passes.row_sweep(EXACT, rows, cols, delta, do, lse_res, dd, g_b, None, None)
+    dk, dv, dc = passes.column_sweep(rows, cols, delta, do, lse_res, dd, g_b, jnp.float32)
+    return dq, dk, dv, dc
+
+  return row_terms_chunk, backward_chunk
 
 
 def check_chunks(rows: Rows, cols: Cols, what: str):

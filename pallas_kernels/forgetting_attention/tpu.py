@@ -497,21 +497,4 @@ def forward_chunk(rows: Rows, cols: Cols, delta, *, sm_scale: float, block_sizes
                   interpret=interpret)
 
 
-def row_terms_chunk(rows: Rows, cols: Cols, do, lse, dd, delta, *, sm_scale: float,
-                    block_sizes: BlockSizes, interpret: bool = False):
-  """g_i = sum_{j != i} P_ij (dP_ij - dd_i) and r_i = sum_{j != i} P_ij over the keys of
-  ``cols``, each [B, Hq, T] float32, P from the global ``lse``; the contract of
-  ``xla.row_terms_chunk``."""
-  tiling.check_chunks(rows, cols, "row_terms_chunk")
-  return tiling.row_terms_chunk(_passes(sm_scale, block_sizes, interpret), rows, cols, do, lse,
-                                dd, delta)
-
-
-def backward_chunk(rows: Rows, cols: Cols, do, lse, dd, g_b, delta, *, sm_scale: float,
-                   block_sizes: BlockSizes, interpret: bool = False):
-  """dq [B, T, Hq, D], dk, dv [B, S, Hkv, D] and dc_col [B, S, Hq] = -sum_{i != j} dS_ij, all
-  float32, from the pairs of ``rows`` x ``cols`` with dS_ij = P_ij ((dP_ij - dd_i) - g_b_i);
-  the contract of ``xla.backward_chunk`` (the exact row sweep, then the column sweep)."""
-  tiling.check_chunks(rows, cols, "backward_chunk")
-  return tiling.backward_chunk(_passes(sm_scale, block_sizes, interpret), rows, cols, do, lse,
-                               dd, g_b, delta)
+row_terms_chunk, backward_chunk = tiling.backward_chunk_kernels(_passes)

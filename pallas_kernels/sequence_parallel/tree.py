@@ -24,6 +24,7 @@ from jax import lax
 
 from pallas_kernels.forgetting_attention import registry
 from pallas_kernels.forgetting_attention.common import BlockSizes, Cols, Rows
+from pallas_kernels.sequence_parallel.api import _OnItsPlatform
 
 
 def tree_attention(rows: Rows, cols: Cols, delta: Optional[jax.Array], *, axis_name,
@@ -38,7 +39,6 @@ def tree_attention(rows: Rows, cols: Cols, delta: Optional[jax.Array], *, axis_n
   kernels = registry.module(impl)
   if registry.REGISTRY[impl].backend is not None and not interpret:
     # Lowers for the implementation's own platforms only; elsewhere the op's ValueError.
-    from pallas_kernels.sequence_parallel.api import _OnItsPlatform
     kernels = _OnItsPlatform(impl)
   o, lse, _ = kernels.forward_chunk(rows, cols, delta, sm_scale=sm_scale, block_sizes=bs,
                                     interpret=interpret)
