@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fox_jax import context as context_lib
 from fox_jax.config import ModelConfig
 from fox_jax.layers import Constant, Projection, RMSNorm, ShiftLinear, apply_rope, constrain
 from pallas_kernels.forgetting_attention.api import forgetting_attention
@@ -125,22 +126,26 @@ class ForgettingAttention(nnx.Module):
       return jnp.zeros((B, T, cfg.num_heads), jnp.float32)
     return jax.nn.log_sigmoid(logits)
 
-  def _project(self, proj, x, segment_ids, state):
+  def _project(self, proj, x, segment_ids, state, context):
     if isinstance(proj, ShiftLinear):
-      return proj(x, segment_ids=segment_ids, state=state)
+      previous = None if context is None else context.previous
+      return proj(x, segment_ids=segment_ids, state=state, previous=previous)
     return proj(x, "btd,dhk->bthk"), None
 
   def qkv(self, x: jax.Array, *, positions: jax.Array, segment_ids: Optional[jax.Array] = None,
-          shift_state: Optional[tuple] = None):
+          shift_state: Optional[tuple] = None,
+          context: Optional[context_lib.ContextParallel] = None):
     """Projections of a normalised input x [B, T, d].
 
     Returns q [B, T, Hq, D], k, v [B, T, Hkv, D] (compute dtype), log f [B, T, Hq] float32
     and the KV-shift state to carry (last unshifted k, v, each [B, Hkv, D] or None).
+    With ``context`` the tokens are in its layout's order, and the KV-shift takes each
+    token's predecessor from the device holding it.
     """
     k_state, v_state = shift_state if shift_state is not None else (None, None)
     q = self.q_proj(x, "btd,dhk->bthk")
-    k, k_last = self._project(self.k_proj, x, segment_ids, k_state)
-    v, v_last = self._project(self.v_proj, x, segment_ids, v_state)
+    k, k_last = self._project(self.k_proj, x, segment_ids, k_state, context)
+    v, v_last = self._project(self.v_proj, x, segment_ids, v_state, context)
     if self.q_norm is not None:
       q = self.q_norm(q)
       k = self.k_norm(k)
@@ -162,14 +167,17 @@ class ForgettingAttention(nnx.Module):
       o = (o.astype(jnp.float32) * act).astype(o.dtype)
     return self.o_proj(o, "bthk,hkd->btd")
 
-  def attend(self, q, k, v, log_fgate, segment_ids=None) -> jax.Array:
-    """The parallel op; with pruning, sows (kept, total) forward tiles as 'attention_tiles'."""
+  def attend(self, q, k, v, log_fgate, segment_ids=None,
+             context: Optional[context_lib.ContextParallel] = None) -> jax.Array:
+    """The parallel op (with ``context``, its sequence-parallel form over the 'context'
+    axis); with pruning, sows (kept, total) forward tiles as 'attention_tiles'."""
     cfg = self.cfg
     kw = dict(segment_ids=segment_ids, pruning=cfg.pruning, impl=cfg.attn_impl,
               block_sizes=cfg.block_sizes)
+    op = forgetting_attention if context is None else context.attention
     if cfg.pruning is None:
-      return forgetting_attention(q, k, v, log_fgate, **kw)
-    o, stats = forgetting_attention(q, k, v, log_fgate, return_stats=True, **kw)
+      return op(q, k, v, log_fgate, **kw)
+    o, stats = op(q, k, v, log_fgate, return_stats=True, **kw)
     if stats.kept_tiles is not None:
       kept = jnp.sum(stats.kept_tiles).astype(jnp.int32)
       total = jnp.sum(stats.total_tiles).astype(jnp.int32)
@@ -178,17 +186,31 @@ class ForgettingAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, *, segment_ids: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None) -> jax.Array:
-    """x [B, T, d] -> [B, T, d]."""
+    """x [B, T, d] -> [B, T, d].
+
+    Under a mesh with a 'context' axis of size > 1 the tokens are in the layout order of
+    ``cfg.context_strategy`` (``fox_jax.context``), and so is the output.
+    """
+    B, T = x.shape[:2]
+    context = context_lib.active(self.cfg, B, T)
     if positions is None:
-      positions = default_positions(x.shape[0], x.shape[1], segment_ids)
-    q, k, v, log_fgate, _ = self.qkv(x, positions=positions, segment_ids=segment_ids)
-    o = self.attend(q, k, v, log_fgate, segment_ids)  # [B, T, Hq, D]
+      positions = default_positions(B, T, segment_ids, context)
+    q, k, v, log_fgate, _ = self.qkv(x, positions=positions, segment_ids=segment_ids,
+                                     context=context)
+    o = self.attend(q, k, v, log_fgate, segment_ids, context)  # [B, T, Hq, D]
     o = constrain(o, Q_AXES)
     return self.output(o, x)
 
 
-def default_positions(B: int, T: int, segment_ids: Optional[jax.Array]) -> jax.Array:
-  """RoPE positions [B, T]: the index within each packed document, or 0..T-1 without segments."""
+def default_positions(B: int, T: int, segment_ids: Optional[jax.Array],
+                      context: Optional[context_lib.ContextParallel] = None) -> jax.Array:
+  """RoPE positions [B, T]: the index within each packed document, or 0..T-1 without segments.
+
+  With ``context``, ``segment_ids`` and the result are in its layout's order.
+  """
+  if context is not None:
+    natural = None if segment_ids is None else context.unpermute(segment_ids)
+    return context.permute(default_positions(B, T, natural))
   if segment_ids is not None:
     return segment_positions(segment_ids)
   return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))

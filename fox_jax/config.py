@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from pallas_kernels.forgetting_attention.api import IMPLS
 from pallas_kernels.forgetting_attention.common import BlockSizes
 from pallas_kernels.forgetting_attention.pruning import Pruning
+from pallas_kernels.sequence_parallel.api import STRATEGIES
 
 FORGET_GATES = ("full", "bias_only", "fixed", "none")
 ATTN_IMPLS = ("auto",) + IMPLS  # every implementation of the op, one list
@@ -80,6 +81,11 @@ class ModelConfig:
       "pallas_gpu".
     block_sizes: tile sizes for the blockwise implementations (None: their default).
     pruning: ACP settings (a ``pallas_kernels.Pruning`` or a dict of its fields), or None.
+    context_strategy: how attention runs when the mesh in scope splits the sequence over a
+      'context' axis (``fox_jax.context``): "zigzag" | "striped" | "ring" | "ulysses".
+      Without such an axis it changes nothing.
+    context_stripe: tokens per stripe of the "striped" strategy (1: token i on device
+      i mod P; wider stripes cut the key/value shift's halo to one token per stripe).
     dtype: compute dtype of activations and matmuls.
     param_dtype: storage dtype of the parameters.
     remat: rematerialise each block in the backward pass (activation checkpointing).
@@ -114,6 +120,8 @@ class ModelConfig:
   attn_impl: str = "auto"
   block_sizes: Optional[BlockSizes] = None
   pruning: Optional[Pruning] = None
+  context_strategy: str = "zigzag"
+  context_stripe: int = 1
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
   remat: bool = False
@@ -159,6 +167,11 @@ class ModelConfig:
     _check_choice(self, "forget_gate", FORGET_GATES)
     _check_choice(self, "attn_impl", ATTN_IMPLS)
     _check_choice(self, "dtype", DTYPES)
+    _check_choice(self, "context_strategy", tuple(STRATEGIES))
+    _check_positive_int(self, "context_stripe")
+    if self.context_stripe != 1 and self.context_strategy != "striped":
+      raise ValueError(f"context_stripe applies to context_strategy 'striped' only, got "
+                       f"context_stripe={self.context_stripe} with {self.context_strategy!r}")
     _check_choice(self, "param_dtype", DTYPES)
     _check_choice(self, "mlp_act", ("silu", "sigmoid"))
     _check_choice(self, "output_gate_act", ACTIVATIONS)

@@ -16,7 +16,7 @@ norms, gates and softmax statistics run in float32.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -160,18 +160,34 @@ class ShiftLinear(nnx.Module):
                                    ("embed", head_axis), param_dtype)
 
   def __call__(self, x: jax.Array, *, segment_ids: Optional[jax.Array] = None,
-               state: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
-    """x [B, T, d] -> (y [B, T, H, D], last unshifted y~ [B, H, D] for the next chunk)."""
+               state: Optional[jax.Array] = None,
+               previous: Optional[Callable[[jax.Array], jax.Array]] = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, d] -> (y [B, T, H, D], last unshifted y~ [B, H, D] for the next chunk).
+
+    ``previous`` maps an array [B, T, ...] to each token's predecessor (zero at the first
+    token): by default the array shifted by one along T; a sequence laid out over devices
+    in another order passes its own (``fox_jax.context``), and then ``state`` must be None
+    and the returned last y~ is that of the last token in the model's order.
+    """
     cur = jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
                      preferred_element_type=jnp.float32).astype(self.dtype)  # [B, T, H, D]
     alpha = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x.astype(self.dtype),
                                       self.shift_kernel[...].astype(self.dtype),
                                       preferred_element_type=jnp.float32))  # [B, T, H]
-    first = jnp.zeros_like(cur[:, :1]) if state is None else state[:, None].astype(cur.dtype)
-    prev = jnp.concatenate([first, cur[:, :-1]], axis=1)  # [B, T, H, D]
+    if previous is None:
+      first = jnp.zeros_like(cur[:, :1]) if state is None else state[:, None].astype(cur.dtype)
+      prev = jnp.concatenate([first, cur[:, :-1]], axis=1)  # [B, T, H, D]
+      if segment_ids is not None:
+        starts = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], dtype=bool),
+                                  segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)  # [B, T]
+    else:
+      if state is not None:
+        raise ValueError("ShiftLinear: state and previous cannot be given together")
+      prev = previous(cur)
+      if segment_ids is not None:
+        starts = segment_ids != previous(segment_ids)  # position 0: prev is zero anyway
     if segment_ids is not None:
-      starts = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], dtype=bool),
-                                segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)  # [B, T]
       prev = jnp.where(starts[:, :, None, None], jnp.zeros_like(prev), prev)
     a = alpha[..., None]
     y = a * prev.astype(jnp.float32) + (1.0 - a) * cur.astype(jnp.float32)

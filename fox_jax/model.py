@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fox_jax import context as context_lib
 from fox_jax.attention import ForgettingAttention, default_positions
 from fox_jax.config import ModelConfig
 from fox_jax.layers import Embed, Projection, RMSNorm, SwiGLU, constrain
@@ -112,10 +113,15 @@ class DecoderLM(nnx.Module):
 
     segment_ids [B, T]: packed documents; no attention (and no KV-shift) across them.
     positions [B, T]: RoPE positions; default: index within each segment.
+
+    Under a mesh whose 'context' axis has size P > 1 (context parallelism, see
+    ``fox_jax.context``) every [B, T] array, inputs and logits, is in the layout order of
+    ``cfg.context_strategy``: permute natural-order inputs with
+    ``context.active(cfg, B, T).permute`` (the training step does it where the batch enters).
     """
     B, T = input_ids.shape
     if positions is None:
-      positions = default_positions(B, T, segment_ids)
+      positions = default_positions(B, T, segment_ids, context_lib.active(self.cfg, B, T))
     x = constrain(self.embed(input_ids), EMBED_AXES)  # [B, T, d]
     forward = nnx.remat(_block_forward) if self.cfg.remat else _block_forward
     for block in self.layers:

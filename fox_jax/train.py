@@ -40,6 +40,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from fox_jax import checkpoint as ckpt_lib
+from fox_jax import context as context_lib
 from fox_jax import metrics as metrics_lib
 from fox_jax import optim
 from fox_jax import run_config
@@ -158,6 +159,10 @@ def _build(c: ml_collections.ConfigDict, devices) -> Setup:
     mesh = sharding.make_mesh(c.mesh.to_dict(), devices)
   except ValueError as e:
     raise UsageError(f"config.mesh: {e}") from None
+  try:
+    context_lib.check(mcfg, mesh.shape["context"], c.data.seq_len)
+  except ValueError as e:
+    raise UsageError(f"config.mesh.context={mesh.shape['context']}: {e}") from None
   with sharding.activation_rules(mesh):
     abstract_model = nnx.eval_shape(lambda: DecoderLM(mcfg, rngs=nnx.Rngs(0)))
     # Non-trainable state (e.g. a 'fixed' forget gate's constants) is needed as values;
@@ -203,8 +208,15 @@ def init_state(setup: Setup, seed: int) -> dict:
 
 
 def loss_sums(setup: Setup, params, batch: Batch):
-  """(sum of token losses, number of tokens, kept tiles, total tiles) of a batch [B, T]."""
+  """(sum of token losses, number of tokens, kept tiles, total tiles) of a batch [B, T].
+
+  Under context parallelism the batch is permuted into the layout's order here, where it
+  enters the model; the sums do not depend on the order.
+  """
   model = setup.model(params)
+  context = context_lib.active(setup.model_cfg, *batch.inputs.shape)
+  if context is not None:
+    batch = context.permute_batch(batch)
   logits, intermediates = nnx.capture(model, nnx.Intermediate)(
       batch.inputs, segment_ids=batch.segment_ids, positions=batch.positions)
   mask = (batch.segment_ids > 0).astype(jnp.float32)                       # [B, T]
@@ -279,10 +291,14 @@ def make_eval_fn(setup: Setup) -> Callable:
   """params, batch [B, T] -> per-token losses [B, T] (0 on padding), jitted."""
   def fn(params, batch: Batch):
     model = setup.model(params)
+    context = context_lib.active(setup.model_cfg, *batch.inputs.shape)
+    if context is not None:
+      batch = context.permute_batch(batch)
     # Captured (and dropped) so a pruning model's tile counts have somewhere to go.
     logits, _ = nnx.capture(model, nnx.Intermediate)(
         batch.inputs, segment_ids=batch.segment_ids, positions=batch.positions)
-    return token_losses(logits, batch.targets) * (batch.segment_ids > 0)
+    losses = token_losses(logits, batch.targets) * (batch.segment_ids > 0)
+    return losses if context is None else context.unpermute(losses)
   # Replicated output: every process can read all of it, also when the mesh spans hosts.
   jitted = jax.jit(fn, out_shardings=sharding.replicated(setup.mesh))
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from pallas_kernels.forgetting_attention import api as op_api
 from pallas_kernels.forgetting_attention import common, registry
@@ -122,8 +122,9 @@ def _axes_size(mesh: Mesh, axes) -> int:
 
 
 def _check_mesh(mesh, axis_name, batch_axes, B):
-  if not isinstance(mesh, Mesh):
-    raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+  if not isinstance(mesh, (Mesh, AbstractMesh)):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh (or the AbstractMesh of a jit's "
+                     f"context), got {type(mesh).__name__}")
   names = () if batch_axes is None else ((batch_axes,) if isinstance(batch_axes, str)
                                          else tuple(batch_axes))
   for name, what in [(axis_name, "axis_name")] + [(a, "batch_axes") for a in names]:
@@ -142,7 +143,7 @@ def sequence_parallel_attention(
     v: jax.Array,
     log_fgate: jax.Array,
     *,
-    mesh: Mesh,
+    mesh: Union[Mesh, AbstractMesh],
     strategy: str = "zigzag",
     axis_name: str = "context",
     batch_axes=None,
@@ -163,7 +164,8 @@ def sequence_parallel_attention(
       segment_ids: [B, S] integers or None: as for ``forgetting_attention`` with T = S
       (self-attention over the whole sequence), every array in ``strategy``'s layout order
       (:func:`strategy_layout`, ``layouts.permute``).
-    mesh: the device mesh; ``axis_name`` is the axis the sequence is split over (S must
+    mesh: the device mesh (or, inside ``jit`` under ``jax.set_mesh``, its
+      ``jax.sharding.get_abstract_mesh()``); ``axis_name`` is the axis the sequence is split over (S must
       split into its layout there), ``batch_axes`` the mesh axes (a name or a tuple) the
       batch is split over, or None for a replicated batch.
     strategy: "ring" | "zigzag" | "striped" | "ulysses" (see the module docstring).

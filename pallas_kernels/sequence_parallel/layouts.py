@@ -20,7 +20,9 @@ global cumulative gate, see ``common.Rows``):
 
 A model permutes its inputs once (tokens, targets, segment ids, positions, loss weights)
 with :func:`permute` and its per-token outputs back with :func:`unpermute`; everything
-between is per token except attention, whose sequence-parallel op takes the layout.
+between is per token except attention, whose sequence-parallel op takes the layout, and a
+token shift (FoX Pro's key/value shift), which takes each token's predecessor in natural
+order from wherever it lives (:func:`previous_tokens`, a halo of one token per run).
 Adding a layout costs one function that returns its order and one line in ``_ORDERS``.
 """
 
@@ -32,6 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 def _contiguous(S: int, P: int, stripe: int) -> np.ndarray:
@@ -118,6 +121,70 @@ class Layout:
   def shard_positions(self) -> np.ndarray:
     """[P, S / P] the natural positions each device holds, increasing along each row."""
     return self.order.reshape(self.num_shards, self.shard_length)
+
+  @functools.cached_property
+  def predecessors(self) -> "_Halo":
+    """Where the token before each device's runs lives (see :func:`previous_tokens`)."""
+    P, L, R = self.num_shards, self.shard_length, self.run_length
+    n = L // R
+    dev = np.zeros((P, n), np.int64)
+    run = np.zeros((P, n), np.int32)
+    has = np.zeros((P, n), bool)
+    for d in range(P):
+      for j in range(n):
+        first = int(self.order[d * L + j * R])  # natural position opening this run
+        if first == 0:
+          continue
+        where = int(self.inverse[first - 1])    # laid-out index of its predecessor
+        dev[d, j] = (d - where // L) % P        # it is on the device `offset` steps back
+        run[d, j] = (where % L) // R            # as the last token of that device's run
+        has[d, j] = True
+    offsets = tuple(sorted({int(o) for o in dev[has]})) or (0,)
+    which = np.searchsorted(np.asarray(offsets), dev).astype(np.int32)
+    return _Halo(offsets, np.where(has, which, 0).astype(np.int32), run, has)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Halo:
+  """For device d's j-th run: its predecessor is the last token of run ``run[d, j]`` on the
+  device ``offsets[which[d, j]]`` steps back round the axis; ``has[d, j]`` is False for the
+  run that opens the sequence."""
+  offsets: tuple[int, ...]
+  which: np.ndarray
+  run: np.ndarray
+  has: np.ndarray
+
+
+def previous_tokens(x: jax.Array, layout: Layout, axis_name, axis: int = 1) -> jax.Array:
+  """Each token's predecessor in natural order, zero for position 0; call inside
+  ``shard_map`` with ``x`` this device's part [..., S / P, ...] (``axis``) of a sequence in
+  ``layout``'s order over the mesh axis ``axis_name``.
+
+  Inside a run of consecutive positions the predecessor is the token before; the first
+  token of each run takes the last token of the run before it in natural order, from the
+  device holding it: one ``ppermute`` of the runs' last tokens per distinct device offset
+  (one for contiguous and striped, two for zigzag), so the traffic is one token per run.
+  """
+  P, L, R = layout.num_shards, layout.shard_length, layout.run_length
+  n = L // R
+  halo = layout.predecessors
+  x = jnp.moveaxis(x, axis, 1)
+  if x.shape[1] != L:
+    raise ValueError(f"previous_tokens: this device's part has {x.shape[1]} tokens along "
+                     f"axis {axis}, the layout {L}")
+  b, rest = x.shape[0], x.shape[2:]
+  runs = x.reshape((b, n, R) + rest)
+  lasts = runs[:, :, -1]                                     # [b, n, ...]
+  received = jnp.stack([
+      lasts if d == 0 else lax.ppermute(lasts, axis_name, [(s, (s + d) % P) for s in range(P)])
+      for d in halo.offsets])                                # [offsets, b, n, ...]
+  me = lax.axis_index(axis_name)
+  which, run, has = (jnp.asarray(t)[me] for t in (halo.which, halo.run, halo.has))  # [n]
+  first = jnp.moveaxis(received[which, :, run], 0, 1)        # [b, n, ...]
+  has = has.reshape((1, n) + (1,) * len(rest))
+  first = jnp.where(has, first, jnp.zeros_like(first))
+  prev = jnp.concatenate([first[:, :, None], runs[:, :, :-1]], axis=2)
+  return jnp.moveaxis(prev.reshape((b, L) + rest), 1, axis)
 
 
 def permute(x: jax.Array, layout: Layout, axis: int = 1) -> jax.Array:
