@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fox_jax import sharding
+from fox_jax import run_config, sharding
 from fox_jax import train as train_lib
 from fox_jax.config import get_preset
+from fox_jax.data import Batch, PackedDataset, corpus_from_config
+from fox_jax.errors import UsageError
 from fox_jax.model import DecoderLM
 from fox_jax.seqchunk import map_chunks
 from tests.tolerances import assert_close
@@ -141,3 +143,28 @@ def test_seq_chunk_errors_name_the_field():
   with sharding.activation_rules(_mesh()):
     with pytest.raises(ValueError, match=r"seq_chunk \(16\) x the mesh's 'context' size \(2\)"):
       jax.eval_shape(lambda ids: model.token_losses(ids, ids), jax.ShapeDtypeStruct((4, 16), jnp.int32))
+  # A run config is checked when built, before anything compiles.
+  c = run_config.base_config()
+  c.model.overrides.update({"num_layers": 1, "seq_chunk": 48})
+  c.data.seq_len = 64
+  with pytest.raises(UsageError, match=r"config\.model\.overrides\.seq_chunk \(48\)"):
+    train_lib.build(c, jax.devices()[:1])
+  assert "model.seq_chunk" in run_config.SAFE_ON_RESUME  # the same math: safe on resume
+
+
+def test_eval_fn_with_seq_chunk_equals_without():
+  """The run's evaluation (and loss) path uses the model's chunked losses."""
+  out, params = [], None
+  for chunk in (None, 16):
+    c = run_config.base_config()
+    c.model.overrides.update({"num_layers": 1, "dtype": "float32", "attn_impl": IMPL,
+                              "seq_chunk": chunk})
+    c.data.seq_len = 32
+    c.mesh.update({"data": 1, "fsdp": 1})
+    setup = train_lib.build(c, jax.devices()[:1])
+    if params is None:  # the same parameters for both
+      params = train_lib.init_state(setup, seed=0)["params"]
+    rows = PackedDataset(corpus_from_config(c.data, "heldout"), 32, 0).rows(0, 2)
+    out.append(np.asarray(setup.eval_fn(params, Batch(*(jnp.asarray(x) for x in rows)))))
+  assert out[0].shape == (2, 32) and np.all(out[0] > 0)
+  assert_close(out[1], out[0], "float32", "eval losses")
