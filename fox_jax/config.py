@@ -89,6 +89,12 @@ class ModelConfig:
     dtype: compute dtype of activations and matmuls.
     param_dtype: storage dtype of the parameters.
     remat: rematerialise each block in the backward pass (activation checkpointing).
+    seq_chunk: None, or tokens per chunk (per 'context' shard) in which the token-wise
+      layers run: the MLP, and the LM head together with the cross-entropy of
+      ``DecoderLM.token_losses``; each chunk is rematerialised in the backward pass, so no
+      [B, T, V] logits or [B, T, F] MLP hidden is ever whole (``fox_jax.seqchunk``). The
+      same math; the sequence length must be a multiple of seq_chunk x the mesh's context
+      size.
     init_std: standard deviation of every weight matrix and the embedding at init.
   """
 
@@ -125,6 +131,7 @@ class ModelConfig:
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
   remat: bool = False
+  seq_chunk: Optional[int] = None
   init_std: float = 0.02
 
   def __post_init__(self):
@@ -160,6 +167,8 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_kv_heads: num_heads ({self.num_heads}) must be a multiple of "
                        f"num_kv_heads ({self.num_kv_heads}) for grouped-query attention")
+    if self.seq_chunk is not None:
+      _check_positive_int(self, "seq_chunk")
     if self.mlp_hidden is not None:
       _check_positive_int(self, "mlp_hidden")
     elif not self.mlp_ratio > 0:

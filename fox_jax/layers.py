@@ -96,7 +96,16 @@ class Embed(nnx.Module):
                                 ("vocab", "embed"), param_dtype)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)  # [B, T, d]
+    # The table is sharded ('vocab' -> tensor, 'embed' -> fsdp); a lookup straight from it
+    # gives rows split along d over fsdp, which XLA cannot turn into the batch-split
+    # activations without a full rematerialisation (an all-gather to every device, then a
+    # slice; the same again for the gradient). Gathering 'embed' first, as FSDP does for
+    # every other weight before use, leaves V / tensor rows per device: each tensor shard
+    # looks up the ids in its vocabulary range and an all-reduce over tensor of the
+    # [B, T, d] rows combines them (Megatron's vocab-parallel embedding). A one-hot matmul
+    # would instead build [B, T, V], the very array long contexts cannot afford.
+    table = constrain(self.embedding[...], ("vocab", None))
+    return jnp.take(table, ids, axis=0).astype(self.dtype)  # [B, T, d]
 
   def attend(self, x: jax.Array) -> jax.Array:
     return jnp.einsum("btd,vd->btv", x.astype(self.dtype), self.embedding[...].astype(self.dtype),

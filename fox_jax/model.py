@@ -12,6 +12,9 @@ Block (pre-norm, as in the authors' code):
     h = x + attn(attn_norm(x))
     y = h + mlp(mlp_norm(h))
 
+With ``cfg.seq_chunk`` the MLP, and the LM head with the cross-entropy of
+:meth:`DecoderLM.token_losses`, run in sequence chunks (``fox_jax.seqchunk``).
+
 Parameter tree (``nnx.state(model, nnx.Param)``; L layers, V vocab, d model width,
 Hq / Hkv query / key-value heads, D head dim, F MLP width; logical axes in brackets):
 
@@ -49,12 +52,14 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from fox_jax import context as context_lib
 from fox_jax.attention import ForgettingAttention, default_positions
 from fox_jax.config import ModelConfig
 from fox_jax.layers import Embed, Projection, RMSNorm, SwiGLU, constrain
+from fox_jax.seqchunk import map_chunks
 
 EMBED_AXES = ("act_batch", "act_length", "act_embed")
 
@@ -69,14 +74,50 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm((cfg.d_model,), ("norm",), eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
     self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width, act=cfg.mlp_act, std=cfg.init_std,
                       param_dtype=pd, dtype=cd, rngs=rngs)
+    self.seq_chunk = cfg.seq_chunk
 
-  def mlp_residual(self, x: jax.Array) -> jax.Array:
-    return constrain(x + self.mlp(self.mlp_norm(x)), EMBED_AXES)
+  def mlp_residual(self, x: jax.Array, *, seq_chunk: Optional[int] = None) -> jax.Array:
+    """x + mlp(mlp_norm(x)) for x [B, T, d]; with ``seq_chunk``, seq_chunk tokens (per
+    context shard) at a time, so the [B, T, F] hidden is never whole (``fox_jax.seqchunk``).
+
+    The block's forward passes ``cfg.seq_chunk``; cached decoding calls it unchunked, so
+    prompts of any length work.
+    """
+    if seq_chunk is None:
+      return constrain(x + _mlp_residual((self.mlp_norm, self.mlp), x), EMBED_AXES)
+    y = map_chunks(_mlp_residual, (self.mlp_norm, self.mlp), (x,), chunk=seq_chunk)
+    return constrain(x + y, EMBED_AXES)
 
   def __call__(self, x: jax.Array, *, segment_ids: Optional[jax.Array],
                positions: jax.Array) -> jax.Array:
     x = x + self.attn(self.attn_norm(x), segment_ids=segment_ids, positions=positions)
-    return self.mlp_residual(constrain(x, EMBED_AXES))
+    return self.mlp_residual(constrain(x, EMBED_AXES), seq_chunk=self.seq_chunk)
+
+
+def _mlp_residual(modules, x: jax.Array) -> jax.Array:
+  norm, mlp = modules
+  return mlp(norm(x))
+
+
+def _logits(modules, x: jax.Array) -> jax.Array:
+  """Final norm and output projection (an untied head or the tied embedding's ``attend``):
+  x [B, T, d] -> float32 logits [B, T, V]."""
+  norm, head = modules
+  x = norm(x)
+  if isinstance(head, Embed):
+    out = head.attend(x)
+  else:
+    out = head(x, "btd,dv->btv", out_dtype=jnp.float32)
+  return constrain(out, ("act_batch", "act_length", "act_vocab"))
+
+
+def _token_losses(modules, x: jax.Array, targets: jax.Array) -> jax.Array:
+  return cross_entropy(_logits(modules, x), targets)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-token cross-entropy [B, T] float32 of logits [B, T, V] against targets [B, T]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
 def _block_forward(block: Block, x, segment_ids, positions):
@@ -98,18 +139,18 @@ class DecoderLM(nnx.Module):
         (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std, param_dtype=pd,
         dtype=cd, rngs=rngs))
 
+  @property
+  def _head(self):
+    """(final norm, output head): the untied lm_head or the tied embedding."""
+    return (self.final_norm, self.embed if self.lm_head is None else self.lm_head)
+
   def logits(self, x: jax.Array) -> jax.Array:
     """Final norm and output projection: x [B, T, d] -> float32 logits [B, T, V]."""
-    x = self.final_norm(x)
-    if self.lm_head is None:
-      out = self.embed.attend(x)
-    else:
-      out = self.lm_head(x, "btd,dv->btv", out_dtype=jnp.float32)
-    return constrain(out, ("act_batch", "act_length", "act_vocab"))
+    return _logits(self._head, x)
 
-  def __call__(self, input_ids: jax.Array, *, segment_ids: Optional[jax.Array] = None,
-               positions: Optional[jax.Array] = None) -> jax.Array:
-    """input_ids [B, T] int -> logits [B, T, V] float32.
+  def hidden(self, input_ids: jax.Array, *, segment_ids: Optional[jax.Array] = None,
+             positions: Optional[jax.Array] = None) -> jax.Array:
+    """input_ids [B, T] int -> the last block's output [B, T, d] (before the final norm).
 
     segment_ids [B, T]: packed documents; no attention (and no KV-shift) across them.
     positions [B, T]: RoPE positions; default: index within each segment.
@@ -126,7 +167,26 @@ class DecoderLM(nnx.Module):
     forward = nnx.remat(_block_forward) if self.cfg.remat else _block_forward
     for block in self.layers:
       x = forward(block, x, segment_ids, positions)
-    return self.logits(x)
+    return x
+
+  def __call__(self, input_ids: jax.Array, *, segment_ids: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None) -> jax.Array:
+    """input_ids [B, T] int -> logits [B, T, V] float32 (see :meth:`hidden`)."""
+    return self.logits(self.hidden(input_ids, segment_ids=segment_ids, positions=positions))
+
+  def token_losses(self, input_ids: jax.Array, targets: jax.Array, *,
+                   segment_ids: Optional[jax.Array] = None,
+                   positions: Optional[jax.Array] = None) -> jax.Array:
+    """Per-token cross-entropy [B, T] float32 of the next-token logits against ``targets``.
+
+    With ``cfg.seq_chunk`` the LM head and the cross-entropy run together chunk by chunk,
+    rematerialised in the backward pass, so the [B, T, V] logits never exist; without it,
+    this is ``cross_entropy(self(input_ids, ...), targets)``.
+    """
+    x = self.hidden(input_ids, segment_ids=segment_ids, positions=positions)
+    if self.cfg.seq_chunk is None:
+      return _token_losses(self._head, x, targets)
+    return map_chunks(_token_losses, self._head, (x, targets), chunk=self.cfg.seq_chunk)
 
 
 def count_params(model_or_state, *, exclude_embedding: bool = False) -> int:

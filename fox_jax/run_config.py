@@ -18,8 +18,8 @@ Blocks:
 
 Resuming a run directory with another config: the fields in :data:`SAFE_ON_RESUME` may
 change (cadence, checkpoints kept, evaluation, mesh, micro-batching, the batch, the token
-budget, and how attention is computed: implementation, tiles, rematerialisation, the
-context-parallel strategy); any other
+budget, and how the same model is computed: attention implementation, tiles,
+rematerialisation, sequence chunks, the context-parallel strategy); any other
 difference changes the model, the optimizer or the data order, and the run refuses to start
 (:func:`resume_changes`). The model is compared as the ModelConfig it resolves to, so a
 field set to the value the preset derives anyway is no change.
@@ -51,8 +51,8 @@ SAFE_ON_RESUME = (
     "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_every",
     "run.val_rows", "run.progress_bar", "run.peak_flops_per_device", "eval.*", "mesh.*",
     "optim.grad_accum", "optim.total_tokens", "data.global_batch",
-    "model.attn_impl", "model.block_sizes*", "model.remat", "model.context_strategy",
-    "model.context_stripe",
+    "model.attn_impl", "model.block_sizes*", "model.remat", "model.seq_chunk",
+    "model.context_strategy", "model.context_stripe",
 )
 
 

@@ -50,7 +50,7 @@ from fox_jax.config import ModelConfig, get_preset
 from fox_jax.data import NUM_TOKENS, Batch, PackedDataset, corpus_from_config
 from fox_jax.errors import RunError, UsageError
 from fox_jax.signals import Interrupted, StopSignals
-from fox_jax.model import DecoderLM
+from fox_jax.model import DecoderLM, cross_entropy
 
 
 class NonFiniteError(RunError):
@@ -83,8 +83,7 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Per-token cross-entropy [B, T] float32 of logits [B, T, V] against targets [B, T]."""
-  logits = logits.astype(jnp.float32)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return cross_entropy(logits, targets)
 
 
 def _tile_counts(intermediates) -> tuple[jax.Array, jax.Array]:
@@ -163,6 +162,10 @@ def _build(c: ml_collections.ConfigDict, devices) -> Setup:
     context_lib.check(mcfg, mesh.shape["context"], c.data.seq_len)
   except ValueError as e:
     raise UsageError(f"config.mesh.context={mesh.shape['context']}: {e}") from None
+  if mcfg.seq_chunk and c.data.seq_len % (mcfg.seq_chunk * mesh.shape["context"]):
+    raise UsageError(f"config.model.overrides.seq_chunk ({mcfg.seq_chunk}) x the mesh's context "
+                     f"size ({mesh.shape['context']}) must divide config.data.seq_len "
+                     f"({c.data.seq_len})")
   with sharding.activation_rules(mesh):
     abstract_model = nnx.eval_shape(lambda: DecoderLM(mcfg, rngs=nnx.Rngs(0)))
     # Non-trainable state (e.g. a 'fixed' forget gate's constants) is needed as values;
@@ -217,10 +220,11 @@ def loss_sums(setup: Setup, params, batch: Batch):
   context = context_lib.active(setup.model_cfg, *batch.inputs.shape)
   if context is not None:
     batch = context.permute_batch(batch)
-  logits, intermediates = nnx.capture(model, nnx.Intermediate)(
-      batch.inputs, segment_ids=batch.segment_ids, positions=batch.positions)
+  # The model's own losses: with model.seq_chunk they never hold the [B, T, V] logits.
+  losses, intermediates = nnx.capture(model.token_losses, nnx.Intermediate)(
+      batch.inputs, batch.targets, segment_ids=batch.segment_ids, positions=batch.positions)
   mask = (batch.segment_ids > 0).astype(jnp.float32)                       # [B, T]
-  losses = token_losses(logits, batch.targets) * mask                       # [B, T]
+  losses = losses * mask                                                    # [B, T]
   kept, total = _tile_counts(intermediates)
   return jnp.sum(losses), jnp.sum(mask), kept, total
 
@@ -295,9 +299,9 @@ def make_eval_fn(setup: Setup) -> Callable:
     if context is not None:
       batch = context.permute_batch(batch)
     # Captured (and dropped) so a pruning model's tile counts have somewhere to go.
-    logits, _ = nnx.capture(model, nnx.Intermediate)(
-        batch.inputs, segment_ids=batch.segment_ids, positions=batch.positions)
-    losses = token_losses(logits, batch.targets) * (batch.segment_ids > 0)
+    losses, _ = nnx.capture(model.token_losses, nnx.Intermediate)(
+        batch.inputs, batch.targets, segment_ids=batch.segment_ids, positions=batch.positions)
+    losses = losses * (batch.segment_ids > 0)
     return losses if context is None else context.unpermute(losses)
   # Replicated output: every process can read all of it, also when the mesh spans hosts.
   jitted = jax.jit(fn, out_shardings=sharding.replicated(setup.mesh))

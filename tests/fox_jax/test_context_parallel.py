@@ -86,7 +86,7 @@ def _host_state(preset):
 
 
 @functools.lru_cache(maxsize=None)
-def _step(mesh_items, strategy, preset, acp):
+def _step(mesh_items, strategy, preset, acp, seq_chunk=None):
   """(metrics, params) of one step from the shared initial state, on the mesh given.
 
   With ``acp``, ACP prunes and the tiles are 8 tokens, the length of a zigzag chunk on 8
@@ -95,6 +95,8 @@ def _step(mesh_items, strategy, preset, acp):
   mesh = dict(mesh_items)
   devices = jax.devices()[:1] if mesh == ONE else jax.devices()
   extra = {"block_sizes": {"block_q": 8, "block_k": 8}} if acp else {}
+  if seq_chunk is not None:
+    extra["seq_chunk"] = seq_chunk
   setup = train_lib.build(_config(mesh, strategy, preset, ACP if acp else None, **extra),
                           devices)
   state = jax.device_put(_host_state(preset), setup.state_shardings)
@@ -122,11 +124,13 @@ def test_fox_pro_step_equals_one_device(strategy, mesh):
   _assert_step_equal(_step(tuple(mesh.items()), strategy, "fox_pro_tiny", False), want)
 
 
-@pytest.mark.parametrize("strategy,mesh", [("ring", C8), ("ulysses", D2C4)])
-def test_transformer_pro_step_equals_one_device(strategy, mesh):
-  """RoPE at natural in-document positions, KV-shift, no forget gate."""
+@pytest.mark.parametrize("strategy,mesh,seq_chunk", [("ring", C8, None), ("ulysses", D2C4, 8)])
+def test_transformer_pro_step_equals_one_device(strategy, mesh, seq_chunk):
+  """RoPE at natural in-document positions, KV-shift, no forget gate; with the MLP and the
+  LM head in 8-token chunks of each shard (``seq_chunk``) in one case."""
   want = _step(tuple(ONE.items()), "zigzag", "transformer_pro_tiny", False)
-  _assert_step_equal(_step(tuple(mesh.items()), strategy, "transformer_pro_tiny", False), want)
+  got = _step(tuple(mesh.items()), strategy, "transformer_pro_tiny", False, seq_chunk)
+  _assert_step_equal(got, want)
 
 
 @pytest.mark.parametrize("strategy,mesh", [("zigzag", C8), ("striped", D2C4)])

@@ -1,5 +1,9 @@
 """Mesh construction, logical-axis rules, and the sharded training step against one device."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +14,8 @@ from fox_jax import run_config, sharding
 from fox_jax import train as train_lib
 from fox_jax.data import PackedDataset, corpus_from_config
 from tests.tolerances import assert_close
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("axes,expected", [
@@ -81,3 +87,35 @@ def test_sharded_step_matches_one_device(impl):
     assert_close(b, a, jnp.float32, jax.tree_util.keystr(path))
   # The update moved the parameters: the comparison is not of two copies of the init.
   assert not np.allclose(jax.tree.leaves(p1)[0], jax.tree.leaves(host_state["params"])[0])
+
+
+_COMPILE_STEP = """
+import jax, jax.numpy as jnp
+from fox_jax import run_config, sharding, train
+from fox_jax.data import Batch
+c = run_config.base_config()
+c.model.overrides.update({"num_layers": 1, "dtype": "float32", "attn_impl": "reference"})
+c.data.seq_len, c.data.global_batch = 32, 8
+c.mesh.update({"data": 2, "fsdp": 2, "context": 1, "tensor": 2})
+s = train.build(c, jax.devices())
+rows = jax.ShapeDtypeStruct((1, 8, 32), jnp.int32, sharding=s.batch_sharding())
+rep = sharding.replicated(s.mesh)
+step = jax.jit(train.make_train_step(s), in_shardings=(s.state_shardings, Batch(*[s.batch_sharding()] * 4), rep),
+               out_shardings=(s.state_shardings, rep))
+with sharding.activation_rules(s.mesh):
+  step.lower(s.abstract_state, Batch(*[rows] * 4), jax.ShapeDtypeStruct((), jnp.float32)).compile()
+print("compiled")
+"""
+
+
+def test_sharded_step_compiles_without_involuntary_rematerialization():
+  """The embedding lookup from a table sharded over fsdp and tensor into batch-split
+  activations (and its gradient back) compiles without XLA's "Involuntary full
+  rematerialization": an all-gather of the array to every device. XLA logs it from C++,
+  so the step is compiled in a subprocess whose stderr is read."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="0",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-c", _COMPILE_STEP], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+  assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-3000:]
