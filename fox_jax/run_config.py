@@ -134,6 +134,41 @@ def cpu_demo_config(preset: str) -> ml_collections.ConfigDict:
   return c
 
 
+# The FoX paper's recipe at 16k tokens (REFERENCE.md): tokens and peak learning rate per size.
+_PAPER_16K = {"125m": (int(2.5 * 2**30), 2e-3), "360m": (7 * 2**30, 2e-3),
+              "760m": (15 * 2**30, 1e-3)}
+
+
+def paper_context_config(preset: str, context: int = 8) -> ml_collections.ConfigDict:
+  """The paper's 16k-token training recipe for ``preset`` (e.g. "fox_pro_360m") with the
+  sequence split over ``context`` devices.
+
+  32 rows of 16,384 tokens (2^19 tokens) per step, AdamW (0.9, 0.95), weight decay 0.1,
+  clip 1.0, warmup 256 Mi tokens then cosine to zero over the paper's token budget for the
+  size, bf16 compute, blocks rematerialised, the LM head and MLP in 2048-token chunks.
+  Mesh: ``context`` devices on the sequence (within a host or an ICI slice, where the ring's
+  transfers belong) and FSDP over the rest (mesh fsdp = -1).
+  """
+  size = preset.rsplit("_", 1)[-1]
+  tokens, lr = _PAPER_16K[size]
+  c = base_config()
+  c.model.preset = preset
+  c.model.overrides = ml_collections.ConfigDict(
+      {"remat": True, "seq_chunk": 2048, "context_strategy": "zigzag"})
+  c.data.seq_len = 16384
+  c.data.global_batch = 32
+  c.optim.peak_lr = lr
+  c.optim.warmup_tokens = 256 * 2**20
+  c.optim.total_tokens = tokens
+  c.mesh.update({"data": 1, "fsdp": -1, "context": context, "tensor": 1})
+  c.run.log_every = 50
+  c.run.checkpoint_every = 1000
+  c.run.eval_every = 1000
+  c.eval.length_multiples = (1,)
+  c.eval.batch_size = 8
+  return c
+
+
 # ----------------------------------------------------------------------------- validation
 
 

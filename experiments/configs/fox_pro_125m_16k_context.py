@@ -1,0 +1,16 @@
+"""FoX (Pro) 125m at 16k tokens with context parallelism: the paper's recipe for an 8-GPU
+host or a TPU slice, the sequence split over 8 devices (zigzag), FSDP over the rest.
+
+  fox-train --config experiments/configs/fox_pro_125m_16k_context.py --workdir runs/fox_pro_125m_16k \
+      --config.data.source=text --config.data.path='/data/corpus/**/*.txt'
+
+Recipe and mesh: ``fox_jax.run_config.paper_context_config``. Set --config.mesh.context to
+the devices that share fast links (8 GPUs of a host; 4-16 chips of a TPU slice); with
+fewer than 8 devices in all, lower it. Not run here (no accelerator).
+"""
+
+from fox_jax.run_config import paper_context_config
+
+
+def get_config():
+  return paper_context_config("fox_pro_125m", context=8)
