@@ -10,7 +10,8 @@ strategy (``ModelConfig.context_strategy``) and split over that axis:
                            stay exact whatever the order.
   per-token layers         embedding, norms, MLP, LM head and loss do not care about order.
   attention                ``sequence_parallel_attention`` with the strategy, over 'context'
-                           (batch over the data-parallel axes that divide it).
+                           (batch over the data-parallel axes that divide it, heads over
+                           'tensor' when the q and k/v heads both divide it).
   key/value shift          each token's predecessor in natural order, from the device that
                            holds it (``layouts.previous_tokens``: a one-token halo per run).
   per-token outputs        losses are permuted back (:meth:`ContextParallel.unpermute`).
@@ -41,6 +42,7 @@ from pallas_kernels.sequence_parallel import ulysses as ulysses_lib
 
 AXIS = "context"
 BATCH_AXES = ("data", "fsdp")
+TENSOR_AXIS = "tensor"
 STRATEGY_NAMES = tuple(sp_api.STRATEGIES)
 
 
@@ -52,13 +54,18 @@ class ContextParallel:
   strategy: str
   layout: layouts.Layout
   batch_axes: tuple[str, ...]    # the data-parallel axes the batch is split over
+  head_axes: tuple[str, ...] = ()  # the tensor-parallel axis the heads are split over
 
   @property
   def num_shards(self) -> int:
     return self.layout.num_shards
 
-  def _spec(self, ndim: int) -> P:
-    return P(self.batch_axes or None, AXIS, *([None] * (ndim - 2)))
+  def _spec(self, x: jax.Array) -> P:
+    """[B, T, heads?, ...]: batch and sequence split, heads too where they divide."""
+    rest = [None] * (x.ndim - 2)
+    if rest and self.head_axes and x.shape[2] % _size(self.mesh, self.head_axes) == 0:
+      rest[0] = self.head_axes
+    return P(self.batch_axes or None, AXIS, *rest)
 
   def permute(self, x: jax.Array, axis: int = 1) -> jax.Array:
     return layouts.permute(x, self.layout, axis)
@@ -73,7 +80,7 @@ class ContextParallel:
   def previous(self, x: jax.Array) -> jax.Array:
     """x [B, T, ...] in the layout's order -> each token's predecessor in natural order
     (zero at position 0), same order and sharding."""
-    spec = self._spec(x.ndim)
+    spec = self._spec(x)
     fn = lambda y: layouts.previous_tokens(y, self.layout, AXIS)
     return jax.shard_map(fn, mesh=self.mesh, in_specs=spec, out_specs=spec,
                          check_vma=False)(x)
@@ -83,7 +90,22 @@ class ContextParallel:
     pruning, impl, block_sizes, return_stats)."""
     return sp_api.sequence_parallel_attention(
         q, k, v, log_fgate, mesh=self.mesh, strategy=self.strategy, axis_name=AXIS,
-        batch_axes=self.batch_axes or None, stripe=self.layout.stripe, **kwargs)
+        batch_axes=self.batch_axes or None, head_axes=self._heads(q, k),
+        stripe=self.layout.stripe, **kwargs)
+
+  def _heads(self, q, k):
+    """The head axes when both q's and k's heads split over them, else None (replicated)."""
+    if not self.head_axes:
+      return None
+    n = _size(self.mesh, self.head_axes)
+    return self.head_axes if q.shape[2] % n == 0 and k.shape[2] % n == 0 else None
+
+
+def _size(mesh, axes) -> int:
+  size = 1
+  for a in axes:
+    size *= mesh.shape[a]
+  return size
 
 
 def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
@@ -113,7 +135,9 @@ def active(cfg: ModelConfig, batch: int, length: int, mesh=None) -> Optional[Con
   if P_ == 1:
     return None
   layout = sp_api.strategy_layout(cfg.context_strategy, length, P_, cfg.context_stripe)
-  return ContextParallel(mesh, cfg.context_strategy, layout, _batch_axes(mesh, batch))
+  heads = ((TENSOR_AXIS,) if TENSOR_AXIS in mesh.axis_names and mesh.shape[TENSOR_AXIS] > 1
+           else ())
+  return ContextParallel(mesh, cfg.context_strategy, layout, _batch_axes(mesh, batch), heads)
 
 
 def check(cfg: ModelConfig, num_shards: int, length: int) -> None:

@@ -121,17 +121,29 @@ def _axes_size(mesh: Mesh, axes) -> int:
   return size
 
 
-def _check_mesh(mesh, axis_name, batch_axes, B):
+def _names(axes) -> tuple:
+  return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def _check_mesh(mesh, axis_name, batch_axes, B, head_axes=None, heads=()):
   if not isinstance(mesh, (Mesh, AbstractMesh)):
     raise ValueError(f"mesh must be a jax.sharding.Mesh (or the AbstractMesh of a jit's "
                      f"context), got {type(mesh).__name__}")
-  names = () if batch_axes is None else ((batch_axes,) if isinstance(batch_axes, str)
-                                         else tuple(batch_axes))
-  for name, what in [(axis_name, "axis_name")] + [(a, "batch_axes") for a in names]:
+  names = _names(batch_axes)
+  head_names = _names(head_axes)
+  for name, what in ([(axis_name, "axis_name")] + [(a, "batch_axes") for a in names]
+                     + [(a, "head_axes") for a in head_names]):
     if name not in mesh.axis_names:
       raise ValueError(f"{what} {name!r} is not an axis of the mesh {mesh.axis_names}")
   if axis_name in names:
     raise ValueError(f"axis_name {axis_name!r} cannot also be a batch axis")
+  if set(head_names) & (set(names) | {axis_name}):
+    raise ValueError(f"head_axes {head_axes} cannot also be the sequence or a batch axis")
+  h = _axes_size(mesh, head_axes)
+  for n, what in heads:
+    if n % h:
+      raise ValueError(f"{what} ({n}) must be divisible by the size of head_axes {head_axes} "
+                       f"({h})")
   if B % _axes_size(mesh, batch_axes):
     raise ValueError(f"batch {B} must be divisible by the size of batch_axes {batch_axes} "
                      f"({_axes_size(mesh, batch_axes)})")
@@ -147,6 +159,7 @@ def sequence_parallel_attention(
     strategy: str = "zigzag",
     axis_name: str = "context",
     batch_axes=None,
+    head_axes=None,
     segment_ids: Optional[jax.Array] = None,
     sm_scale: Optional[float] = None,
     pruning: Optional[Pruning] = None,
@@ -167,7 +180,9 @@ def sequence_parallel_attention(
     mesh: the device mesh (or, inside ``jit`` under ``jax.set_mesh``, its
       ``jax.sharding.get_abstract_mesh()``); ``axis_name`` is the axis the sequence is split over (S must
       split into its layout there), ``batch_axes`` the mesh axes (a name or a tuple) the
-      batch is split over, or None for a replicated batch.
+      batch is split over, or None for a replicated batch, ``head_axes`` those the heads
+      are split over (tensor parallelism: q and k/v heads must both divide; each device
+      attends with its own heads, Ulysses splits them further over ``axis_name``), or None.
     strategy: "ring" | "zigzag" | "striped" | "ulysses" (see the module docstring).
     impl: the implementation computing each device's attention. The ring strategies run
       an implementation's chunk kernels (``registry.chunk_impls``): "xla" gives the XLA ones
@@ -213,7 +228,9 @@ def sequence_parallel_attention(
   op_api._check_eager_backend(impl, interpret, (q, k, v, log_fgate))
   B, S, Hq, D = q.shape
   Hkv = k.shape[2]
-  _check_mesh(mesh, axis_name, batch_axes, B)
+  _check_mesh(mesh, axis_name, batch_axes, B, head_axes,
+              ((Hq, "the q heads"), (Hkv, "the k/v heads")))
+  heads_split = _axes_size(mesh, head_axes)
   num_shards = mesh.shape[axis_name]
   layout = strategy_layout(strategy, S, num_shards, stripe)
   scale = op_api._scale(sm_scale, D)
@@ -233,15 +250,14 @@ def sequence_parallel_attention(
   if ring:
     name = _auto_chunk_impl() if impl == "auto" else impl
     bs = block_sizes or registry.default_block_sizes(name, D)
-    batch_names = () if batch_axes is None else ((batch_axes,) if isinstance(batch_axes, str)
-                                                 else tuple(batch_axes))
+    batch_names = _names(batch_axes) + _names(head_axes)
     kernels = registry.module(name)
     if name in op_api._PLATFORMS and not interpret:
       kernels = _OnItsPlatform(name)
     cfg = ring_lib.RingConfig(layout, axis_name, scale, bs, kernels, interpret,
                               ring_steps, (axis_name,) + batch_names)
   else:
-    ulysses_lib.check_heads(Hq, Hkv, num_shards)
+    ulysses_lib.check_heads(Hq // heads_split, Hkv // heads_split, num_shards)
     cfg = ulysses_lib.UlyssesConfig(axis_name, num_shards, scale, impl, block_sizes, interpret)
 
   def local(q, k, v, log_fgate, *seg):
@@ -256,12 +272,14 @@ def sequence_parallel_attention(
     o, lse, kept, total, steps = ring_lib.ring_attention(q, k, v, log_fgate, seg, delta, cfg)
     return o, lse, lax.psum(kept, axis_name), lax.psum(total, axis_name), steps
 
-  seq = P(batch_axes, axis_name)
+  seq = P(batch_axes, axis_name, head_axes)
   args = (q, k, v, log_fgate) + (() if segment_ids is None else (segment_ids,))
   has_tiles = ring or impl != "reference"
-  tiles_spec = P(batch_axes) if has_tiles else None
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(seq,) * len(args),
-                     out_specs=(seq, P(batch_axes, None, axis_name), tiles_spec, tiles_spec, P()),
+  tiles_spec = P(batch_axes, head_axes) if has_tiles else None
+  in_specs = (seq,) * 4 + (() if segment_ids is None else (P(batch_axes, axis_name),))
+  fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                     out_specs=(seq, P(batch_axes, head_axes, axis_name), tiles_spec, tiles_spec,
+                                P()),
                      check_vma=False)
   o, lse, kept, total, steps = fn(*args)
   if not return_stats:

@@ -26,6 +26,7 @@ T, B = 128, 4
 ONE = {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}
 C8 = {"data": 1, "fsdp": 1, "context": 8, "tensor": 1}
 D2C4 = {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}
+C4T2 = {"data": 1, "fsdp": 1, "context": 4, "tensor": 2}
 ACP = {"log_tolerance": -6.0, "qk_bound": "auto"}
 
 
@@ -113,13 +114,17 @@ def _assert_step_equal(got, want):
     assert_close(b, a, jnp.float32, jax.tree_util.keystr(path))
 
 
-CASES = [(s, C8) for s in context_lib.STRATEGY_NAMES] + [(s, D2C4) for s in context_lib.STRATEGY_NAMES]
+MESHES = {"c8": C8, "d2c4": D2C4, "c4t2": C4T2}
+CASES = ([(s, "c8") for s in context_lib.STRATEGY_NAMES]
+         + [(s, "d2c4") for s in context_lib.STRATEGY_NAMES]
+         + [("zigzag", "c4t2"), ("ulysses", "c4t2")])
 
 
-@pytest.mark.parametrize("strategy,mesh", CASES,
-                         ids=[f"{s}-{'c8' if m == C8 else 'd2c4'}" for s, m in CASES])
-def test_fox_pro_step_equals_one_device(strategy, mesh):
-  """KV-shift (halo across shards), QK-norm, GQA 8/2, packed documents, padding."""
+@pytest.mark.parametrize("strategy,mesh_name", CASES, ids=[f"{s}-{m}" for s, m in CASES])
+def test_fox_pro_step_equals_one_device(strategy, mesh_name):
+  """KV-shift (halo across shards), QK-norm, GQA 8/2, packed documents, padding; on
+  (context 4, tensor 2) each device attends with its own heads."""
+  mesh = MESHES[mesh_name]
   want = _step(tuple(ONE.items()), "zigzag", "fox_pro_tiny", False)
   _assert_step_equal(_step(tuple(mesh.items()), strategy, "fox_pro_tiny", False), want)
 
