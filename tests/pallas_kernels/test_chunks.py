@@ -225,6 +225,7 @@ def test_chunk_pairs_match_float64(impl):
 
 def test_pallas_chunk_kernels_are_registered():
   assert {"xla", "pallas_gpu", "pallas_tpu"} <= set(IMPLS)
+  assert "reference" in registry.chunk_impls()
 
 
 @jax.jit
