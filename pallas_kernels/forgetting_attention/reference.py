@@ -107,8 +107,7 @@ def forgetting_attention_reference(
 
 def _chunk_pair(rows: common.Rows, cols: common.Cols, delta, sm_scale: float):
   """The chunk pair in the compute dtype: biased logits s [B, Hq, T, S], the mask, the
-  own-key diagonal [T, S], the decay, and q [B, T, Hq, D], k, v [B, S, Hq, D] (kv heads
-  repeated)."""
+  own-key diagonal [T, S], and q [B, T, Hq, D], k, v [B, S, Hq, D] (kv heads repeated)."""
   dt = _compute_dtype(rows.q, cols.k, cols.v, rows.c_hi, rows.c_lo, cols.c_hi, cols.c_lo)
   Hq, Hkv = rows.q.shape[2], cols.k.shape[2]
   q = rows.q.astype(dt)
