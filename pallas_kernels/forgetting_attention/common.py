@@ -33,9 +33,10 @@ def compensated_cumsum(x: jax.Array, axis: int = 1) -> tuple[jax.Array, jax.Arra
   """Inclusive cumulative sum of float32 ``x`` along ``axis`` as a double-float pair.
 
   Returns ``(hi, lo)`` in float32 with ``hi + lo`` equal to the exact prefix sums up to a
-  relative error of a few 2^-48. Works on every backend (no float64 needed).
+  relative error of a few 2^-48. Works on every backend (no float64 needed). Narrower floats
+  are summed as float32, float64 ``x`` (x64) as a float64 pair.
   """
-  x = x.astype(jnp.float32)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
   def combine(left, right):
     return add_pairs(*left, *right)
@@ -205,13 +206,15 @@ def own_key_dot(do: jax.Array, v: jax.Array) -> jax.Array:
   """dd_i = do_i . v_i with v at the query's own position (the anchor of dS).
 
   do: [B, T, Hq, D]; v: [B, S, Hkv, D] whose last T positions are the queries' own (the
-  single-device op; a sequence-parallel device passes its own chunk, S = T); [B, Hq, T] f32.
+  single-device op; a sequence-parallel device passes its own chunk, S = T); [B, Hq, T]
+  float32 (float64 for float64 inputs).
   """
   B, T, Hq, D = do.shape
   S, Hkv = v.shape[1], v.shape[2]
   v_own = v[:, S - T:].reshape(B, T, Hkv, 1, D)
   dd = jnp.einsum("bthgd,bthgd->bhgt", do.reshape(B, T, Hkv, Hq // Hkv, D), v_own,
-                  preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+                  preferred_element_type=jnp.promote_types(do.dtype, jnp.float32),
+                  precision=jax.lax.Precision.HIGHEST)
   return dd.reshape(B, Hq, T)
 
 

@@ -1,10 +1,12 @@
 """Every implementation of the op, in one table: adding one costs a module and a line here.
 
 Each blockwise module exposes ``forward`` and ``backward`` on the cumulative gate (see
-``api``) and optionally ``default_block_sizes(head_dim)`` (its tuned tiles) and the chunk
-kernels of the sequence-parallel ring (``forward_chunk``, ``row_terms_chunk``,
-``backward_chunk`` on ``common.Rows`` x ``common.Cols``; ``chunks=True`` in its line, which
-the sequence-parallel op reads without importing the module). Every list of implementations
+``api``) and optionally ``default_block_sizes(head_dim)`` (its tuned tiles). A module may
+expose the chunk kernels of the sequence-parallel ring (``forward_chunk``,
+``row_terms_chunk``, ``backward_chunk`` on ``common.Rows`` x ``common.Cols``; ``chunks=True``
+in its line, which the sequence-parallel op reads without importing the module): every
+blockwise one does, and the element-wise ``reference`` too (float64 under x64, the oracle of
+the others' chunk kernels, a float64 ring). Every list of implementations
 (the public op's ``impl`` values, model configs, the command-line choices, the tests)
 derives from :data:`REGISTRY`.
 """
@@ -19,7 +21,8 @@ from pallas_kernels.forgetting_attention.common import BlockSizes
 
 class Impl(NamedTuple):
   name: str
-  module: Optional[str]  # the blockwise module; None for the element-wise reference
+  module: str  # the implementation's module
+  blockwise: bool  # has ``forward`` / ``backward`` on the cumulative gate (not the reference)
   backend: Optional[str]  # the backend a Pallas impl compiles for (elsewhere: interpret=True)
   platforms: tuple[str, ...]  # the lowering platforms of that backend
   small_tiles: Optional[BlockSizes]  # the smallest tiles it takes (for tests on short sequences)
@@ -27,16 +30,18 @@ class Impl(NamedTuple):
 
 
 REGISTRY: dict[str, Impl] = {i.name: i for i in (
-    Impl("reference", None, None, (), None, False),
-    Impl("xla", "pallas_kernels.forgetting_attention.xla", None, (), BlockSizes(16, 16), True),
-    Impl("pallas_gpu", "pallas_kernels.forgetting_attention.gpu", "gpu", ("cuda", "rocm"),
+    Impl("reference", "pallas_kernels.forgetting_attention.reference", False, None, (), None,
+         True),
+    Impl("xla", "pallas_kernels.forgetting_attention.xla", True, None, (), BlockSizes(16, 16),
+         True),
+    Impl("pallas_gpu", "pallas_kernels.forgetting_attention.gpu", True, "gpu", ("cuda", "rocm"),
          BlockSizes(16, 16), True),
-    Impl("pallas_tpu", "pallas_kernels.forgetting_attention.tpu", "tpu", ("tpu",),
+    Impl("pallas_tpu", "pallas_kernels.forgetting_attention.tpu", True, "tpu", ("tpu",),
          BlockSizes(16, 128, 32, 128), True),
 )}
 
 IMPLS = tuple(REGISTRY)  # every implementation
-BLOCKWISE = tuple(n for n, i in REGISTRY.items() if i.module is not None)
+BLOCKWISE = tuple(n for n, i in REGISTRY.items() if i.blockwise)
 PALLAS = tuple(n for n, i in REGISTRY.items() if i.backend is not None)
 
 

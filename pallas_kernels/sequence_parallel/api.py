@@ -186,7 +186,9 @@ def sequence_parallel_attention(
     strategy: "ring" | "zigzag" | "striped" | "ulysses" (see the module docstring).
     impl: the implementation computing each device's attention. The ring strategies run
       an implementation's chunk kernels (``registry.chunk_impls``): "xla" gives the XLA ones
-      on every platform, "pallas_gpu" and "pallas_tpu" their Pallas kernels, which lower
+      on every platform, "reference" the element-wise ones (memory O(L^2) per device;
+      float64 throughout for float64 inputs under x64, the others accumulate in float32),
+      "pallas_gpu" and "pallas_tpu" their Pallas kernels, which lower
       for their own backend only (elsewhere a ValueError, at once when called on arrays of
       another backend, at lowering under jit; ``interpret=True`` runs them on the CPU).
       "auto" is the Pallas implementation of the default backend (``jax.default_backend()``:

@@ -15,7 +15,8 @@ for ``contiguous``, two for ``zigzag``, one per stripe for ``striped``), so:
 The result equals the single-device c to about 2^-48 relative (``hi + lo``): every
 addition is a double-float one; only the order of the additions differs. The gradient of
 log f is the reverse (suffix) cumulative sum of dc, which crosses devices the same way,
-in float32 as the single-device op takes it.
+in float32 as the single-device op takes it. Float64 gates (``impl="reference"`` under x64)
+are summed as float64 pairs.
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ def global_cumsum(log_f: jax.Array, layout: Layout, axis_name) -> tuple[jax.Arra
   B, L, H = log_f.shape
   run = layout.run_length
   R = L // run
-  hi, lo = common.compensated_cumsum(log_f.astype(jnp.float32).reshape(B, R, run, H), axis=2)
+  hi, lo = common.compensated_cumsum(log_f.reshape(B, R, run, H), axis=2)
   totals = jnp.stack([hi[:, :, -1], lo[:, :, -1]])  # [2, B, R, H]
   gathered = lax.all_gather(totals, axis_name)  # [P, 2, B, R, H]
   natural, flat = _run_tables(layout)
   t = jnp.moveaxis(gathered, 3, 1).reshape(-1, 2, B, H)[flat]  # [P R, 2, B, H] natural order
   inc_hi, inc_lo = _pair_scan(t[:, 0], t[:, 1])
-  zero = jnp.zeros((1, B, H), jnp.float32)
+  zero = jnp.zeros((1, B, H), hi.dtype)
   ex_hi = jnp.concatenate([zero, inc_hi[:-1]])  # exclusive prefix of the runs before each run
   ex_lo = jnp.concatenate([zero, inc_lo[:-1]])
   mine = jnp.asarray(natural)[lax.axis_index(axis_name)]  # [R]
@@ -69,15 +70,17 @@ def global_cumsum(log_f: jax.Array, layout: Layout, axis_name) -> tuple[jax.Arra
 
 
 def global_reverse_cumsum(dc: jax.Array, layout: Layout, axis_name) -> jax.Array:
-  """sum_{s >= t} dc_s in natural order, [B, L, H] float32 at this device's tokens."""
+  """sum_{s >= t} dc_s in natural order, [B, L, H] at this device's tokens, float32 (float64
+  for float64 ``dc``)."""
   B, L, H = dc.shape
   run = layout.run_length
   R = L // run
-  local = common.reverse_cumsum(dc.astype(jnp.float32).reshape(B, R, run, H), axis=2)
+  dc = dc.astype(jnp.promote_types(dc.dtype, jnp.float32))
+  local = common.reverse_cumsum(dc.reshape(B, R, run, H), axis=2)
   gathered = lax.all_gather(local[:, :, 0], axis_name)  # [P, B, R, H] run totals
   natural, flat = _run_tables(layout)
   t = jnp.moveaxis(gathered, 2, 1).reshape(-1, B, H)[flat]  # [P R, B, H] natural order
   inc = common.reverse_cumsum(t, axis=0)
-  ex = jnp.concatenate([inc[1:], jnp.zeros((1, B, H), jnp.float32)])  # runs after each run
+  ex = jnp.concatenate([inc[1:], jnp.zeros((1, B, H), dc.dtype)])  # runs after each run
   mine = jnp.asarray(natural)[lax.axis_index(axis_name)]
   return (local + jnp.moveaxis(ex[mine], 0, 1)[:, :, None]).reshape(B, L, H)

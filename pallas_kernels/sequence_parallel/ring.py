@@ -4,16 +4,17 @@ Inside ``shard_map`` over a mesh axis of P devices, each device holds its layout
 tokens (``layouts``). Forward, P steps (one loop): at step s device d computes its queries against the
 chunk of device d - s with the implementation's chunk kernel (``forward_chunk``: global
 positions and the global c, so masks, decay and ACP are exactly the single-device op's)
-and merges the partial (o, lse) by log-sum-exp in float32, while the chunk (k, v in GQA
-form, never repeated; c hi and lo; segment ids; positions) moves one device on. The
-transfer for step s + 1 is issued before step s's compute, so XLA can overlap the two.
+and merges the partial (o, lse) by log-sum-exp in float32 (float64 for float64 inputs:
+``impl="reference"`` under x64), while the chunk (k, v in GQA form, never repeated; c hi
+and lo; segment ids; positions) moves one device on. The transfer for step s + 1 is issued
+before step s's compute, so XLA can overlap the two.
 
 Backward, two rings, as the single-device backward has two passes: the first sums the row
 terms of the anchored dS (g, r; see ``common``) over every chunk, the second computes dS
 against the global lse and g: dq and the row part of dc stay home, while dk, dv and the
-column part of dc (float32) travel with their chunk and are home after P shifts. Nothing
-gathered is kept: the residuals are the device's own q, k, v, c, segment ids and lse, so
-memory per device is O(L). The gradient of log f is the reverse scan of dc across devices
+column part of dc (float32, or float64 as above) travel with their chunk and are home after
+P shifts. Nothing gathered is kept: the residuals are the device's own q, k, v, c, segment
+ids and lse, so memory per device is O(L). The gradient of log f is the reverse scan of dc across devices
 (``cumsum``).
 
 A step whose tiles are all masked (a later chunk under causality) or pruned computes
@@ -165,6 +166,12 @@ def _ring(q, k, v, log_fgate, segment_ids, delta, cfg: RingConfig):
   return _ring_fwd(q, k, v, log_fgate, segment_ids, delta, cfg)[0]
 
 
+def _acc_dtype(q, log_fgate):
+  """The merge and accumulation dtype: float32, or float64 for float64 inputs (x64, the
+  reference's chunk functions)."""
+  return jnp.promote_types(jnp.promote_types(q.dtype, log_fgate.dtype), jnp.float32)
+
+
 def _kwargs(cfg: RingConfig):
   return dict(sm_scale=cfg.sm_scale, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
 
@@ -172,6 +179,7 @@ def _kwargs(cfg: RingConfig):
 def _ring_fwd(q, k, v, log_fgate, segment_ids, delta, cfg: RingConfig):
   rows, cols = _local(q, k, v, log_fgate, segment_ids, cfg)
   B, L, Hq, D = q.shape
+  acc = _acc_dtype(q, log_fgate)
   P = cfg.layout.num_shards
   prunable = _prunable(rows, delta, cfg) if (cfg.steps or P) < P else jnp.bool_(False)
 
@@ -181,7 +189,7 @@ def _ring_fwd(q, k, v, log_fgate, segment_ids, delta, cfg: RingConfig):
     o, lse = _merge(o, lse, o_s, lse_s)
     return o, lse, kept + kept_s.astype(jnp.int32)
 
-  init = (jnp.zeros((B, L, Hq, D), jnp.float32), jnp.full((B, Hq, L), -jnp.inf, jnp.float32),
+  init = (jnp.zeros((B, L, Hq, D), acc), jnp.full((B, Hq, L), -jnp.inf, acc),
           jnp.zeros((B, Hq), jnp.int32))
   o, lse, kept = _ring_pass(cols, init, step, cfg, prunable)
   steps = jnp.where(prunable, cfg.steps or P, P).astype(jnp.int32)
@@ -193,7 +201,8 @@ def _ring_bwd(cfg: RingConfig, res, cotangents):
   rows, cols, delta, lse, prunable = res
   q, k, v = rows.q, cols.k, cols.v
   do = cotangents[0].astype(q.dtype)
-  dlse = cotangents[1].astype(jnp.float32)
+  acc = lse.dtype  # the forward's accumulation dtype
+  dlse = cotangents[1].astype(acc)
   kw = _kwargs(cfg)
   dd = common.own_key_dot(do, v)  # [B, Hq, L]: the anchor of dS, at the device's own keys
 
@@ -202,7 +211,7 @@ def _ring_bwd(cfg: RingConfig, res, cotangents):
     g_s, r_s = cfg.module.row_terms_chunk(rows, chunk, do, lse, dd, delta, **kw)
     return state[0] + g_s, state[1] + r_s
 
-  zeros = jnp.zeros(lse.shape, jnp.float32)
+  zeros = jnp.zeros(lse.shape, acc)
   g, r = _ring_pass(cols, (zeros, zeros), row_step, cfg, prunable)
   g_b = g - dlse
   row_sums = (g - g_b * r).transpose(0, 2, 1)  # [B, L, Hq]: sum_{j != i} dS_ij
@@ -216,12 +225,13 @@ def _ring_bwd(cfg: RingConfig, res, cotangents):
   def home(state):  # after n of P shifts an accumulator is n devices past its chunk's home
     return state[0], _shift(state[1], cfg, by=-(cfg.steps or 0))
 
-  acc = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32),
-         jnp.zeros(cols.c_hi.shape, jnp.float32))
-  dq, (dk, dv, dc_col) = _ring_pass(cols, (jnp.zeros(q.shape, jnp.float32), acc), grad_step,
+  travel = (jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc), jnp.zeros(cols.c_hi.shape, acc))
+  dq, (dk, dv, dc_col) = _ring_pass(cols, (jnp.zeros(q.shape, acc), travel), grad_step,
                                     cfg, prunable, on_truncated=home)
   dlog_f = cumsum.global_reverse_cumsum(dc_col + row_sums, cfg.layout, cfg.axis_name)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dlog_f, None, None
+  # c is in log f's dtype (float32, or float64 under x64)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+          dlog_f.astype(rows.c_hi.dtype), None, None)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)

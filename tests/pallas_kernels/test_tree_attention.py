@@ -82,5 +82,5 @@ def test_nan_key_gives_nan_rows():
 def test_needs_chunk_kernels():
   rows = Rows(jnp.zeros((1, 1, 2, 16)), jnp.zeros((1, 1, 2)), jnp.zeros((1, 1, 2)), None,
               jnp.zeros((1,), jnp.int32))
-  with pytest.raises(ValueError, match="impl='reference' has no chunk kernels"):
-    tree_attention(rows, None, None, axis_name="context", sm_scale=1.0, impl="reference")
+  with pytest.raises(ValueError, match="impl='triton' has no chunk kernels"):
+    tree_attention(rows, None, None, axis_name="context", sm_scale=1.0, impl="triton")
