@@ -184,8 +184,6 @@ def test_eval_losses_are_in_natural_order():
      r"seq_len 48 .*'striped'.*divisible by the number of shards x stripe"),
     (C8, {"context_strategy": "ulysses", "num_heads": 4, "num_kv_heads": 4}, T,
      r"num_heads / num_kv_heads .*'ulysses'.*q heads \(4\)"),
-    (C8, {"context_strategy": "ring", "attn_impl": "reference"}, T,
-     r"attn_impl 'reference' has no chunk kernels"),
 ])
 def test_configs_that_cannot_be_laid_out_fail_at_start(mesh, overrides, seq_len, match):
   with pytest.raises(UsageError, match=match):
