@@ -35,7 +35,6 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from fox_jax.config import ModelConfig
-from pallas_kernels.forgetting_attention import registry
 from pallas_kernels.sequence_parallel import api as sp_api
 from pallas_kernels.sequence_parallel import layouts
 from pallas_kernels.sequence_parallel import ulysses as ulysses_lib
@@ -94,11 +93,20 @@ class ContextParallel:
         stripe=self.layout.stripe, **kwargs)
 
   def _heads(self, q, k):
-    """The head axes when both q's and k's heads split over them, else None (replicated)."""
+    """The head axes when both q's and k's heads split over them (and, for Ulysses, each
+    device's share still splits over the context axis), else None (heads replicated)."""
     if not self.head_axes:
       return None
     n = _size(self.mesh, self.head_axes)
-    return self.head_axes if q.shape[2] % n == 0 and k.shape[2] % n == 0 else None
+    hq, hkv = q.shape[2], k.shape[2]
+    if hq % n or hkv % n:
+      return None
+    if self.strategy == "ulysses":
+      try:
+        ulysses_lib.check_heads(hq // n, hkv // n, self.num_shards)
+      except ValueError:
+        return None
+    return self.head_axes
 
 
 def _size(mesh, axes) -> int:
@@ -156,7 +164,3 @@ def check(cfg: ModelConfig, num_shards: int, length: int) -> None:
     except ValueError as e:
       raise ValueError(f"num_heads / num_kv_heads with context_strategy 'ulysses' over "
                        f"context={num_shards}: {e}") from None
-  elif cfg.attn_impl not in ("auto",) + registry.chunk_impls():
-    raise ValueError(f"attn_impl {cfg.attn_impl!r} has no chunk kernels for context_strategy "
-                     f"{cfg.context_strategy!r}; use one of {('auto',) + registry.chunk_impls()} "
-                     f"or context_strategy 'ulysses'")

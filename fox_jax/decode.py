@@ -52,7 +52,7 @@ Without a mesh (or with "context" of size 1) nothing changes: one device's array
 above. S = max_len must be divisible by P: ``init_cache`` raises a ValueError naming max_len
 otherwise; ``generate`` pads its internal max_len up to a multiple of P. The chunk kernels
 are the config's ``attn_impl`` where it has them ("auto" picks the default backend's Pallas
-kernels, else xla; "reference" runs xla).
+kernels, else xla; "reference" runs its element-wise ones, O((S / P)^2) memory per device).
 
 All rows of a batch share one length (prompts of equal length).
 """
@@ -169,7 +169,10 @@ def _chunk_impl(attn_impl: str) -> str:
   """The implementation whose chunk kernels a sharded cache runs for ``attn_impl``."""
   if attn_impl == "auto":
     return _auto_chunk_impl()
-  return attn_impl if attn_impl in registry.chunk_impls() else "xla"
+  if attn_impl not in registry.chunk_impls():
+    raise ValueError(f"attn_impl {attn_impl!r} has no chunk kernels for a sharded cache; "
+                     f"use one of {('auto',) + registry.chunk_impls()}")
+  return attn_impl
 
 
 # ----------------------------------------------------------------------------- cache
@@ -424,6 +427,11 @@ def decode_step(model: DecoderLM, ids: jax.Array, cache: Cache) -> tuple[jax.Arr
   """Appends one token per row, ``ids`` [B]; returns its logits [B, V] float32."""
   cfg = model.cfg
   index = cache.length
+  if cache.fresh:
+    # The fresh flag is static (it picks the first prefill's code), so a step on a fresh
+    # cache would return a cache of another pytree structure (lax.scan carries break).
+    raise ValueError("decode_step: prefill a sharded cache (decode.prefill) before its "
+                     "first decode_step")
   if cache.mesh is not None:
     fn = _sharded_layer_fn(cfg, cache, fresh=False)
   else:

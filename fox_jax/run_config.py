@@ -134,7 +134,8 @@ def cpu_demo_config(preset: str) -> ml_collections.ConfigDict:
   return c
 
 
-# The FoX paper's recipe at 16k tokens (REFERENCE.md): tokens and peak learning rate per size.
+# The FoX paper's recipe at 16k tokens (its section 4 and appendix): tokens and peak
+# learning rate per size.
 _PAPER_16K = {"125m": (int(2.5 * 2**30), 2e-3), "360m": (7 * 2**30, 2e-3),
               "760m": (15 * 2**30, 1e-3)}
 
@@ -145,16 +146,22 @@ def paper_context_config(preset: str, context: int = 8) -> ml_collections.Config
 
   32 rows of 16,384 tokens (2^19 tokens) per step, AdamW (0.9, 0.95), weight decay 0.1,
   clip 1.0, warmup 256 Mi tokens then cosine to zero over the paper's token budget for the
-  size, bf16 compute, blocks rematerialised, the LM head and MLP in 2048-token chunks.
+  size, bf16 compute, blocks rematerialised, the LM head and MLP in 4 chunks per shard.
   Mesh: ``context`` devices on the sequence (within a host or an ICI slice, where the ring's
-  transfers belong) and FSDP over the rest (mesh fsdp = -1).
+  transfers belong) and FSDP over the rest (mesh fsdp = -1). On a single 8-device host
+  every device holds all 32 rows (of 16384 / context tokens each): add
+  ``--config.optim.grad_accum=4`` (or more) to hold fewer at a time.
   """
   size = preset.rsplit("_", 1)[-1]
+  if size not in _PAPER_16K:
+    raise ValueError(f"preset must be a paper size ({', '.join(_PAPER_16K)}), got {preset!r}")
+  if 16384 % (4 * context):
+    raise ValueError(f"context must divide 16384 / 4, got {context}")
   tokens, lr = _PAPER_16K[size]
   c = base_config()
   c.model.preset = preset
   c.model.overrides = ml_collections.ConfigDict(
-      {"remat": True, "seq_chunk": 2048, "context_strategy": "zigzag"})
+      {"remat": True, "seq_chunk": 16384 // context // 4, "context_strategy": "zigzag"})
   c.data.seq_len = 16384
   c.data.global_batch = 32
   c.optim.peak_lr = lr

@@ -16,6 +16,7 @@ import pytest
 
 from fox_jax import context as context_lib
 from fox_jax import run_config, sharding
+from fox_jax.config import get_preset
 from fox_jax import train as train_lib
 from fox_jax.data import Batch
 from fox_jax.errors import UsageError
@@ -222,3 +223,23 @@ def test_checkpoint_from_context_mesh_resumes_anywhere(tmp_path):
                             jax.tree.leaves(jax.device_get(got.state))):
       assert_close(b, a, jnp.float32, f"{name} {jax.tree_util.keystr(path)}")
     assert_close(got.val_loss, straight.val_loss, jnp.float32, f"{name} val_loss")
+
+
+def test_heads_split_over_tensor_only_where_they_divide():
+  """Heads go over 'tensor' when q and k/v heads divide it, and for Ulysses only when each
+  device's share still splits over 'context'; otherwise they are replicated (not an error)."""
+  mesh = sharding.make_mesh(C4T2)
+  q = lambda h: jax.ShapeDtypeStruct((1, T, h, 8), jnp.float32)
+  for strategy, hq, hkv, want in [("zigzag", 8, 2, ("tensor",)), ("zigzag", 6, 3, None),
+                                  ("ulysses", 8, 2, ("tensor",)), ("ulysses", 4, 4, None)]:
+    cfg = get_preset("fox_pro_tiny", context_strategy=strategy)
+    cp = context_lib.active(cfg, 1, T, mesh)
+    assert cp._heads(q(hq), q(hkv)) == want, (strategy, hq, hkv)
+
+
+def test_paper_context_configs():
+  c = run_config.paper_context_config("fox_pro_760m", context=16)
+  assert (c.data.seq_len, c.data.global_batch, c.mesh.context) == (16384, 32, 16)
+  assert c.data.seq_len // (c.mesh.context * c.model.overrides.seq_chunk) == 4
+  with pytest.raises(ValueError, match=r"preset must be a paper size .* got 'fox_pro_tiny'"):
+    run_config.paper_context_config("fox_pro_tiny")

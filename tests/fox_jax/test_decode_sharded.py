@@ -174,3 +174,6 @@ def test_bad_mesh_and_length():
   with pytest.raises(ValueError, match=r"^the prompt \(70 tokens\) is longer"):
     decode.prefill(DecoderLM(cfg.replace(num_layers=1), rngs=nnx.Rngs(0)),
                    jnp.zeros((B, 70), jnp.int32), decode.init_cache(cfg, B, 64, _mesh("ctx8")))
+  with pytest.raises(ValueError, match=r"^decode_step: prefill a sharded cache"):
+    decode.decode_step(DecoderLM(cfg.replace(num_layers=1), rngs=nnx.Rngs(0)),
+                       jnp.zeros((B,), jnp.int32), decode.init_cache(cfg, B, 64, _mesh("ctx8")))
