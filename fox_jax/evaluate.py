@@ -13,11 +13,13 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fox_jax import checkpoint as ckpt_lib
 from fox_jax import rundir
+from fox_jax import sharding
 from fox_jax import train as train_lib
 from fox_jax.data import Batch, PackedDataset, contiguous_windows, corpus_from_config
 from fox_jax.errors import UsageError
@@ -81,11 +83,24 @@ def restore_params(workdir: str, setup, *, step: Optional[int] = None,
     checkpointer.close()
 
 
-def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True) -> dict:
+def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True,
+                 devices=None) -> dict:
   """Evaluates a run's checkpoint (default: the newest that restores); with ``write``,
-  writes ``<run>/eval/*.json|png`` (:func:`write_result`)."""
+  writes ``<run>/eval/*.json|png`` (:func:`write_result`).
+
+  On the run's mesh when ``devices`` (default: all) can hold it; otherwise (a run trained
+  on more devices, e.g. with context parallelism) with FSDP over ``devices``: the losses do
+  not depend on the mesh.
+  """
   c = rundir.load_config(workdir)
-  setup = train_lib.build(c)
+  devices = list(jax.devices() if devices is None else devices)
+  try:
+    sharding.mesh_shape(c.mesh.to_dict(), len(devices))
+  except ValueError:
+    print(f"fox-eval: {workdir}: its mesh {c.mesh.to_dict()} does not fit the "
+          f"{len(devices)} device(s) here; evaluating with FSDP over them", file=sys.stderr)
+    c.mesh.update({"data": 1, "fsdp": -1, "context": 1, "tensor": 1})
+  setup = train_lib.build(c, devices)
   step, params = restore_params(workdir, setup, step=step)
   eval_fn = setup.eval_fn
   try:

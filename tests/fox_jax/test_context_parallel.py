@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fox_jax import context as context_lib
-from fox_jax import run_config, sharding
+from fox_jax import evaluate, run_config, sharding
 from fox_jax.config import get_preset
 from fox_jax import train as train_lib
 from fox_jax.data import Batch
@@ -223,6 +223,12 @@ def test_checkpoint_from_context_mesh_resumes_anywhere(tmp_path):
                             jax.tree.leaves(jax.device_get(got.state))):
       assert_close(b, a, jnp.float32, f"{name} {jax.tree_util.keystr(path)}")
     assert_close(got.val_loss, straight.val_loss, jnp.float32, f"{name} val_loss")
+  # fox-eval on one device of a run trained on (context 4): the saved mesh does not fit,
+  # so it evaluates with FSDP over the device it has, to the run's own validation loss.
+  result = evaluate.evaluate_run(str(tmp_path / "straight"), write=False,
+                                 devices=jax.devices()[:1])
+  assert result["step"] == 3
+  assert_close(result["val_loss"], straight.val_loss, jnp.float32, "fox-eval val_loss")
 
 
 def test_heads_split_over_tensor_only_where_they_divide():
