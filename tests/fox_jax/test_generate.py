@@ -13,7 +13,6 @@ from flax import nnx
 from fox_jax import convert, decode, evaluate, loading
 from fox_jax import train as train_lib
 from fox_jax.cli import generate_main
-from fox_jax.errors import UsageError
 from tests.fox_jax.test_convert import DATA as AUTHORS_DATA
 from tests.fox_jax.test_train import one_device, tiny_config
 
