@@ -193,3 +193,98 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
   print(evaluate.report_markdown(results))
   print(f"fox-eval: wrote {os.path.join(out, 'comparison.png')} and {os.path.join(out, 'report.md')}")
   return 0
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="fox-generate", description="Continue a text prompt with a trained or "
+              "converted model and print the continuation (greedy by default).")
+  p.add_argument("path", metavar="PATH", help="a fox-train run directory (its newest "
+                 "checkpoint that restores) or a fox-convert output directory (with the "
+                 "tokenizer.json its source checkpoint was published with)")
+  p.add_argument("--prompt", metavar="TEXT", help="the prompt")
+  p.add_argument("--prompt_file", metavar="FILE",
+                 help="read the prompt from FILE (UTF-8; '-' for stdin) instead")
+  p.add_argument("--max_new_tokens", type=int, default=128, metavar="N",
+                 help="tokens to generate (default 128; the printed text stops at an "
+                 "end-of-document token)")
+  p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                 help="0 (default) is greedy; > 0 samples from softmax(logits / T)")
+  p.add_argument("--top_k", type=int, default=None, metavar="K",
+                 help="sample from the K most likely tokens only (needs --temperature > 0)")
+  p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+  p.add_argument("--step", type=int, default=None, metavar="N",
+                 help="a run's checkpoint step (default: the newest that restores)")
+  return p
+
+
+def _read_prompt(args) -> str:
+  if (args.prompt is None) == (args.prompt_file is None):
+    raise UsageError("give the prompt with either --prompt TEXT or --prompt_file FILE")
+  if args.prompt is not None:
+    text = args.prompt
+  else:
+    try:
+      if args.prompt_file == "-":
+        data = sys.stdin.buffer.read()
+      else:
+        with open(args.prompt_file, "rb") as f:
+          data = f.read()
+    except OSError as e:
+      raise UsageError(f"cannot read --prompt_file {args.prompt_file}: {e.strerror}") from None
+    try:
+      text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise UsageError(f"--prompt_file {args.prompt_file} is not UTF-8 text (byte {e.start})") from None
+  if not text:
+    raise UsageError("the prompt is empty")
+  return text
+
+
+def generate_main(argv: Optional[Sequence[str]] = None) -> int:
+  """``fox-generate PATH --prompt TEXT``: prints the model's continuation of the prompt."""
+  args = _generate_parser().parse_args(argv)
+  try:
+    text = _generate(args)
+  except UsageError as e:
+    print(f"fox-generate: {e}", file=sys.stderr)
+    return 2
+  print(text, flush=True)
+  return 0
+
+
+def _generate(args) -> str:
+  import math
+  if args.max_new_tokens < 1:
+    raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+  if not (math.isfinite(args.temperature) and args.temperature >= 0):
+    raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+  if args.top_k is not None and args.temperature == 0:
+    raise UsageError("--top_k needs --temperature > 0 (temperature 0 is greedy)")
+  if args.top_k is not None and args.top_k < 1:
+    raise UsageError(f"--top_k must be >= 1, got {args.top_k}")
+  if not 0 <= args.seed < 2**32:
+    raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+  prompt = _read_prompt(args)
+  _quiet_logs()
+  import jax
+  import numpy as np
+  from fox_jax import decode, loading
+
+  def broken(b):
+    print(f"fox-generate: checkpoint step {b.step} cannot be restored ({b.reason}); left in "
+          f"place, using an older one", file=sys.stderr, flush=True)
+
+  loaded = loading.load_model(args.path, step=args.step, on_broken=broken)
+  vocab = loaded.model.cfg.vocab_size
+  if args.top_k is not None and args.top_k > vocab:
+    raise UsageError(f"--top_k must be at most the vocabulary size {vocab}, got {args.top_k}")
+  ids = loaded.tokenizer.encode(prompt)
+  if ids.size == 0:
+    raise UsageError("the prompt encodes to no tokens")
+  if ids.max() >= vocab:
+    raise UsageError(f"the prompt has token id {int(ids.max())}, outside the model's "
+                     f"vocabulary of {vocab} ({loaded.tokenizer.name} does not fit this model)")
+  out = decode.generate(loaded.model, ids[None, :], args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k,
+                        rng=jax.random.key(args.seed))
+  return loaded.tokenizer.decode(np.asarray(out)[0, ids.size:])

@@ -1,0 +1,211 @@
+"""One way to get a model and its tokenizer out of a directory, for sampling and scripts.
+
+``load_model(path)`` accepts either
+
+* a ``fox-train`` run directory (``config.json`` + ``checkpoints/``): the newest checkpoint
+  that restores (or ``step``), on the run's mesh when the devices here can hold it and with
+  FSDP over them otherwise (as ``fox-eval`` does); its tokenizer is the byte tokenizer
+  (``fox_jax.data.tokenizer``), the only one the run's data sources ('builtin', 'text') use;
+* a ``fox-convert`` output directory (``model_config.json`` + ``params/``), read by
+  ``fox_jax.converted.load_converted``; a converted checkpoint records no tokenizer, so its
+  tokenizer is the Hugging Face ``tokenizer.json`` placed beside them (the file the source
+  checkpoint was published with), read offline with the ``tokenizers`` package.
+
+Reading only: nothing is created, moved or rewritten in the directory (a broken newest
+checkpoint is reported and skipped, not moved aside). Every problem is a one-line
+``UsageError``: a path that is neither kind, a missing step, a checkpoint that cannot be
+restored, a tokenizer that cannot be had offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Callable, Optional, Union
+
+import jax
+import numpy as np
+
+from fox_jax import converted as converted_lib
+from fox_jax import rundir
+from fox_jax.data import tokenizer as byte_tokenizer
+from fox_jax.errors import UsageError
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+class ByteTokenizer:
+  """The byte tokenizer of fox-train runs: a prompt is BOS + its UTF-8 bytes (a document's
+  start, as in training); decoding stops at the first EOS (a document's end)."""
+
+  name = "bytes"
+  eos_id: Optional[int] = byte_tokenizer.EOS_ID
+
+  def encode(self, text: str) -> np.ndarray:
+    return byte_tokenizer.encode(text, add_bos=True, add_eos=False).astype(np.int32)
+
+  def decode(self, ids) -> str:
+    return byte_tokenizer.decode(_until(ids, self.eos_id))
+
+
+class HFTokenizer:
+  """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` package, offline). Encoding applies
+  the file's own post-processor (special tokens it adds); decoding drops special tokens and
+  stops at the ``eos_token`` of a ``tokenizer_config.json`` beside it, if there is one."""
+
+  def __init__(self, path: str):
+    try:
+      import tokenizers
+    except ImportError:
+      raise UsageError(f"{path} needs the 'tokenizers' package, which is not installed "
+                       f"(pip install tokenizers)") from None
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the package raises its own exception types
+      detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      raise UsageError(f"{path} is not a tokenizer the 'tokenizers' package can read "
+                       f"({detail})") from None
+    self.name = path
+    self.eos_id = None
+    eos = _eos_token(os.path.join(os.path.dirname(path), TOKENIZER_CONFIG_FILE))
+    if eos is not None:
+      self.eos_id = self._tok.token_to_id(eos)
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text).ids, np.int32)
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in _until(ids, self.eos_id)],
+                            skip_special_tokens=True)
+
+
+Tokenizer = Union[ByteTokenizer, HFTokenizer]
+
+
+def _until(ids, eos_id: Optional[int]) -> np.ndarray:
+  ids = np.asarray(ids).reshape(-1)
+  if eos_id is not None:
+    hits = np.flatnonzero(ids == eos_id)
+    if hits.size:
+      ids = ids[:hits[0]]
+  return ids
+
+
+def _eos_token(path: str) -> Optional[str]:
+  try:
+    with open(path) as f:
+      eos = json.load(f).get("eos_token")
+  except (OSError, ValueError, AttributeError):
+    return None
+  if isinstance(eos, dict):
+    eos = eos.get("content")
+  return eos if isinstance(eos, str) else None
+
+
+@dataclasses.dataclass
+class Loaded:
+  model: object              # fox_jax.model.DecoderLM (nnx)
+  tokenizer: Optional[Tokenizer]
+  step: Optional[int]        # the checkpoint's step; None for a converted checkpoint
+  source: str                # "run" | "converted"
+
+
+def _report_broken(broken) -> None:
+  print(f"checkpoint step {broken.step} cannot be restored ({broken.reason}); left in place, "
+        f"loading an older one", file=sys.stderr, flush=True)
+
+
+def kind(path: str) -> str:
+  """"run" or "converted"; UsageError naming what ``path`` lacks if it is neither."""
+  if not os.path.isdir(path):
+    raise UsageError(f"no such directory: {path}" if not os.path.lexists(path) else
+                     f"{path} is not a directory")
+  has = lambda name: os.path.lexists(os.path.join(path, name))
+  if has(converted_lib.MODEL_CONFIG_NAME):
+    return "converted"  # load_converted names a missing params/
+  if has(rundir.CONFIG_FILE) and has("checkpoints"):
+    return "run"
+  if has(rundir.CONFIG_FILE) and any(name.endswith(".safetensors") or
+                                     name == "model.safetensors.index.json"
+                                     for name in os.listdir(path)):
+    raise UsageError(f"{path} looks like a Hugging Face checkpoint; convert it first "
+                     f"(fox-convert {path} OUTPUT_DIR) and load OUTPUT_DIR")
+  if has(rundir.CONFIG_FILE):
+    return "run"  # a run without checkpoints: named as such by the run loader
+  raise UsageError(f"{path} is neither a fox-train run directory (config.json, checkpoints/) "
+                   f"nor a fox-convert checkpoint (model_config.json, params/)")
+
+
+def load_model(path: str, *, step: Optional[int] = None, devices=None,
+               require_tokenizer: bool = True,
+               on_broken: Callable = _report_broken) -> Loaded:
+  """The model and tokenizer in ``path``: a run directory or a converted checkpoint.
+
+  step: a run's checkpoint step (default: the newest that restores; ``on_broken`` is told of
+    each newer one that does not). devices: for a run (default: all). require_tokenizer:
+    when False, a converted checkpoint without a usable tokenizer loads with tokenizer None.
+  """
+  what = kind(path)
+  if what == "run":
+    return _load_run(path, step, devices, on_broken)
+  if step is not None:
+    raise UsageError(f"{path} is a fox-convert checkpoint, which has no steps; drop the step")
+  return _load_converted(path, require_tokenizer)
+
+
+def _load_run(workdir: str, step: Optional[int], devices, on_broken) -> Loaded:
+  from fox_jax import evaluate, sharding
+  from fox_jax import train as train_lib
+  c = rundir.load_config(workdir)
+  if c.data.source not in ("builtin", "text"):
+    raise UsageError(f"{rundir.config_path(workdir)}: data.source {c.data.source!r} has no "
+                     f"tokenizer known to fox-jax (the byte tokenizer is for 'builtin' and "
+                     f"'text')")
+  devices = list(jax.devices() if devices is None else devices)
+  try:
+    sharding.mesh_shape(c.mesh.to_dict(), len(devices))
+  except ValueError:  # e.g. trained with context parallelism on more devices
+    c.mesh.update({"data": 1, "fsdp": -1, "context": 1, "tensor": 1})
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
+    raise UsageError(f"{workdir} holds no checkpoint yet")
+  setup = train_lib.build(c, devices)
+  step, params = evaluate.restore_params(workdir, setup, step=step, on_broken=on_broken)
+  return Loaded(setup.model(params), ByteTokenizer(), int(step), "run")
+
+
+def _load_converted(path: str, require_tokenizer: bool) -> Loaded:
+  tokenizer = None
+  try:
+    tokenizer = converted_tokenizer(path)
+  except UsageError:
+    if require_tokenizer:
+      raise
+  try:
+    _, model = converted_lib.load_converted(path)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  return Loaded(model, tokenizer, None, "converted")
+
+
+def converted_tokenizer(path: str) -> HFTokenizer:
+  """The tokenizer of a converted checkpoint: ``tokenizer.json`` beside its params."""
+  file = os.path.join(path, TOKENIZER_FILE)
+  if os.path.isfile(file):
+    return HFTokenizer(file)
+  config = os.path.join(path, TOKENIZER_CONFIG_FILE)
+  named = None
+  try:
+    with open(config) as f:
+      fields = json.load(f)
+    named = fields.get("tokenizer_class") or fields.get("name_or_path")
+  except (OSError, ValueError, AttributeError):
+    pass
+  if named:
+    raise UsageError(f"{config} names the tokenizer {named!r}, which is not available offline: "
+                     f"{path} has no {TOKENIZER_FILE} (copy it from the source checkpoint)")
+  raise UsageError(f"{path} records no tokenizer: copy the {TOKENIZER_FILE} the source "
+                   f"checkpoint was published with into it")
