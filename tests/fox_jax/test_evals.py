@@ -19,7 +19,6 @@ from flax import nnx
 from fox_jax import decode, evals
 from fox_jax import train as train_lib
 from fox_jax.cli import eval_main
-from fox_jax.config import get_preset
 from fox_jax.data import tokenizer
 from fox_jax.errors import UsageError
 from fox_jax.evals import common, needle, passkey, per_token_loss
