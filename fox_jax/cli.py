@@ -6,6 +6,8 @@
   fox-train ... --distributed           # one process per host (TPU pod, SLURM, Kubernetes)
   fox-train ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0   # by hand
   fox-eval runs/fox runs/transformer --out runs/compare
+  fox-eval runs/fox --task needle --lengths 0.5x,1x,2x,4x --depths 0,50,100
+  fox-eval runs/fox --task passkey --lengths 512,1024,2048 --step 1000
 
 A user's mistake (a flag, a config field, a path, a run directory in use or trained with
 another config) is one line on stderr and exit code 2, with nothing written; a run that
@@ -167,32 +169,97 @@ def _train(argv: Sequence[str], signals) -> int:
   return 0
 
 
+def _csv(kind):
+  def parse(text):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+      raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    if kind is float:
+      try:
+        return [float(t) for t in items]
+      except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
+    return items
+  return parse
+
+
 def _eval_parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="fox-eval", description="Loss against position (and beyond the training "
-              "length) and validation loss of one or more run directories, plotted together.")
+  from fox_jax.evals import EVALS
+  p = _Parser(prog="fox-eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+              description="Evaluate one or more run directories. The default task, "
+              "per_token_loss, gives loss against position\n(and beyond the training length) "
+              "and validation loss, plotted together; needle and passkey\nscore greedy "
+              "retrieval by exact match.",
+              epilog="examples:\n  fox-eval runs/fox runs/transformer --out runs/compare\n"
+              "  fox-eval runs/fox --task needle --lengths 0.5x,1x,2x,4x --depths 0,50,100\n"
+              "  fox-eval runs/fox --task passkey --lengths 256,1024 --trials 4")
   p.add_argument("runs", nargs="+", help="run directories written by fox-train")
+  p.add_argument("--task", default="per_token_loss",
+                 help=f"evaluation to run: {', '.join(EVALS)} (default: per_token_loss)")
   p.add_argument("--out", default=None,
-                 help="directory for comparison.png, comparison.json and report.md "
-                 "(default: the first run's eval directory)")
+                 help="per_token_loss: directory for comparison.png, comparison.json and "
+                 "report.md (default: the first run's eval directory); other tasks: directory "
+                 "for <task>.json and <task>.png (default: each run's eval directory; with "
+                 "several runs, one subdirectory per run)")
   p.add_argument("--step", type=int, default=None,
                  help="evaluate this checkpoint step (default: the newest that restores; "
                  "with several runs, the same step of each)")
+  p.add_argument("--lengths", type=_csv(str), default=None, metavar="L1,L2,...",
+                 help="context lengths in tokens, or multiples of the training length like "
+                 "4x (per_token_loss: loss up to the longest; default per task)")
+  p.add_argument("--depths", type=_csv(float), default=None, metavar="D1,D2,...",
+                 help="needle / passkey depths in percent (needle default: 0,10,...,100)")
+  p.add_argument("--modes", type=_csv(str), default=None, metavar="easy,standard",
+                 help="needle modes (default: both)")
+  p.add_argument("--trials", type=int, default=None,
+                 help="passkey: random pass keys per length and depth (default 2)")
   return p
+
+
+def _run_out(out: Optional[str], runs: Sequence[str], run: str) -> Optional[str]:
+  if out is None or len(runs) == 1:
+    return out
+  return os.path.join(out, os.path.basename(os.path.normpath(run)))
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
   args = _eval_parser().parse_args(argv)
   _quiet_logs()
   try:
-    from fox_jax import evaluate
-    out = args.out or os.path.join(args.runs[0], "eval")
-    results = evaluate.compare(args.runs, out, step=args.step)
+    from fox_jax import evals, evaluate
+    evals.get(args.task)
+    if args.task == "per_token_loss":
+      extra = [f"--{k}" for k in ("depths", "modes", "trials") if getattr(args, k) is not None]
+      if extra:
+        raise UsageError(f"{', '.join(extra)} do not apply to --task per_token_loss")
+      out = args.out or os.path.join(args.runs[0], "eval")
+      results = evaluate.compare(args.runs, out, step=args.step, lengths=args.lengths)
+    else:
+      outs = [_run_out(args.out, args.runs, r) for r in args.runs]
+      if args.out is not None and len(set(outs)) < len(outs):
+        raise UsageError(f"runs with the same directory name cannot share --out {args.out}")
+      results = []
+      for run, out in zip(args.runs, outs):
+        r = evaluate.run_task(args.task, run, step=args.step, out=out, lengths=args.lengths,
+                              depths=args.depths, modes=args.modes, trials=args.trials)
+        where = out or os.path.join(run, "eval")
+        print(f"fox-eval: {r['label']} step {r['step']}: {args.task} accuracy "
+              f"{_accuracy(r)}; wrote {os.path.join(where, args.task)}.json and .png")
+        results.append(r)
+      return 0
   except UsageError as e:
     print(f"fox-eval: {e}", file=sys.stderr)
     return 2
   print(evaluate.report_markdown(results))
   print(f"fox-eval: wrote {os.path.join(out, 'comparison.png')} and {os.path.join(out, 'report.md')}")
   return 0
+
+
+def _accuracy(result: dict) -> str:
+  acc = result.get("accuracy")
+  if isinstance(acc, dict):
+    return ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+  return f"{acc:.3f}" if isinstance(acc, float) else str(acc)
 
 
 def _generate_parser() -> argparse.ArgumentParser:

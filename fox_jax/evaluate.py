@@ -1,13 +1,15 @@
-"""Evaluation: validation loss and per-token loss against position, with plots and a report.
+"""Evaluation of run directories: the front end of the ``fox_jax.evals`` registry.
 
-Loss against position follows the FoX paper's protocol on a small scale: held-out
-documents at least L tokens long are read from their start (unpacked), the loss at each
-position 0..L-1 is averaged over documents, and L goes past the training length to show
-length extrapolation. Curves are smoothed with a centred moving average for plotting.
+:func:`evaluate_run` / :func:`compare` give validation loss and per-token loss against
+position (``fox_jax.evals.per_token_loss``: held-out documents read from their start, past
+the training length to show length extrapolation) with the run's own mesh, plots and a
+report; :func:`run_task` runs any registered evaluation (``needle``, ``passkey``, ...) on a
+run's checkpoint and writes ``<name>.json|png``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,37 +20,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from fox_jax import checkpoint as ckpt_lib
+from fox_jax import evals
+from fox_jax.evals import common as evals_common
 from fox_jax import rundir
 from fox_jax import sharding
 from fox_jax import train as train_lib
-from fox_jax.data import Batch, PackedDataset, contiguous_windows, corpus_from_config
+from fox_jax.data import PackedDataset, corpus_from_config, tokenizer
 from fox_jax.errors import UsageError
+from fox_jax.evals.per_token_loss import loss_by_position, smooth, summary
+from fox_jax.evals.per_token_loss import plot_results as plot
 
 RESULT_FILE = "per_token_loss.json"
 PLOT_FILE = "per_token_loss.png"
 
+__all__ = ["smooth", "summary", "plot", "per_token_loss", "evaluate_run", "compare",
+           "run_task", "report_markdown", "restore_params", "write_result", "load_result"]
 
-def per_token_loss(eval_fn, params, windows: Batch, batch_size: int) -> np.ndarray:
+
+def per_token_loss(eval_fn, params, windows, batch_size: int) -> np.ndarray:
   """Mean loss at each position [L] over the rows of ``windows`` [N, L]."""
-  total = np.zeros(windows.inputs.shape[1], np.float64)
-  for start in range(0, windows.inputs.shape[0], batch_size):
-    b = Batch(*(jnp.asarray(x[start:start + batch_size]) for x in windows))
-    total += np.asarray(eval_fn(params, b), np.float64).sum(axis=0)
-  return total / windows.inputs.shape[0]
-
-
-def smooth(x: np.ndarray, window: int) -> np.ndarray:
-  """Centred moving average over ``window`` points, narrower near the ends.
-
-  At index i the half-width is min(window // 2, i // 2): the first positions, which a
-  log-scaled axis spreads out and where loss changes fastest, are barely averaged.
-  """
-  x = np.asarray(x, np.float64)
-  csum = np.concatenate([[0.0], np.cumsum(x)])
-  idx = np.arange(len(x))
-  half = np.minimum(max(int(window), 1) // 2, idx // 2)
-  lo, hi = idx - half, np.minimum(idx + half + 1, len(x))
-  return (csum[hi] - csum[lo]) / (hi - lo)
+  return loss_by_position(lambda b: eval_fn(params, b), windows, batch_size)
 
 
 def _report_broken(broken: ckpt_lib.BrokenCheckpoint) -> None:
@@ -83,49 +74,107 @@ def restore_params(workdir: str, setup, *, step: Optional[int] = None,
     checkpointer.close()
 
 
-def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True,
-                 devices=None) -> dict:
-  """Evaluates a run's checkpoint (default: the newest that restores); with ``write``,
-  writes ``<run>/eval/*.json|png`` (:func:`write_result`).
-
-  On the run's mesh when ``devices`` (default: all) can hold it; otherwise (a run trained
-  on more devices, e.g. with context parallelism) with FSDP over ``devices``: the losses do
-  not depend on the mesh.
-  """
-  c = rundir.load_config(workdir)
-  devices = list(jax.devices() if devices is None else devices)
+def _setup(c, workdir: str, devices):
+  """The run's setup on its mesh when ``devices`` can hold it; otherwise (a run trained
+  on more devices, e.g. with context parallelism) with FSDP over ``devices``."""
   try:
     sharding.mesh_shape(c.mesh.to_dict(), len(devices))
   except ValueError:
     print(f"fox-eval: {workdir}: its mesh {c.mesh.to_dict()} does not fit the "
           f"{len(devices)} device(s) here; evaluating with FSDP over them", file=sys.stderr)
     c.mesh.update({"data": 1, "fsdp": -1, "context": 1, "tensor": 1})
-  setup = train_lib.build(c, devices)
-  step, params = restore_params(workdir, setup, step=step)
-  eval_fn = setup.eval_fn
+  return train_lib.build(c, devices)
+
+
+def _heldout(c, workdir: str):
   try:
-    corpus = corpus_from_config(c.data, "heldout")
+    return corpus_from_config(c.data, "heldout")
   except (ValueError, OSError) as e:
     raise UsageError(f"{rundir.config_path(workdir)}: data.path: {e}") from None
-  state = {"params": params}
+
+
+def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True,
+                 devices=None, lengths: Optional[Sequence] = None) -> dict:
+  """Evaluates a run's checkpoint (default: the newest that restores); with ``write``,
+  writes ``<run>/eval/*.json|png`` (:func:`write_result`).
+
+  Loss against position up to the longest of ``lengths`` (tokens, or 'Mx' for M times
+  seq_len; default: seq_len x max(eval.length_multiples)). On the run's mesh when ``devices`` (default: all) can hold
+  it; otherwise with FSDP over ``devices``: the losses do not depend on the mesh.
+  """
+  c = rundir.load_config(workdir)
+  devices = list(jax.devices() if devices is None else devices)
+  setup = _setup(c, workdir, devices)
+  step, params = restore_params(workdir, setup, step=step)
+  eval_fn = setup.eval_fn
+  corpus = _heldout(c, workdir)
   heldout = PackedDataset(corpus, c.data.seq_len, c.data.seed)
-  val = train_lib.validation_loss(setup, eval_fn, state["params"], heldout, c.run.val_rows,
+  val = train_lib.validation_loss(setup, eval_fn, params, heldout, c.run.val_rows,
                                   c.eval.batch_size)
   T = int(c.data.seq_len)
-  length = T * max(c.eval.length_multiples)
+  if lengths is not None:
+    length = max(evals_common.parse_lengths(lengths, T, ()))
+    what = f"length {length}"
+  else:
+    length = T * max(c.eval.length_multiples)
+    what = f"eval.length_multiples {tuple(c.eval.length_multiples)} x seq_len {T}"
+  task = evals.get("per_token_loss")
+  options = task.Options(train_length=T, lengths=(length,), max_docs=c.eval.max_docs,
+                         batch_size=c.eval.batch_size, smooth=c.eval.smooth, corpus=corpus)
   try:
-    windows = contiguous_windows(corpus, length, c.eval.max_docs)
+    curve = task.run(None, tokenizer, options, loss_fn=lambda b: eval_fn(params, b))
   except ValueError as e:
-    raise UsageError(f"{workdir}: eval.length_multiples {tuple(c.eval.length_multiples)} x "
-                     f"seq_len {T} is too long for the held-out documents ({e})") from None
-  curve = per_token_loss(eval_fn, state["params"], windows, c.eval.batch_size)
-  result = {
-      "run": os.path.abspath(workdir), "label": run_label(c, workdir), "step": int(step),
-      "train_length": T, "eval_length": length, "num_docs": int(windows.inputs.shape[0]),
-      "val_loss": val, "loss_by_position": curve.tolist(), "smooth": int(c.eval.smooth),
-      **summary(curve, T)}
+    raise UsageError(f"{workdir}: {what} is too long for the held-out documents ({e})"
+                     ) from None
+  result = {"run": os.path.abspath(workdir), "label": run_label(c, workdir), "step": int(step),
+            "val_loss": val, **curve}
   if write:
     write_result(result)
+  return result
+
+
+def _load_model(workdir: str, step: Optional[int], devices=None):
+  """(config, step, DecoderLM) of a run's checkpoint, its parameters gathered onto one
+  device (decoding runs unsharded). Private: a minimal run-directory loader for the
+  evaluations."""
+  c = rundir.load_config(workdir)
+  devices = list(jax.devices() if devices is None else devices)
+  setup = _setup(c, workdir, devices)
+  step, params = restore_params(workdir, setup, step=step)
+  # Uncommitted arrays on the default device: jit places them, and a model built anew
+  # with the same config shares compiled decoding with this one.
+  params = jax.tree.map(jnp.asarray, jax.device_get(params))
+  return c, step, setup.model(params)
+
+
+def run_task(task: str, workdir: str, *, step: Optional[int] = None,
+             out: Optional[str] = None, devices=None, **options) -> dict:
+  """Runs the registered evaluation ``task`` on a run's checkpoint (default: the newest
+  that restores) and writes ``<out>/<task>.json|png`` (default out: ``<run>/eval``).
+
+  ``options`` are fields of the task's ``Options`` (e.g. lengths, depths); those not given
+  take their defaults; ``train_length`` is the run's seq_len and the corpus its held-out
+  split. A UsageError for an unknown task or a field the task does not have.
+  """
+  module = evals.get(task)
+  fields = {f.name for f in dataclasses.fields(module.Options)} - {"train_length", "corpus"}
+  unknown = sorted(k for k, v in options.items() if v is not None and k not in fields)
+  if unknown:
+    raise UsageError(f"task {task} takes no {', '.join(unknown)} (it takes: "
+                     f"{', '.join(sorted(fields))})")
+  options = {k: v for k, v in options.items() if v is not None}
+  c = rundir.load_config(workdir)
+  opts = module.Options(train_length=int(c.data.seq_len), **options)  # checked before loading
+  out = out or os.path.join(workdir, "eval")
+  check_output_dir(out)
+  c, step, model = _load_model(workdir, step, devices)
+  if "corpus" in {f.name for f in dataclasses.fields(module.Options)}:
+    opts.corpus = _heldout(c, workdir)
+  result = module.run(model, tokenizer, opts)
+  result = {"run": os.path.abspath(workdir), "label": run_label(c, workdir), "step": int(step),
+            **result}
+  _make_output_dir(out)
+  evals.write(task, result, out)
   return result
 
 
@@ -133,9 +182,7 @@ def write_result(result: dict) -> None:
   """``<run>/eval/per_token_loss.{json,png}`` of one run's result."""
   out = os.path.join(result["run"], "eval")
   _make_output_dir(out)
-  with open(os.path.join(out, RESULT_FILE), "w") as f:
-    json.dump(result, f, indent=1)
-  plot([result], os.path.join(out, PLOT_FILE))
+  evals.write("per_token_loss", result, out)
 
 
 def check_output_dir(path: str) -> None:
@@ -162,45 +209,9 @@ def run_label(c, workdir: str) -> str:
   return f"{os.path.basename(os.path.normpath(workdir))} ({c.model.preset})"
 
 
-def summary(curve: np.ndarray, train_length: int) -> dict:
-  """Mean loss over early (first 1/8) and late (last 1/8) positions of the training length,
-  and over the last training length's worth of positions beyond it, if evaluated."""
-  T = train_length
-  w = max(1, T // 8)
-  out = {"loss_early": float(np.mean(curve[:w])), "loss_late": float(np.mean(curve[T - w:T]))}
-  if len(curve) > T:
-    out["loss_beyond"] = float(np.mean(curve[max(T, len(curve) - T):]))
-  return out
-
-
 def load_result(workdir: str) -> dict:
   with open(os.path.join(workdir, "eval", RESULT_FILE)) as f:
     return json.load(f)
-
-
-def plot(results: Sequence[dict], path: str) -> None:
-  """Smoothed loss against position of one or more runs; a line marks the training length."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-  for r in results:
-    curve = np.asarray(r["loss_by_position"])
-    ax.plot(np.arange(1, len(curve) + 1), smooth(curve, r["smooth"]), label=r["label"])
-  train_lengths = sorted({r["train_length"] for r in results})
-  for T in train_lengths:
-    ax.axvline(T, color="grey", linestyle="--", linewidth=1)
-  ax.set_xscale("log")
-  ax.set_xlabel("token position (dashed: training length)")
-  ax.set_ylabel("loss (nats / byte)")
-  smooth_w = sorted({r["smooth"] for r in results})
-  ax.set_title(f"Held-out loss vs position (moving average over up to {smooth_w[0]} tokens)")
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
 
 
 def report_markdown(results: Sequence[dict]) -> str:
@@ -250,14 +261,15 @@ def report_markdown(results: Sequence[dict]) -> str:
 
 
 def compare(run_dirs: Sequence[str], out_dir: str, *, evaluate: bool = True,
-            step: Optional[int] = None) -> list[dict]:
-  """Evaluates each run (or reads its saved result) and writes one plot and one report."""
+            step: Optional[int] = None, lengths: Optional[Sequence] = None) -> list[dict]:
+  """Evaluates each run (or reads its saved result) and writes one plot and one report;
+  ``lengths``: as for :func:`evaluate_run`."""
   for d in run_dirs:
     rundir.load_config(d)  # a missing or foreign directory is named before anything runs
     check_output_dir(os.path.join(d, "eval"))
   check_output_dir(out_dir)
   # Every run is evaluated before anything is written: a failure leaves earlier results be.
-  results = [evaluate_run(d, step=step, write=False) if evaluate else load_result(d)
+  results = [evaluate_run(d, step=step, write=False, lengths=lengths) if evaluate else load_result(d)
              for d in run_dirs]
   if evaluate:
     for r in results:
