@@ -18,12 +18,13 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from fox_jax import checkpoint as ckpt_lib
 from fox_jax import evals
 from fox_jax.evals import common as evals_common
+from fox_jax import loading
 from fox_jax import rundir
-from fox_jax import sharding
 from fox_jax import train as train_lib
 from fox_jax.data import PackedDataset, corpus_from_config, tokenizer
 from fox_jax.errors import UsageError
@@ -75,15 +76,7 @@ def restore_params(workdir: str, setup, *, step: Optional[int] = None,
 
 
 def _setup(c, workdir: str, devices):
-  """The run's setup on its mesh when ``devices`` can hold it; otherwise (a run trained
-  on more devices, e.g. with context parallelism) with FSDP over ``devices``."""
-  try:
-    sharding.mesh_shape(c.mesh.to_dict(), len(devices))
-  except ValueError:
-    print(f"fox-eval: {workdir}: its mesh {c.mesh.to_dict()} does not fit the "
-          f"{len(devices)} device(s) here; evaluating with FSDP over them", file=sys.stderr)
-    c.mesh.update({"data": 1, "fsdp": -1, "context": 1, "tensor": 1})
-  return train_lib.build(c, devices)
+  return loading.run_setup(c, workdir, devices)
 
 
 def _heldout(c, workdir: str):
@@ -134,17 +127,14 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True
 
 
 def _load_model(workdir: str, step: Optional[int], devices=None):
-  """(config, step, DecoderLM) of a run's checkpoint, its parameters gathered onto one
-  device (decoding runs unsharded). Private: a minimal run-directory loader for the
-  evaluations."""
-  c = rundir.load_config(workdir)
-  devices = list(jax.devices() if devices is None else devices)
-  setup = _setup(c, workdir, devices)
-  step, params = restore_params(workdir, setup, step=step)
+  """(config, step, DecoderLM) of a run's checkpoint (``loading.load_model``), its
+  parameters gathered onto one device (decoding runs unsharded)."""
+  loaded = loading.load_model(workdir, step=step, devices=devices, on_broken=_report_broken)
+  graphdef, state = nnx.split(loaded.model)
   # Uncommitted arrays on the default device: jit places them, and a model built anew
   # with the same config shares compiled decoding with this one.
-  params = jax.tree.map(jnp.asarray, jax.device_get(params))
-  return c, step, setup.model(params)
+  state = jax.tree.map(jnp.asarray, jax.device_get(state))
+  return rundir.load_config(workdir), loaded.step, nnx.merge(graphdef, state)
 
 
 def run_task(task: str, workdir: str, *, step: Optional[int] = None,

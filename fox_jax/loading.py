@@ -156,23 +156,33 @@ def load_model(path: str, *, step: Optional[int] = None, devices=None,
   return _load_converted(path, require_tokenizer)
 
 
-def _load_run(workdir: str, step: Optional[int], devices, on_broken) -> Loaded:
-  from fox_jax import evaluate, sharding
+def run_setup(c, workdir: str, devices):
+  """The ``train.Setup`` of run config ``c`` on its own mesh when ``devices`` can hold it;
+  otherwise (a run trained on more devices, e.g. with context parallelism) with FSDP over
+  ``devices``, said on stderr: evaluation and sampling do not depend on the mesh."""
+  from fox_jax import sharding
   from fox_jax import train as train_lib
+  try:
+    sharding.mesh_shape(c.mesh.to_dict(), len(devices))
+  except ValueError:
+    print(f"fox-jax: {workdir}: its mesh {c.mesh.to_dict()} does not fit the {len(devices)} "
+          f"device(s) here; using FSDP over them", file=sys.stderr, flush=True)
+    c.mesh.update({"data": 1, "fsdp": -1, "context": 1, "tensor": 1})
+  return train_lib.build(c, devices)
+
+
+def _load_run(workdir: str, step: Optional[int], devices, on_broken) -> Loaded:
+  from fox_jax import evaluate
   c = rundir.load_config(workdir)
   if c.data.source not in ("builtin", "text"):
     raise UsageError(f"{rundir.config_path(workdir)}: data.source {c.data.source!r} has no "
                      f"tokenizer known to fox-jax (the byte tokenizer is for 'builtin' and "
                      f"'text')")
   devices = list(jax.devices() if devices is None else devices)
-  try:
-    sharding.mesh_shape(c.mesh.to_dict(), len(devices))
-  except ValueError:  # e.g. trained with context parallelism on more devices
-    c.mesh.update({"data": 1, "fsdp": -1, "context": 1, "tensor": 1})
   checkpoints = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
     raise UsageError(f"{workdir} holds no checkpoint yet")
-  setup = train_lib.build(c, devices)
+  setup = run_setup(c, workdir, devices)
   step, params = evaluate.restore_params(workdir, setup, step=step, on_broken=on_broken)
   return Loaded(setup.model(params), ByteTokenizer(), int(step), "run")
 
