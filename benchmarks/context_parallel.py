@@ -6,7 +6,7 @@ Usage (recorded runs: the README, "Context parallelism"):
     PYTHONPATH=. python benchmarks/context_parallel.py --lengths 4096,16384 --no-chunk
     # on a host with 8 GPUs or a TPU slice, a paper-size model:
     PYTHONPATH=. python benchmarks/context_parallel.py --real-devices \\
-        --config experiments/configs/fox_pro_360m_16k_context.py --batch 8 \\
+        --config experiments/configs/paper_16k_context.py:fox_pro_360m --batch 8 \\
         --lengths 16384,32768,65536,131072
 
 For each sequence length S, the train step of the config's model (default: the 16k CPU

@@ -1,6 +1,6 @@
 """Console entry points ``fox-train`` and ``fox-eval`` (argparse, one flag style).
 
-  fox-train --config experiments/configs/cpu_fox_pro.py --workdir runs/fox \
+  fox-train --config experiments/configs/cpu_demo.py:fox_pro --workdir runs/fox \
       --config.optim.peak_lr=1e-3 --config.model.overrides.num_kv_heads=2
   fox-train --workdir runs/fox          # resume with the config saved in the run directory
   fox-train ... --distributed           # one process per host (TPU pod, SLURM, Kubernetes)
@@ -64,9 +64,10 @@ def _train_parser() -> argparse.ArgumentParser:
               description="Train a FoX or Transformer language model into a run directory\n"
               "(config.json, checkpoints/, metrics.jsonl, tensorboard/), or resume one.",
               epilog=epilog)
-  p.add_argument("--config", metavar="FILE",
-                 help="Python config file whose get_config() returns the run's ConfigDict "
-                 "(experiments/configs/*.py); optional when resuming --workdir")
+  p.add_argument("--config", metavar="FILE[:ARG]",
+                 help="Python config file whose get_config() (get_config(ARG) with :ARG) "
+                 "returns the run's ConfigDict (experiments/configs/*.py, e.g. "
+                 "cpu_demo.py:transformer_pro); optional when resuming --workdir")
   p.add_argument("--workdir", metavar="DIR", required=True,
                  help="run directory: created if missing, resumed if it holds checkpoints")
   p.add_argument("--max_steps", type=int, metavar="N",

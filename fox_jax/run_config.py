@@ -32,6 +32,7 @@ import dataclasses
 import difflib
 import fnmatch
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -278,27 +279,52 @@ def resolve_paths(c: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """``get_config()`` of a Python config file; one-line UsageError for every failure."""
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a Python config file, or ``get_config(arg)`` for ``path:arg``
+  (one file for runs that differ only in an argument, e.g. the model family, as big_vision
+  does); one-line UsageError for every failure."""
+  path, arg = spec, None
+  if not os.path.isfile(spec) and ":" in spec:
+    path, arg = spec.rsplit(":", 1)
   if not os.path.isfile(path):
     raise UsageError(f"--config: no such file: {path}")
-  spec = importlib.util.spec_from_file_location("fox_experiment_config", path)
+  module_spec = importlib.util.spec_from_file_location("fox_experiment_config", path)
   try:
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
   except Exception as e:  # the user's file: report where, not our traceback
     where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
     raise UsageError(f"--config {path}{where}: {type(e).__name__}: {e}") from e
-  if not callable(getattr(module, "get_config", None)):
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
     raise UsageError(f"--config {path} defines no get_config()")
+  params = list(inspect.signature(get_config).parameters.values())
+  if arg is not None and not params:
+    raise UsageError(f"--config {spec}: get_config() of {path} takes no argument")
+  if arg is None and params and params[0].default is inspect.Parameter.empty:
+    raise UsageError(f"--config {path} needs an argument: --config {path}:ARG "
+                     f"({_arg_help(get_config)})")
   try:
-    c = module.get_config()
+    c = get_config() if arg is None else get_config(arg)
   except Exception as e:
-    raise UsageError(f"--config {path}: get_config() raised {type(e).__name__}: {e}") from e
+    raise UsageError(f"--config {spec}: get_config() raised {type(e).__name__}: {e}") from e
   if not isinstance(c, ml_collections.ConfigDict):
-    raise UsageError(f"--config {path}: get_config() must return an ml_collections.ConfigDict, "
+    raise UsageError(f"--config {spec}: get_config() must return an ml_collections.ConfigDict, "
                      f"got {type(c).__name__}")
   return c
+
+
+def _arg_help(get_config) -> str:
+  doc = (get_config.__doc__ or "").strip().splitlines()
+  return doc[0] if doc else "see the file"
+
+
+def config_arg(arg: str, choices: Sequence[str]) -> str:
+  """``arg`` of a config file's ``get_config(arg)`` if it is one of ``choices``, else a
+  ValueError listing them (``load_config_file`` reports it in one line)."""
+  if arg not in choices:
+    raise ValueError(f"the argument must be one of {', '.join(choices)}, got {arg!r}")
+  return arg
 
 
 def config_from_json(text: str, source: str) -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ source scripts/venv.sh
 fox_venv ""
 start=$(date +%s)
 for model in fox_pro transformer_pro; do
-  "$VENV/bin/fox-train" --config "experiments/configs/cpu_${model}.py" --workdir "$RUN/$model"
+  "$VENV/bin/fox-train" --config "experiments/configs/cpu_demo.py:${model}" --workdir "$RUN/$model"
 done
 "$VENV/bin/fox-eval" "$RUN/fox_pro" "$RUN/transformer_pro" --out "$RUN"
 echo "main.sh: training and evaluation took $(( $(date +%s) - start )) s; see $RUN/report.md and $RUN/comparison.png"

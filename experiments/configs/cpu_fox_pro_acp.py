@@ -1,4 +1,4 @@
-"""FoX (Pro) with Adaptive Computation Pruning, as ``cpu_fox_pro.py`` otherwise.
+"""FoX (Pro) with Adaptive Computation Pruning, as ``cpu_demo.py:fox_pro`` otherwise.
 
   fox-train --config experiments/configs/cpu_fox_pro_acp.py --workdir runs/acp/fox_pro_acp
 

@@ -12,6 +12,10 @@ from fox_jax.cli import split_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "experiments", "configs", "*.py")))
+# Files whose get_config takes an argument: every argument besides the default one.
+VARIANTS = ["cpu_demo.py:transformer_pro", "cpu_demo.py:fox_llama",
+            "paper_2k.py:transformer_pro_125m", "paper_16k_context.py:fox_pro_760m"]
+SPECS = CONFIGS + [os.path.join(REPO, "experiments", "configs", v) for v in VARIANTS]
 
 
 def _load(path, *overrides):
@@ -27,7 +31,7 @@ def test_configs_exist():
   assert len(CONFIGS) >= 4
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p)[:-3] for p in CONFIGS])
+@pytest.mark.parametrize("path", SPECS, ids=[os.path.basename(p).replace(".py", "") for p in SPECS])
 def test_config_loads_and_builds_its_model_abstractly(path):
   c = _load(path)
   run_config.validate(c)
@@ -41,7 +45,7 @@ def test_config_loads_and_builds_its_model_abstractly(path):
 
 
 def test_command_line_overrides():
-  path = os.path.join(REPO, "experiments", "configs", "cpu_fox_pro.py")
+  path = os.path.join(REPO, "experiments", "configs", "cpu_demo.py:fox_pro")
   c = _load(path, "--config.optim.peak_lr=1e-3", "--config.mesh.tensor=2",
             "--config.model.overrides.num_layers=2", "--config.eval.length_multiples=(1,2,8)")
   assert c.optim.peak_lr == 1e-3 and c.mesh.tensor == 2
@@ -49,3 +53,24 @@ def test_command_line_overrides():
   assert train_lib.model_config(c).num_layers == 2
   with pytest.raises(run_config.UsageError, match="no such config field"):
     _load(path, "--config.optim.no_such_field=1")
+
+
+def test_config_arguments(tmp_path):
+  """``path:arg`` calls get_config(arg); files differing only in the family are one file."""
+  demo = os.path.join(REPO, "experiments", "configs", "cpu_demo.py")
+  assert _load(demo).model.preset == "fox_pro_tiny"  # the default argument
+  assert _load(demo + ":transformer_pro").model.preset == "transformer_pro_tiny"
+  with pytest.raises(run_config.UsageError,
+                     match=r"^--config .*cpu_demo.py:mamba: get_config\(\) raised ValueError: "
+                           r"the argument must be one of fox_pro, transformer_pro"):
+    _load(demo + ":mamba")
+  acp = os.path.join(REPO, "experiments", "configs", "cpu_fox_pro_acp.py")
+  with pytest.raises(run_config.UsageError, match=r"get_config\(\) of .* takes no argument"):
+    _load(acp + ":x")
+  with pytest.raises(run_config.UsageError, match=r"^--config: no such file: .*nope.py$"):
+    _load(os.path.join(REPO, "nope.py:fox_pro"))
+  needs = tmp_path / "needs.py"
+  needs.write_text('def get_config(family):\n  """family: a or b"""\n')
+  with pytest.raises(run_config.UsageError,
+                     match=r"needs an argument: --config .*needs.py:ARG \(family: a or b\)$"):
+    _load(str(needs))

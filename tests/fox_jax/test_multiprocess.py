@@ -57,7 +57,7 @@ def run_processes(workdir: str) -> list[tuple[int, str, str]]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
   address = f"127.0.0.1:{free_port()}"
-  config = os.path.join(REPO, "experiments/configs/cpu_fox_pro.py")
+  config = os.path.join(REPO, "experiments/configs/cpu_demo.py:fox_pro")
   procs = []
   for i in range(NUM_PROCESSES):
     args = ["--config", config, "--workdir", workdir, "--coordinator", address,

@@ -23,7 +23,7 @@ from fox_jax.metrics import read_jsonl
 from fox_jax.signals import Interrupted, StopSignals
 from tests.fox_jax.test_train import REPO, one_device, tiny_config
 
-CONFIG = os.path.join(REPO, "experiments/configs/cpu_fox_pro.py")
+CONFIG = os.path.join(REPO, "experiments/configs/cpu_demo.py:fox_pro")
 # What test_train's tiny_config sets, as command-line flags for a subprocess.
 TINY_FLAGS = ["--config", CONFIG, "--config.data.seq_len=32", "--config.data.global_batch=8",
               "--config.model.overrides.num_layers=1", "--config.model.overrides.d_model=64",

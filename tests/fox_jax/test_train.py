@@ -83,7 +83,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   workdir = str(tmp_path / "run")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
              PYTHONPATH=REPO)
-  args = ["--config", os.path.join(REPO, "experiments/configs/cpu_fox_pro.py"),
+  args = ["--config", os.path.join(REPO, "experiments/configs/cpu_demo.py:fox_pro"),
           "--workdir", workdir, "--config.data.seq_len=32", "--config.data.global_batch=4",
           "--config.model.overrides.num_layers=1", "--config.model.overrides.d_model=64",
           "--config.model.overrides.attn_impl=reference", "--config.run.log_every=1",

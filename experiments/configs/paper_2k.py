@@ -1,7 +1,8 @@
-"""Transformer (Pro) 125M (12 layers, d_model 768, 12 heads x 64, RoPE) with the paper's
-recipe, for an accelerator host or pod; a byte vocabulary on the built-in corpus or your own text.
+"""The paper's recipe at 2048 tokens for an accelerator host or pod; a byte vocabulary on
+the built-in corpus or your own text. The argument is the preset, e.g. fox_pro_125m or
+transformer_pro_125m (any ``fox_jax.config.PRESETS`` name but the tiny ones).
 
-  fox-train --config experiments/configs/transformer_pro_125m.py --workdir runs/transformer_pro_125m \
+  fox-train --config experiments/configs/paper_2k.py:fox_pro_125m --workdir runs/fox_pro_125m \
       --config.data.source=text --config.data.path='/data/corpus/**/*.txt'
 
 FSDP over every device (mesh fsdp = -1); 2048-token rows, 256 rows (0.5M tokens) per
@@ -9,12 +10,14 @@ step; AdamW 2e-3, warmup 256M tokens (capped to the run), cosine to zero over 2.
 tokens; bf16 compute, f32 parameters; blocks rematerialised. Not run here.
 """
 
-from fox_jax.run_config import base_config
+from fox_jax.config import PRESETS
+from fox_jax.run_config import base_config, config_arg
 
 
-def get_config():
+def get_config(preset: str = "fox_pro_125m"):
+  """preset: a paper-size preset name, e.g. fox_pro_125m | transformer_pro_125m"""
   c = base_config()
-  c.model.preset = "transformer_pro_125m"
+  c.model.preset = config_arg(preset, tuple(p for p in PRESETS if not p.endswith("_tiny")))
   c.model.overrides.update({"remat": True})
   c.data.seq_len = 2048
   c.data.global_batch = 256
