@@ -6,7 +6,7 @@
   fox-train ... --distributed           # one process per host (TPU pod, SLURM, Kubernetes)
   fox-train ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0   # by hand
   fox-eval runs/fox runs/transformer --out runs/compare
-  fox-eval runs/fox --task needle --lengths 0.5x,1x,2x,4x --depths 0,50,100
+  fox-eval runs/fox --task needle --lengths 1x,2x,4x --depths 0,50,100
   fox-eval runs/fox --task passkey --lengths 512,1024,2048 --step 1000
 
 A user's mistake (a flag, a config field, a path, a run directory in use or trained with
@@ -192,7 +192,7 @@ def _eval_parser() -> argparse.ArgumentParser:
               "and validation loss, plotted together; needle and passkey\nscore greedy "
               "retrieval by exact match.",
               epilog="examples:\n  fox-eval runs/fox runs/transformer --out runs/compare\n"
-              "  fox-eval runs/fox --task needle --lengths 0.5x,1x,2x,4x --depths 0,50,100\n"
+              "  fox-eval runs/fox --task needle --lengths 1x,2x,4x --depths 0,50,100\n"
               "  fox-eval runs/fox --task passkey --lengths 256,1024 --trials 4")
   p.add_argument("runs", nargs="+", help="run directories written by fox-train")
   p.add_argument("--task", default="per_token_loss",
@@ -239,6 +239,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
       outs = [_run_out(args.out, args.runs, r) for r in args.runs]
       if args.out is not None and len(set(outs)) < len(outs):
         raise UsageError(f"runs with the same directory name cannot share --out {args.out}")
+      for run in args.runs:  # every run checked before any is evaluated or written
+        evaluate.check_run(run, args.step)
       results = []
       for run, out in zip(args.runs, outs):
         r = evaluate.run_task(args.task, run, step=args.step, out=out, lengths=args.lengths,

@@ -23,6 +23,7 @@ from flax import nnx
 from fox_jax import checkpoint as ckpt_lib
 from fox_jax import evals
 from fox_jax.evals import common as evals_common
+from fox_jax import context as context_lib
 from fox_jax import loading
 from fox_jax import rundir
 from fox_jax import train as train_lib
@@ -97,20 +98,24 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True
   """
   c = rundir.load_config(workdir)
   devices = list(jax.devices() if devices is None else devices)
+  T = int(c.data.seq_len)
+  if lengths is not None:
+    length = max(evals_common.parse_lengths(lengths, T, ()))
+    what = f"length {length}"
+    if length < T:
+      raise UsageError(f"--lengths: the loss against position needs a length of at least the "
+                       f"training length {T} (it compares early, late and beyond), got {length}")
+  else:
+    length = T * max(c.eval.length_multiples)
+    what = f"eval.length_multiples {tuple(c.eval.length_multiples)} x seq_len {T}"
   setup = _setup(c, workdir, devices)
+  _check_length(setup, length, what)
   step, params = restore_params(workdir, setup, step=step)
   eval_fn = setup.eval_fn
   corpus = _heldout(c, workdir)
   heldout = PackedDataset(corpus, c.data.seq_len, c.data.seed)
   val = train_lib.validation_loss(setup, eval_fn, params, heldout, c.run.val_rows,
                                   c.eval.batch_size)
-  T = int(c.data.seq_len)
-  if lengths is not None:
-    length = max(evals_common.parse_lengths(lengths, T, ()))
-    what = f"length {length}"
-  else:
-    length = T * max(c.eval.length_multiples)
-    what = f"eval.length_multiples {tuple(c.eval.length_multiples)} x seq_len {T}"
   task = evals.get("per_token_loss")
   options = task.Options(train_length=T, lengths=(length,), max_docs=c.eval.max_docs,
                          batch_size=c.eval.batch_size, smooth=c.eval.smooth, corpus=corpus)
@@ -124,6 +129,34 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True
   if write:
     write_result(result)
   return result
+
+
+def check_run(workdir: str, step: Optional[int] = None) -> None:
+  """UsageError unless ``workdir`` is a run directory with a checkpoint (at ``step``)."""
+  rundir.load_config(workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    steps = checkpointer.all_steps()
+  finally:
+    checkpointer.close()
+  if not steps:
+    raise UsageError(f"{workdir} holds no checkpoint to evaluate")
+  if step is not None and step not in steps:
+    raise UsageError(f"{workdir} has no checkpoint at step {step} (it has {steps})")
+
+
+def _check_length(setup, length: int, what: str) -> None:
+  """UsageError naming ``what`` when the model cannot run rows of ``length`` tokens on this
+  setup's mesh (its context-parallel layout, or ``seq_chunk`` x the context size)."""
+  P = setup.mesh.shape["context"]
+  cfg = setup.model_cfg
+  try:
+    context_lib.check(cfg, P, length)
+  except ValueError as e:
+    raise UsageError(f"{what}: {e}") from None
+  if cfg.seq_chunk and length % (cfg.seq_chunk * P):
+    raise UsageError(f"{what}: must be a multiple of the run's seq_chunk ({cfg.seq_chunk}) x "
+                     f"its context size ({P})")
 
 
 def _load_model(workdir: str, step: Optional[int], devices=None):

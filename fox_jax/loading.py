@@ -44,8 +44,12 @@ class ByteTokenizer:
   name = "bytes"
   eos_id: Optional[int] = byte_tokenizer.EOS_ID
 
-  def encode(self, text: str) -> np.ndarray:
-    return byte_tokenizer.encode(text, add_bos=True, add_eos=False).astype(np.int32)
+  BOS_ID = byte_tokenizer.BOS_ID
+  EOS_ID = byte_tokenizer.EOS_ID
+
+  def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> np.ndarray:
+    """The prompt's ids (BOS first by default); the evaluations pass add_bos=False."""
+    return byte_tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos).astype(np.int32)
 
   def decode(self, ids) -> str:
     return byte_tokenizer.decode(_until(ids, self.eos_id))

@@ -284,10 +284,12 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   (one file for runs that differ only in an argument, e.g. the model family, as big_vision
   does); one-line UsageError for every failure."""
   path, arg = spec, None
-  if not os.path.isfile(spec) and ":" in spec:
-    path, arg = spec.rsplit(":", 1)
-  if not os.path.isfile(path):
-    raise UsageError(f"--config: no such file: {path}")
+  if not os.path.isfile(spec):
+    # The first ':' whose prefix is a file separates the argument (which may hold ':').
+    splits = [i for i, ch in enumerate(spec) if ch == ":" and os.path.isfile(spec[:i])]
+    if not splits:
+      raise UsageError(f"--config: no such file: {spec}")
+    path, arg = spec[:splits[0]], spec[splits[0] + 1:]
   module_spec = importlib.util.spec_from_file_location("fox_experiment_config", path)
   try:
     module = importlib.util.module_from_spec(module_spec)
@@ -298,8 +300,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   get_config = getattr(module, "get_config", None)
   if not callable(get_config):
     raise UsageError(f"--config {path} defines no get_config()")
-  params = list(inspect.signature(get_config).parameters.values())
-  if arg is not None and not params:
+  params = [p for p in inspect.signature(get_config).parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+  takes_args = len(params) < len(inspect.signature(get_config).parameters)
+  if arg is not None and not params and not takes_args:
     raise UsageError(f"--config {spec}: get_config() of {path} takes no argument")
   if arg is None and params and params[0].default is inspect.Parameter.empty:
     raise UsageError(f"--config {path} needs an argument: --config {path}:ARG "

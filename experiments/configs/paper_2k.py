@@ -1,6 +1,7 @@
 """The paper's recipe at 2048 tokens for an accelerator host or pod; a byte vocabulary on
-the built-in corpus or your own text. The argument is the preset, e.g. fox_pro_125m or
-transformer_pro_125m (any ``fox_jax.config.PRESETS`` name but the tiny ones).
+the built-in corpus or your own text. The argument is a 125M preset: fox_pro_125m,
+transformer_pro_125m, fox_llama_125m or transformer_llama_125m (the token budget and
+learning rate below are the paper's for 125M).
 
   fox-train --config experiments/configs/paper_2k.py:fox_pro_125m --workdir runs/fox_pro_125m \
       --config.data.source=text --config.data.path='/data/corpus/**/*.txt'
@@ -15,9 +16,9 @@ from fox_jax.run_config import base_config, config_arg
 
 
 def get_config(preset: str = "fox_pro_125m"):
-  """preset: a paper-size preset name, e.g. fox_pro_125m | transformer_pro_125m"""
+  """preset: fox_pro_125m | transformer_pro_125m | fox_llama_125m | transformer_llama_125m"""
   c = base_config()
-  c.model.preset = config_arg(preset, tuple(p for p in PRESETS if not p.endswith("_tiny")))
+  c.model.preset = config_arg(preset, tuple(p for p in PRESETS if p.endswith("_125m")))
   c.model.overrides.update({"remat": True})
   c.data.seq_len = 2048
   c.data.global_batch = 256

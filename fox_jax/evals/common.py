@@ -13,6 +13,8 @@ with ``encode(text, add_bos=, add_eos=)`` and ``decode(ids)`` (``fox_jax.data.to
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from typing import Callable, Optional, Sequence
 
@@ -59,6 +61,18 @@ def encode(tokenizer, text: str) -> np.ndarray:
   return np.asarray(tokenizer.encode(text, add_bos=False, add_eos=False), np.int64)
 
 
+def decode_until_eos(tokenizer, ids) -> str:
+  """The text of ``ids`` up to (not including) the first end-of-document token, so that
+  digits or words generated after a document's end never join the answer."""
+  ids = np.asarray(ids)
+  eos = getattr(tokenizer, "EOS_ID", getattr(tokenizer, "eos_id", None))
+  if eos is not None:
+    hits = np.flatnonzero(ids == eos)
+    if hits.size:
+      ids = ids[:hits[0]]
+  return tokenizer.decode(ids)
+
+
 def bos(tokenizer) -> np.ndarray:
   """[BOS] if the tokenizer has one (as every training document starts), else []."""
   b = getattr(tokenizer, "BOS_ID", None)
@@ -78,7 +92,7 @@ def parse_lengths(lengths: Optional[Sequence], train_length: int,
     except ValueError:
       raise UsageError(f"length {item!r} is neither a token count nor a multiple of the "
                        f"training length like '4x'") from None
-    if value < 1 or (not text.endswith("x") and value != int(value)):
+    if not math.isfinite(value) or value < 1 or (not text.endswith("x") and value != int(value)):
       raise UsageError(f"length {item!r} must be a positive number of tokens")
     out.append(int(round(value)))
   if not out:

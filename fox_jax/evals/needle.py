@@ -133,7 +133,7 @@ def run(model, tokenizer, options: Options, *,
     new = common.generate_rows(generate_fn, np.stack([c["ids"] for c in group]), n_new,
                                options.batch_size)
     for c, toks in zip(group, new):
-      c["output"] = tokenizer.decode(toks)
+      c["output"] = common.decode_until_eos(tokenizer, toks)
       c["score"] = score(ANSWER, c["output"])
   L, D = list(lengths), list(options.depths)
   grids = {}

@@ -85,7 +85,7 @@ def run(model, tokenizer, options: Options, *,
     new = common.generate_rows(generate_fn, np.stack([c["ids"] for c in group]), n_new,
                                options.batch_size)
     for c, toks in zip(group, new):
-      c["output"] = tokenizer.decode(toks)
+      c["output"] = common.decode_until_eos(tokenizer, toks)
       c["extracted"] = extract_digits(c["output"])
       c["score"] = int(c["extracted"] == c["passkey"])
   L, D = list(options.lengths), list(options.depths)

@@ -67,10 +67,17 @@ def test_config_arguments(tmp_path):
   acp = os.path.join(REPO, "experiments", "configs", "cpu_fox_pro_acp.py")
   with pytest.raises(run_config.UsageError, match=r"get_config\(\) of .* takes no argument"):
     _load(acp + ":x")
-  with pytest.raises(run_config.UsageError, match=r"^--config: no such file: .*nope.py$"):
+  with pytest.raises(run_config.UsageError, match=r"^--config: no such file: .*nope.py:fox_pro$"):
     _load(os.path.join(REPO, "nope.py:fox_pro"))
   needs = tmp_path / "needs.py"
   needs.write_text('def get_config(family):\n  """family: a or b"""\n')
   with pytest.raises(run_config.UsageError,
                      match=r"needs an argument: --config .*needs.py:ARG \(family: a or b\)$"):
     _load(str(needs))
+  # An argument may hold ':'; *args / **kwargs do not make one required.
+  star = tmp_path / "star.py"
+  star.write_text("import ml_collections\n"
+                  "def get_config(*args):\n"
+                  "  return ml_collections.ConfigDict({'args': list(args)})\n")
+  assert run_config.load_config_file(str(star)).args == []
+  assert run_config.load_config_file(f"{star}:a:b").args == ["a:b"]

@@ -65,6 +65,14 @@ def test_registry_names_each_evaluation_and_rejects_others():
     evals.get("nope")
 
 
+def test_answers_end_at_the_end_of_document():
+  """Tokens generated after an end-of-document token never join the answer."""
+  from fox_jax.data import tokenizer as tok
+  ids = np.concatenate([tok.encode(" 12", add_bos=False, add_eos=False), [tok.EOS_ID],
+                        tok.encode("345", add_bos=False, add_eos=False)])
+  assert common.decode_until_eos(tok, ids) == " 12"
+
+
 def test_scoring_is_exact_match():
   assert needle.score(needle.ANSWER, " " + needle.ANSWER + '"\nx') == 1
   assert needle.score(needle.ANSWER, needle.ANSWER[:-1]) == 0
@@ -200,10 +208,22 @@ def test_fox_eval_task_needle_and_passkey_on_a_run(run_dir, tmp_path, capsys):
     (["--task", "passkey", "--lengths", "abc"], "length 'abc'"),
     (["--task", "needle", "--lengths", "40"], "too short"),
     (["--task", "needle", "--step", "7"], "no checkpoint at step 7"),
+    (["--task", "passkey", "--lengths", "nan"], "length 'nan'"),
+    (["--lengths", "16"], "needs a length of at least the training length 32"),
 ])
 def test_fox_eval_task_errors_are_one_line(run_dir, tmp_path, capsys, args, message):
   out = str(tmp_path / "out")
   assert eval_main([run_dir, "--out", out] + args) == 2
   err = capsys.readouterr().err
   assert message in err and err.count("\n") == 1 and err.startswith("fox-eval: ")
+  assert not os.path.exists(out)
+
+
+def test_fox_eval_checks_every_run_before_writing(run_dir, tmp_path, capsys):
+  """A second run that is not one is refused before the first is evaluated or written."""
+  out = str(tmp_path / "out")
+  assert eval_main([run_dir, str(tmp_path / "nothing"), "--task", "passkey", "--lengths",
+                    "300", "--out", out]) == 2
+  err = capsys.readouterr().err
+  assert "nothing" in err and err.count("\n") == 1 and err.startswith("fox-eval: ")
   assert not os.path.exists(out)
