@@ -24,6 +24,7 @@ from fox_jax.errors import UsageError
 from fox_jax.evals import common, needle, passkey, per_token_loss
 from fox_jax.model import DecoderLM
 from tests.fox_jax.test_train import tiny_config
+from tests.tolerances import assert_close
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -167,7 +168,8 @@ def test_per_token_loss_on_a_model_matches_its_forward(corpus, tiny_model):
   assert result["eval_length"] == 32 and result["num_docs"] == 3
   rows = corpus.tokens[corpus.doc_starts[:3, None] + np.arange(33)].astype(np.int32)
   want = tiny_model.token_losses(jnp.asarray(rows[:, :-1]), jnp.asarray(rows[:, 1:]))
-  np.testing.assert_allclose(result["loss_by_position"], np.asarray(want).mean(0), rtol=1e-5)
+  assert_close(result["loss_by_position"], np.asarray(want).mean(0), jnp.float32,
+               "loss by position")
   assert result["loss_beyond"] == pytest.approx(np.mean(result["loss_by_position"][16:]))
 
 
