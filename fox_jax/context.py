@@ -34,13 +34,13 @@ from typing import Any, Optional
 import jax
 from jax.sharding import PartitionSpec as P
 
+from fox_jax import sharding
 from fox_jax.config import ModelConfig
 from pallas_kernels.sequence_parallel import api as sp_api
 from pallas_kernels.sequence_parallel import layouts
 from pallas_kernels.sequence_parallel import ulysses as ulysses_lib
 
 AXIS = "context"
-BATCH_AXES = ("data", "fsdp")
 TENSOR_AXIS = "tensor"
 STRATEGY_NAMES = tuple(sp_api.STRATEGIES)
 
@@ -62,7 +62,7 @@ class ContextParallel:
   def _spec(self, x: jax.Array) -> P:
     """[B, T, heads?, ...]: batch and sequence split, heads too where they divide."""
     rest = [None] * (x.ndim - 2)
-    if rest and self.head_axes and x.shape[2] % _size(self.mesh, self.head_axes) == 0:
+    if rest and self.head_axes and x.shape[2] % sp_api._axes_size(self.mesh, self.head_axes) == 0:
       rest[0] = self.head_axes
     return P(self.batch_axes or None, AXIS, *rest)
 
@@ -97,7 +97,7 @@ class ContextParallel:
     device's share still splits over the context axis), else None (heads replicated)."""
     if not self.head_axes:
       return None
-    n = _size(self.mesh, self.head_axes)
+    n = sp_api._axes_size(self.mesh, self.head_axes)
     hq, hkv = q.shape[2], k.shape[2]
     if hq % n or hkv % n:
       return None
@@ -107,24 +107,6 @@ class ContextParallel:
       except ValueError:
         return None
     return self.head_axes
-
-
-def _size(mesh, axes) -> int:
-  size = 1
-  for a in axes:
-    size *= mesh.shape[a]
-  return size
-
-
-def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
-  """The data-parallel axes the batch splits over: as ``sharding`` places 'act_batch'
-  (each axis kept while the batch still divides)."""
-  kept, size = [], 1
-  for name in BATCH_AXES:
-    if name in mesh.axis_names and mesh.shape[name] > 1 and batch % (size * mesh.shape[name]) == 0:
-      kept.append(name)
-      size *= mesh.shape[name]
-  return tuple(kept)
 
 
 def context_size(mesh=None) -> int:
@@ -145,7 +127,7 @@ def active(cfg: ModelConfig, batch: int, length: int, mesh=None) -> Optional[Con
   layout = sp_api.strategy_layout(cfg.context_strategy, length, P_, cfg.context_stripe)
   heads = ((TENSOR_AXIS,) if TENSOR_AXIS in mesh.axis_names and mesh.shape[TENSOR_AXIS] > 1
            else ())
-  return ContextParallel(mesh, cfg.context_strategy, layout, _batch_axes(mesh, batch), heads)
+  return ContextParallel(mesh, cfg.context_strategy, layout, sharding.batch_axes(mesh, batch), heads)
 
 
 def check(cfg: ModelConfig, num_shards: int, length: int) -> None:

@@ -69,6 +69,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fox_jax import sharding
 from fox_jax.attention import Q_AXES
 from fox_jax.config import ModelConfig
 from fox_jax.layers import constrain
@@ -82,7 +83,6 @@ from pallas_kernels.sequence_parallel.api import _auto_chunk_impl, sequence_para
 from pallas_kernels.sequence_parallel.tree import tree_attention
 
 CONTEXT = "context"  # the mesh axis a sharded cache is split over
-BATCH_AXES = ("data", "fsdp")  # the mesh axes its batch is split over, where they divide it
 
 # log f floor of the cached c (see the module docstring): -2^16.
 GATE_FLOOR = -65536.0
@@ -140,13 +140,7 @@ def context_size(mesh: Optional[Mesh]) -> int:
 
 
 def _batch_axes(mesh: Mesh, batch_size: int) -> Optional[tuple[str, ...]]:
-  """The axes of BATCH_AXES on ``mesh`` (size > 1) whose product divides the batch."""
-  kept, size = [], 1
-  for a in BATCH_AXES:
-    if a in mesh.axis_names and mesh.shape[a] > 1 and batch_size % (size * mesh.shape[a]) == 0:
-      kept.append(a)
-      size *= mesh.shape[a]
-  return tuple(kept) or None
+  return sharding.batch_axes(mesh, batch_size) or None
 
 
 def _layer_specs(mesh: Mesh, batch_size: int, lc: LayerCache) -> LayerCache:

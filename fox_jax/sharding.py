@@ -132,6 +132,18 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, *, leading_unsharded: int = 0) -> 
   return NamedSharding(mesh, P(*spec))
 
 
+def batch_axes(mesh, batch: int) -> tuple[str, ...]:
+  """The data-parallel axes (of ``BATCH_AXES``, size > 1) a batch of ``batch`` rows splits
+  over inside ``shard_map``: each kept while the batch still divides, as 'act_batch' is
+  placed; () when none (Mesh or AbstractMesh)."""
+  kept, size = [], 1
+  for name in BATCH_AXES:
+    if name in mesh.axis_names and mesh.shape[name] > 1 and batch % (size * mesh.shape[name]) == 0:
+      kept.append(name)
+      size *= mesh.shape[name]
+  return tuple(kept)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
