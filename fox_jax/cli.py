@@ -1,4 +1,5 @@
-"""Console entry points ``fox-train`` and ``fox-eval`` (argparse, one flag style).
+"""Console entry points ``fox-train``, ``fox-eval``, ``fox-generate`` and ``fox-convert``
+(argparse, one flag style: --lower_case_with_underscores).
 
   fox-train --config experiments/configs/cpu_demo.py:fox_pro --workdir runs/fox \
       --config.optim.peak_lr=1e-3 --config.model.overrides.num_kv_heads=2
@@ -358,3 +359,63 @@ def _generate(args) -> str:
                         temperature=args.temperature, top_k=args.top_k,
                         rng=jax.random.key(args.seed))
   return loaded.tokenizer.decode(np.asarray(out)[0, ids.size:])
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+  from fox_jax.config import ATTN_IMPLS
+  from fox_jax.convert import AUTHORS_MODEL_TYPE, FLA_MODEL_TYPE
+  p = _Parser(
+      prog="fox-convert",
+      description="Convert a PyTorch FoX checkpoint directory (the authors' Hugging Face "
+      f"format, model_type {AUTHORS_MODEL_TYPE!r}, or fla's {FLA_MODEL_TYPE!r} saved with "
+      "save_pretrained; config.json + safetensors) into OUTPUT_DIR/model_config.json and an "
+      "orbax checkpoint OUTPUT_DIR/params for fox_jax (read back with "
+      "fox_jax.convert.load_converted; fox-eval and fox-generate take OUTPUT_DIR, with the "
+      "checkpoint's tokenizer.json placed beside it). Any problem with the input is one "
+      "line on stderr and exit status 2, and leaves nothing in OUTPUT_DIR.")
+  p.add_argument("checkpoint_dir", help="directory with config.json and model.safetensors "
+                 "(or model.safetensors.index.json and its shards)")
+  p.add_argument("output_dir", help="where to write model_config.json and params/: a new "
+                 "or empty directory (see --overwrite)")
+  # choices: a bad value is a usage error naming the flag, before any file is read
+  p.add_argument("--attn_impl", default=None, choices=ATTN_IMPLS, metavar="IMPL",
+                 help="ModelConfig.attn_impl to record (" + ", ".join(ATTN_IMPLS)
+                 + "; default: auto)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace the conversion already in OUTPUT_DIR (its model_config.json "
+                 "and params/; other files stay). A non-empty directory holding no "
+                 "conversion (a fox-jax model_config.json and orbax's files, nothing "
+                 "else, in params/) is refused regardless")
+  return p
+
+
+def _one_line(e: Exception) -> str:
+  if isinstance(e, OSError) and e.strerror:
+    text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+  else:
+    text = str(e) or type(e).__name__
+  return " ".join(text.splitlines())
+
+
+def convert_main(argv: Optional[Sequence[str]] = None) -> int:
+  """``fox-convert CHECKPOINT_DIR OUTPUT_DIR [--attn_impl IMPL] [--overwrite]``."""
+  args = _convert_parser().parse_args(argv)
+  import jax
+  import numpy as np
+  from flax import nnx
+  from fox_jax.convert import convert_dir
+  from fox_jax.converted import Interrupted
+  out_dir = os.path.abspath(args.output_dir)
+  try:
+    cfg, model = convert_dir(args.checkpoint_dir, out_dir, attn_impl=args.attn_impl,
+                             overwrite=args.overwrite)
+  except (ValueError, OSError) as e:
+    print(f"fox-convert: {_one_line(e)}", file=sys.stderr)
+    return 2
+  except Interrupted as e:  # the shell's status for death by that signal
+    print(f"fox-convert: {e}; no partial output is left", file=sys.stderr)
+    return 128 + e.signum
+  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+  print(f"fox-convert: {n:,} parameters ({cfg.num_layers} layers, d_model {cfg.d_model}, "
+        f"forget gate {cfg.forget_gate!r}) -> {out_dir}")
+  return 0

@@ -56,7 +56,7 @@ first). Their QK-norm keeps its norm library's eps (1e-5), not ``norm_eps``; so 
 hence ``ModelConfig.qk_norm_eps``. Older authors' configs lack
 ``qk_norm_share_param_across_head``: the shape of ``q_norm.weight`` then decides.
 
-Command: ``fox-convert CHECKPOINT_DIR OUTPUT_DIR`` writes ``OUTPUT_DIR/model_config.json``
+Command (``fox_jax.cli``): ``fox-convert CHECKPOINT_DIR OUTPUT_DIR`` (:func:`convert_dir`) writes ``OUTPUT_DIR/model_config.json``
 and an orbax checkpoint of the parameters in ``OUTPUT_DIR/params``; ``load_converted``
 reads them back. OUTPUT_DIR must be new or empty; ``--overwrite`` replaces an earlier
 conversion there, recognised by its fox-jax ``model_config.json`` and orbax's files in
@@ -67,11 +67,9 @@ SIGTERM or SIGINT also leave nothing and exit with status 128 + the signal's num
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
-import sys
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import jax
@@ -79,8 +77,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fox_jax.config import ATTN_IMPLS, ModelConfig
-from fox_jax.converted import (Interrupted, check_output_dir, load_converted, save_converted,
+from fox_jax.config import ModelConfig
+from fox_jax.converted import (check_output_dir, load_converted, save_converted,
                                signals_interrupt, staged_output, write_conversion)
 from fox_jax.layers import Constant
 from fox_jax.model import DecoderLM
@@ -90,7 +88,7 @@ from fox_jax.safetensors_io import (CONFIG_NAME, FLOAT_NUMPY_DTYPES, brief, read
 __all__ = [
     "AUTHORS_MODEL_TYPE", "FLA_MODEL_TYPE", "Rule", "authors_config", "authors_rules",
     "build_from_tensors", "fla_config", "fla_rules", "load_authors_checkpoint",
-    "load_converted", "load_fla_checkpoint", "load_fla_model", "main", "read_checkpoint_dir",
+    "convert_dir", "load_converted", "load_fla_checkpoint", "load_fla_model", "read_checkpoint_dir",
     "read_safetensors", "save_converted",
 ]
 
@@ -587,71 +585,27 @@ def _to_numpy(t) -> np.ndarray:
   return np.asarray(t)
 
 
-class _Parser(argparse.ArgumentParser):
-  """Usage errors as one line, like every other error of the command."""
+def convert_dir(checkpoint_dir: str, output_dir: str, *, attn_impl: Optional[str] = None,
+                overwrite: bool = False) -> tuple[ModelConfig, DecoderLM]:
+  """``fox-convert``'s work: reads a PyTorch checkpoint directory (the authors' or fla's
+  format), writes its conversion into ``output_dir`` and returns the config and model.
 
-  def error(self, message):
-    self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def _one_line(e: Exception) -> str:
-  if isinstance(e, OSError) and e.strerror:
-    text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-  else:
-    text = str(e) or type(e).__name__
-  return " ".join(text.splitlines())
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-  parser = _Parser(
-      prog="fox-convert",
-      description="Convert a PyTorch FoX checkpoint directory (the authors' Hugging Face "
-      f"format, model_type {AUTHORS_MODEL_TYPE!r}, or fla's {FLA_MODEL_TYPE!r} saved with "
-      "save_pretrained; config.json + safetensors) into OUTPUT_DIR/model_config.json and an "
-      "orbax checkpoint OUTPUT_DIR/params for fox_jax (read back with "
-      "fox_jax.convert.load_converted). Any problem with the input is one line on stderr "
-      "and exit status 2, and leaves nothing in OUTPUT_DIR.")
-  parser.add_argument("checkpoint_dir", help="directory with config.json and model.safetensors "
-                      "(or model.safetensors.index.json and its shards)")
-  parser.add_argument("output_dir", help="where to write model_config.json and params/: a new "
-                      "or empty directory (see --overwrite)")
-  # choices: a bad value is a usage error naming the flag, before any file is read
-  parser.add_argument("--attn-impl", default=None, choices=ATTN_IMPLS, metavar="IMPL",
-                      help="ModelConfig.attn_impl to record (" + ", ".join(ATTN_IMPLS)
-                      + "; default: auto)")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace the conversion already in OUTPUT_DIR (its model_config.json "
-                      "and params/; other files stay). A non-empty directory holding no "
-                      "conversion (a fox-jax model_config.json and orbax's files, nothing "
-                      "else, in params/) is refused regardless")
-  args = parser.parse_args(argv)
-  overrides = {} if args.attn_impl is None else dict(attn_impl=args.attn_impl)
-  out_dir = os.path.abspath(args.output_dir)
-  try:
-    # SIGTERM / SIGINT become Interrupted, so that staged_output removes its staging
-    # directory instead of leaving it to make the output directory look taken.
-    with signals_interrupt():
-      check_output_dir(out_dir, args.overwrite)  # before reading a large checkpoint
-      hf, tensors = read_checkpoint_dir(args.checkpoint_dir)
-      with staged_output(out_dir, args.overwrite) as staging:
-        if hf.get("model_type") == FLA_MODEL_TYPE:
-          cfg, model = _import_dir(args.checkpoint_dir, hf, tensors, fla_config, _fla_rules,
-                                   overrides)
-        else:
-          cfg, model = _import_dir(args.checkpoint_dir, hf, tensors, authors_config,
-                                   _authors_rules, overrides, tensors)
-        write_conversion(staging, cfg, model)
-  except (ValueError, OSError) as e:
-    print(f"fox-convert: {_one_line(e)}", file=sys.stderr)
-    return 2
-  except Interrupted as e:  # the shell's status for death by that signal
-    print(f"fox-convert: {e}; no partial output is left", file=sys.stderr)
-    return 128 + e.signum
-  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
-  print(f"fox-convert: {n:,} parameters ({cfg.num_layers} layers, d_model {cfg.d_model}, "
-        f"forget gate {cfg.forget_gate!r}) -> {out_dir}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+  ValueError / OSError for bad input, and Interrupted on SIGTERM or SIGINT, leave nothing in
+  ``output_dir`` (the conversion is staged and moved into place at the end).
+  """
+  overrides = {} if attn_impl is None else dict(attn_impl=attn_impl)
+  out_dir = os.path.abspath(output_dir)
+  # SIGTERM / SIGINT become Interrupted, so that staged_output removes its staging
+  # directory instead of leaving it to make the output directory look taken.
+  with signals_interrupt():
+    check_output_dir(out_dir, overwrite)  # before reading a large checkpoint
+    hf, tensors = read_checkpoint_dir(checkpoint_dir)
+    with staged_output(out_dir, overwrite) as staging:
+      if hf.get("model_type") == FLA_MODEL_TYPE:
+        cfg, model = _import_dir(checkpoint_dir, hf, tensors, fla_config, _fla_rules,
+                                 overrides)
+      else:
+        cfg, model = _import_dir(checkpoint_dir, hf, tensors, authors_config, _authors_rules,
+                                 overrides, tensors)
+      write_conversion(staging, cfg, model)
+  return cfg, model

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from fox_jax import convert
+from fox_jax import cli, convert
 from tests.tolerances import IMPORTED_LOGITS_F32, error_ratios
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data", "authors_checkpoints")
@@ -202,12 +202,12 @@ def test_sharded_checkpoint(tmp_path):
 def test_cli_roundtrip(tmp_path, capsys):
   src = os.path.join(DATA, "transformer_pro")
   out = tmp_path / "converted"
-  assert convert.main([src, str(out), "--attn-impl", "reference"]) == 0
+  assert cli.convert_main([src, str(out), "--attn_impl", "reference"]) == 0
   assert "fox-convert:" in capsys.readouterr().out
-  assert convert.main([src, str(out)]) == 2
+  assert cli.convert_main([src, str(out)]) == 2
   assert "already holds a conversion; pass --overwrite" in capsys.readouterr().err
   (out / "notes.txt").write_text("kept")  # --overwrite replaces the conversion only
-  assert convert.main([src, str(out), "--attn-impl", "reference", "--overwrite"]) == 0
+  assert cli.convert_main([src, str(out), "--attn_impl", "reference", "--overwrite"]) == 0
   assert sorted(os.listdir(out)) == ["model_config.json", "notes.txt", "params"]
   assert os.listdir(tmp_path) == ["converted"]  # no staging directory left
   cfg, model = convert.load_converted(str(out))
@@ -232,9 +232,9 @@ def test_cli_roundtrip(tmp_path, capsys):
 
 def test_cli_errors(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
-    convert.main(["--help"])
+    cli.convert_main(["--help"])
   assert e.value.code == 0 and "fox-convert" in capsys.readouterr().out
-  assert convert.main([str(tmp_path), str(tmp_path / "out")]) == 2
+  assert cli.convert_main([str(tmp_path), str(tmp_path / "out")]) == 2
   assert "no config.json" in capsys.readouterr().err
 
 

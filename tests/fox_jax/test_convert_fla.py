@@ -24,7 +24,7 @@ import fla.modules.mlp as fla_mlp  # noqa: E402
 from fla.models import ForgettingTransformerConfig, ForgettingTransformerForCausalLM  # noqa: E402
 from fla.ops.forgetting_attn.naive import naive_forgetting_attn  # noqa: E402
 
-from fox_jax import convert  # noqa: E402
+from fox_jax import cli, convert  # noqa: E402
 from tests.tolerances import IMPORTED_LOGITS_F32, error_ratios  # noqa: E402
 
 VOCAB, B, T = 97, 2, 19
@@ -134,7 +134,7 @@ def test_fla_state_dict_and_saved_directory(torch_kernels, tmp_path):
                                         torch_model.config.to_dict(), attn_impl="reference")
   assert_logits_match(jax_logits(from_dict, ids), expected, "state dict + config dict")
   torch_model.save_pretrained(str(tmp_path))
-  assert convert.main([str(tmp_path), str(tmp_path / "converted")]) == 0
+  assert cli.convert_main([str(tmp_path), str(tmp_path / "converted")]) == 0
   _, converted = convert.load_converted(str(tmp_path / "converted"), attn_impl="reference")
   assert_logits_match(jax_logits(converted, ids), expected, "save_pretrained + fox-convert")
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from fox_jax import convert, converted, safetensors_io
+from fox_jax import cli, convert, converted, safetensors_io
 from tests.fox_jax.test_convert import DATA, FLA_CONFIG
 
 WEIGHT = "model.layers.0.mlp.down_proj.weight"  # [64, 256] in every fixture
@@ -60,7 +60,7 @@ def shard_index(d, weight_map):
 def run_cli(capsys, *args):
   """(exit status, the stderr lines) of fox-convert."""
   try:
-    status = convert.main([str(a) for a in args])
+    status = cli.convert_main([str(a) for a in args])
   except SystemExit as e:
     status = e.code
   return status, capsys.readouterr().err.splitlines()
@@ -504,8 +504,8 @@ def test_cli_bad_checkpoint_one_line(tmp_path, capsys, case):
 
 def test_cli_bad_attn_impl_names_the_flag(tmp_path, capsys):
   d, _, _ = fixture(tmp_path)
-  status, err = run_cli(capsys, d, tmp_path / "out", "--attn-impl", "pallas-gpu")
-  assert status == 2 and len(err) == 1 and "--attn-impl" in err[0], err
+  status, err = run_cli(capsys, d, tmp_path / "out", "--attn_impl", "pallas-gpu")
+  assert status == 2 and len(err) == 1 and "--attn_impl" in err[0], err
   assert "config.json" not in err[0], err
   assert not (tmp_path / "out").exists()
   # in Python too: the override is at fault, not the checkpoint's config.json

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fox_jax import convert, decode, evaluate, loading
+from fox_jax import cli, convert, decode, evaluate, loading
 from fox_jax import train as train_lib
 from fox_jax.cli import generate_main
 from tests.fox_jax.test_convert import DATA as AUTHORS_DATA
@@ -161,8 +161,8 @@ def write_char_tokenizer(path, vocab_size):
 
 def test_converted_checkpoint(tmp_path, capsys):
   out = tmp_path / "converted"
-  assert convert.main([os.path.join(AUTHORS_DATA, "fox_pro"), str(out),
-                       "--attn-impl", "reference"]) == 0
+  assert cli.convert_main([os.path.join(AUTHORS_DATA, "fox_pro"), str(out),
+                       "--attn_impl", "reference"]) == 0
   capsys.readouterr()
   # No tokenizer recorded: the model alone on request, one line otherwise.
   bare = loading.load_model(str(out), require_tokenizer=False)
