@@ -139,10 +139,16 @@ def run(model, tokenizer, options: Options, *, lm=None) -> dict:
     lm = harness_lm.FoxLM(model, tokenizer, max_length=options.max_length,
                           batch_size=options.batch_size)
   manager = task_manager(options.lm_eval_tasks, options.lm_eval_include_path)
-  out = lm_eval.simple_evaluate(model=lm, tasks=list(options.lm_eval_tasks),
-                                num_fewshot=options.num_fewshot, limit=options.limit,
-                                task_manager=manager, log_samples=False,
-                                bootstrap_iters=int(options.bootstrap_iters))
+  try:
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(options.lm_eval_tasks),
+                                  num_fewshot=options.num_fewshot, limit=options.limit,
+                                  task_manager=manager, log_samples=False,
+                                  bootstrap_iters=int(options.bootstrap_iters))
+  except (ConnectionError, FileNotFoundError) as e:  # a data set that cannot be had
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise UsageError(f"lm_eval could not load a task's data ({detail}); lm_eval's own tasks "
+                     f"download from the Hugging Face Hub (network or a filled HF cache), "
+                     f"local ones read the files their YAML names") from None
   results = _jsonable(out["results"])
   scores = {}
   for task, metrics in results.items():

@@ -313,6 +313,7 @@ def test_fox_eval_task_lm_eval_and_the_fox_model_name(lm_eval, setup, run_dir, t
     (["--task", "lm_eval", "--lm_eval_tasks", "x", "--limit", "1.5"], "--limit must be"),
     (["--task", "lm_eval", "--lm_eval_tasks", "x", "--lm_eval_include_path", "/nonexistent"],
      "does not exist"),
+    (["--task", "lm_eval", "--lm_eval_tasks", "fox_missing"], "could not load a task's data"),
     (["--task", "needle", "--lm_eval_tasks", "piqa"], "task needle takes no lm_eval_tasks"),
     (["--max_length", "64"], "--max_length do not apply to --task per_token_loss"),
 ])
@@ -327,6 +328,13 @@ def test_fox_eval_lm_eval_errors_are_one_line(lm_eval, setup, run_dir, tmp_path,
     monkeypatch.setattr(tasks_module, "TaskManager", lambda include_path=None, **_: real(
         include_path=include_path, include_defaults=False))
     args = args + ["--lm_eval_include_path", path]
+  if "fox_missing" in args:  # a task whose YAML names a file that is not there
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "missing.yaml").write_text(
+        f"task: fox_missing\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
+        f"{tmp_path / 'nothing.jsonl'}\ntest_split: test\noutput_type: loglikelihood\n"
+        f"doc_to_text: x\ndoc_to_target: y\n")
+    args = args + ["--lm_eval_include_path", str(tmp_path / "tasks")]
   assert eval_main([run_dir, "--out", out] + args) == 2
   err = capsys.readouterr().err
   assert message in err and err.count("\n") == 1 and err.startswith("fox-eval: "), err
