@@ -9,6 +9,7 @@
   fox-eval runs/fox runs/transformer --out runs/compare
   fox-eval runs/fox --task needle --lengths 1x,2x,4x --depths 0,50,100
   fox-eval runs/fox --task passkey --lengths 512,1024,2048 --step 1000
+  fox-eval runs/fox --task lm_eval --lm_eval_tasks piqa,hellaswag --batch_size 16
 
 A user's mistake (a flag, a config field, a path, a run directory in use or trained with
 another config) is one line on stderr and exit code 2, with nothing written; a run that
@@ -191,10 +192,13 @@ def _eval_parser() -> argparse.ArgumentParser:
               description="Evaluate one or more run directories. The default task, "
               "per_token_loss, gives loss against position\n(and beyond the training length) "
               "and validation loss, plotted together; needle and passkey\nscore greedy "
-              "retrieval by exact match.",
+              "retrieval by exact match; lm_eval runs lm-evaluation-harness tasks.",
               epilog="examples:\n  fox-eval runs/fox runs/transformer --out runs/compare\n"
               "  fox-eval runs/fox --task needle --lengths 1x,2x,4x --depths 0,50,100\n"
-              "  fox-eval runs/fox --task passkey --lengths 256,1024 --trials 4")
+              "  fox-eval runs/fox --task passkey --lengths 256,1024 --trials 4\n"
+              "  fox-eval runs/fox --task lm_eval --lm_eval_tasks piqa,hellaswag --limit 100\n"
+              "  fox-eval runs/fox --task lm_eval --lm_eval_tasks my_task "
+              "--lm_eval_include_path my_tasks/")
   p.add_argument("runs", nargs="+", help="run directories written by fox-train")
   p.add_argument("--task", default="per_token_loss",
                  help=f"evaluation to run: {', '.join(EVALS)} (default: per_token_loss)")
@@ -215,7 +219,25 @@ def _eval_parser() -> argparse.ArgumentParser:
                  help="needle modes (default: both)")
   p.add_argument("--trials", type=int, default=None,
                  help="passkey: random pass keys per length and depth (default 2)")
+  p.add_argument("--lm_eval_tasks", type=_csv(str), default=None, metavar="T1,T2,...",
+                 help="lm_eval: lm-evaluation-harness task names (zero-shot; the FoX "
+                 "authors': wikitext,lambada_openai,piqa,hellaswag,winogrande,arc_easy,"
+                 "arc_challenge,boolq,sciq,copa,openbookqa)")
+  p.add_argument("--lm_eval_include_path", default=None, metavar="DIR",
+                 help="lm_eval: a directory of task YAMLs of your own (e.g. over local "
+                 "JSONL files)")
+  p.add_argument("--limit", type=float, default=None, metavar="N",
+                 help="lm_eval: examples per task (a count, or a fraction below 1)")
+  p.add_argument("--batch_size", type=int, default=None, metavar="B",
+                 help="rows per forward pass (lm_eval default 16, needle / passkey 8)")
+  p.add_argument("--max_length", type=int, default=None, metavar="L",
+                 help="lm_eval: tokens the model reads at once, longer contexts cut on "
+                 "the left (default: the training length)")
   return p
+
+
+# Flags that are fields of some tasks' Options (run_task names a task that has no such field).
+_TASK_FLAGS = ("lm_eval_tasks", "lm_eval_include_path", "limit", "batch_size", "max_length")
 
 
 def _run_out(out: Optional[str], runs: Sequence[str], run: str) -> Optional[str]:
@@ -231,7 +253,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     from fox_jax import evals, evaluate
     evals.get(args.task)
     if args.task == "per_token_loss":
-      extra = [f"--{k}" for k in ("depths", "modes", "trials") if getattr(args, k) is not None]
+      extra = [f"--{k}" for k in ("depths", "modes", "trials") + _TASK_FLAGS
+               if getattr(args, k) is not None]
       if extra:
         raise UsageError(f"{', '.join(extra)} do not apply to --task per_token_loss")
       out = args.out or os.path.join(args.runs[0], "eval")
@@ -245,10 +268,13 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
       results = []
       for run, out in zip(args.runs, outs):
         r = evaluate.run_task(args.task, run, step=args.step, out=out, lengths=args.lengths,
-                              depths=args.depths, modes=args.modes, trials=args.trials)
+                              depths=args.depths, modes=args.modes, trials=args.trials,
+                              **{k: getattr(args, k) for k in _TASK_FLAGS})
         where = out or os.path.join(run, "eval")
-        print(f"fox-eval: {r['label']} step {r['step']}: {args.task} accuracy "
-              f"{_accuracy(r)}; wrote {os.path.join(where, args.task)}.json and .png")
+        report_line = getattr(evals.get(args.task), "report_line", None)
+        scores = report_line(r) if report_line else f"accuracy {_accuracy(r)}"
+        print(f"fox-eval: {r['label']} step {r['step']}: {args.task} {scores}; wrote "
+              f"{os.path.join(where, args.task)}.json and .png")
         results.append(r)
       return 0
   except UsageError as e:
@@ -418,4 +444,22 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
   n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
   print(f"fox-convert: {n:,} parameters ({cfg.num_layers} layers, d_model {cfg.d_model}, "
         f"forget gate {cfg.forget_gate!r}) -> {out_dir}")
+  return 0
+
+
+def lm_eval_main() -> int:
+  """``fox-lm-eval``: lm_eval's own command line with the ``fox`` model registered, e.g.
+  ``fox-lm-eval --model fox --model_args path=RUN_DIR --tasks piqa`` (lm_eval's flags)."""
+  from fox_jax.evals import harness
+  try:
+    harness.require_lm_eval()
+  except UsageError as e:
+    print(f"fox-lm-eval: {e}", file=sys.stderr)
+    return 2
+  from lm_eval.__main__ import cli_evaluate
+  try:
+    cli_evaluate()
+  except UsageError as e:
+    print(f"fox-lm-eval: {e}", file=sys.stderr)
+    return 2
   return 0

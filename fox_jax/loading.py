@@ -56,9 +56,12 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-  """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` package, offline). Encoding applies
-  the file's own post-processor (special tokens it adds); decoding drops special tokens and
-  stops at the ``eos_token`` of a ``tokenizer_config.json`` beside it, if there is one."""
+  """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` package, offline). ``encode(text)``
+  applies the file's own post-processor (special tokens it adds); with ``add_bos=`` /
+  ``add_eos=`` (the evaluations' convention) it gives the text's ids alone plus the BOS / EOS
+  asked for. BOS and EOS are the ``bos_token`` / ``eos_token`` of a ``tokenizer_config.json``
+  beside it, if there is one (``BOS_ID`` / ``EOS_ID``, None otherwise); decoding drops special
+  tokens and stops at EOS."""
 
   def __init__(self, path: str):
     try:
@@ -73,13 +76,26 @@ class HFTokenizer:
       raise UsageError(f"{path} is not a tokenizer the 'tokenizers' package can read "
                        f"({detail})") from None
     self.name = path
-    self.eos_id = None
-    eos = _eos_token(os.path.join(os.path.dirname(path), TOKENIZER_CONFIG_FILE))
-    if eos is not None:
-      self.eos_id = self._tok.token_to_id(eos)
+    config = os.path.join(os.path.dirname(path), TOKENIZER_CONFIG_FILE)
+    self.eos_id = self._token_id(_special_token(config, "eos_token"))
+    self.bos_id = self._token_id(_special_token(config, "bos_token"))
+    self.EOS_ID, self.BOS_ID = self.eos_id, self.bos_id
 
-  def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self._tok.encode(text).ids, np.int32)
+  def _token_id(self, token: Optional[str]) -> Optional[int]:
+    return None if token is None else self._tok.token_to_id(token)
+
+  def encode(self, text: str, add_bos: Optional[bool] = None,
+             add_eos: Optional[bool] = None) -> np.ndarray:
+    if add_bos is None and add_eos is None:
+      return np.asarray(self._tok.encode(text).ids, np.int32)
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    for flag, token_id, name in ((add_bos, self.bos_id, "bos_token"),
+                                 (add_eos, self.eos_id, "eos_token")):
+      if flag and token_id is None:
+        raise UsageError(f"{self.name}: no {name} is known (give it in the "
+                         f"{TOKENIZER_CONFIG_FILE} beside it)")
+    ids = ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+    return np.asarray(ids, np.int32)
 
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in _until(ids, self.eos_id)],
@@ -98,15 +114,16 @@ def _until(ids, eos_id: Optional[int]) -> np.ndarray:
   return ids
 
 
-def _eos_token(path: str) -> Optional[str]:
+def _special_token(path: str, key: str) -> Optional[str]:
+  """The ``key`` token ("eos_token", "bos_token") named in a tokenizer_config.json."""
   try:
     with open(path) as f:
-      eos = json.load(f).get("eos_token")
+      token = json.load(f).get(key)
   except (OSError, ValueError, AttributeError):
     return None
-  if isinstance(eos, dict):
-    eos = eos.get("content")
-  return eos if isinstance(eos, str) else None
+  if isinstance(token, dict):
+    token = token.get("content")
+  return token if isinstance(token, str) else None
 
 
 @dataclasses.dataclass

@@ -12,12 +12,13 @@ import json
 import os
 
 from fox_jax.errors import UsageError
-from fox_jax.evals import needle, passkey, per_token_loss
+from fox_jax.evals import harness, needle, passkey, per_token_loss
 
 EVALS = {
     "per_token_loss": per_token_loss,
     "needle": needle,
     "passkey": passkey,
+    "lm_eval": harness,  # lm-evaluation-harness tasks; needs the lm-eval extra
 }
 
 
