@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
