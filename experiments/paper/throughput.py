@@ -1,0 +1,133 @@
+"""Training throughput side by side: the Transformer (Pro) on the backend's best plain causal
+attention, FoX (Pro), and FoX (Pro) with ACP (the FoX paper's throughput figure; the ACP
+paper's end-to-end speed-up).
+
+  python experiments/paper/throughput.py [--scale cpu|smoke|gpu] [--data_path P]
+
+Writes runs/paper/throughput.{json,md,png}. Every model starts from its trained checkpoint
+(the ladder's seed-0 runs and the ACP experiment's), since ACP prunes what the trained gates
+forget (at initialisation every gate is 0.5 and almost everything would be pruned). At each
+sequence length, with the same tokens per step, the models' jitted training steps run in
+turns (round-robin, after two warm-up steps each), so that they share the machine's state;
+tokens/s is the median over the rounds. The learning rate is tiny, so the parameters (and
+the tiles ACP keeps) stay those of the trained model.
+
+RESULTS: not yet recorded.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import common
+
+import acp as acp_lib
+
+NAMES = {"transformer_pro": "Transformer (Pro)", "fox_pro": "FoX (Pro)",
+         "fox_pro_acp": "FoX (Pro) + ACP", "fox_pro_acp_small": "FoX (Pro) + ACP, small tiles"}
+
+
+def plan(exp) -> tuple[list[int], int, int]:
+  """(sequence lengths, tokens per step, timed rounds) of a scale."""
+  if exp.scale == "smoke":
+    return [64, 128], 256, 2
+  if exp.scale == "gpu":
+    return [2048, 8192, 32768], 2**19, 5
+  return [256, 1024, 4096], 8192, 3
+
+
+def models(exp, seed: int) -> dict:
+  """name -> (config, trained run directory) of the models compared."""
+  runs = {f: common.train(exp, f, common.run_config(exp, f, seed))["workdir"]
+          for f in ("transformer_pro", "fox_pro")}
+  acp_c = common.run_config(exp, "fox_pro", seed, pruning=acp_lib.PRUNING,
+                            block_sizes=acp_lib.block_sizes(exp))
+  acp_dir = common.train(exp, "fox_pro-acp", acp_c)["workdir"]
+  out = {f: (common.run_config(exp, f, seed), runs[f]) for f in runs}
+  default_tiles = common.run_config(exp, "fox_pro", seed, pruning=acp_lib.PRUNING)
+  out["fox_pro_acp"] = (default_tiles, acp_dir)
+  out["fox_pro_acp_small"] = (acp_c, acp_dir)
+  return out
+
+
+def _stepper(c, workdir: str, L: int, tokens: int):
+  """A jitted training step at length L from the run's checkpoint, and its batch."""
+  from fox_jax import evaluate
+  from fox_jax import train as train_lib
+  from fox_jax.data import PackedDataset, corpus_from_config
+  c = c.copy_and_resolve_references()
+  c.data.seq_len = L
+  c.data.global_batch = max(tokens // L, 1)
+  setup = train_lib.build(c)
+  state = train_lib.init_state(setup, 0)
+  _, state["params"] = evaluate.restore_params(workdir, setup)
+  data = PackedDataset(corpus_from_config(c.data, "train"), L, 0)
+  batch = train_lib.load_batch(setup, data, 0, c.data.global_batch, 1)
+  step = train_lib.jit_train_step(setup)
+  return setup, step, state, batch
+
+
+def main(argv=None) -> dict:
+  args = common.parser(__doc__, seeds=1).parse_args(argv)
+  exp = common.Experiment.from_args("throughput", args)
+  import jax
+  lengths, tokens, rounds = plan(exp)
+  compared = models(exp, exp.seeds[0])
+  table = {}
+  for L in lengths:
+    steppers = {}
+    for name, (c, workdir) in compared.items():
+      setup, step, state, batch = _stepper(c, workdir, L, tokens)
+      for _ in range(2):  # compile and warm up
+        state, m = step(state, batch, 1e-7)
+      jax.block_until_ready(state)
+      steppers[name] = [step, state, batch, [], m, setup]
+    for _ in range(rounds):
+      for name, s in steppers.items():
+        t0 = time.perf_counter()
+        s[1], s[4] = s[0](s[1], s[2], 1e-7)
+        jax.block_until_ready(s[1])
+        s[3].append(time.perf_counter() - t0)
+    for name, s in steppers.items():
+      m = jax.device_get(s[4])
+      kept = float(m["kept_tiles"] / m["total_tiles"]) if m["total_tiles"] > 0 else None
+      B = s[2].inputs.shape[1]
+      table[(name, L)] = {"tokens_per_s": B * L / float(np.median(s[3])),
+                          "step_s": [float(t) for t in s[3]], "kept_fraction": kept,
+                          "attention": _attention(s[5].model_cfg)}
+  header = ["model", "attention", *[f"tokens/s at {L}" for L in lengths]]
+  rows = []
+  for name in compared:
+    cells = []
+    for L in lengths:
+      r = table[(name, L)]
+      kept = "" if r["kept_fraction"] is None else f" (kept {r['kept_fraction']:.2f})"
+      cells.append(f"{r['tokens_per_s']:,.0f}{kept}")
+    rows.append([NAMES[name], table[(name, lengths[0])]["attention"], *cells])
+  md = common.markdown_table(header, rows) + (
+      f"\n\n{tokens:,} tokens per step at every length; median of {rounds} round(s) of one "
+      f"step per model, in turns; kept = ACP's kept tile fraction of the timed step.")
+  plt = common.pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name in compared:
+    ax.plot(lengths, [table[(name, L)]["tokens_per_s"] for L in lengths], "o-",
+            label=NAMES[name])
+  ax.set(xscale="log", xlabel="sequence length", ylabel="training tokens/s",
+         title=f"Training throughput, {tokens:,} tokens per step")
+  ax.legend()
+  common.write(exp, {"tokens_per_step": tokens, "rounds": rounds,
+                     "results": [{"model": n, "length": L, **r} for (n, L), r in table.items()]},
+               md, fig, argv)
+  return table
+
+
+def _attention(cfg) -> str:
+  """The attention a model runs: implementation and tiles."""
+  tiles = "" if cfg.block_sizes is None else f", {cfg.block_sizes.block_q}x{cfg.block_sizes.block_k}"
+  return f"{cfg.attn_impl}{tiles}"
+
+
+if __name__ == "__main__":
+  common.cli(main)
