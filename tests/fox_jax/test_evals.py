@@ -10,7 +10,6 @@ import json
 import os
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -171,14 +170,6 @@ def test_per_token_loss_on_a_model_matches_its_forward(corpus, tiny_model):
   assert_close(result["loss_by_position"], np.asarray(want).mean(0), jnp.float32,
                "loss by position")
   assert result["loss_beyond"] == pytest.approx(np.mean(result["loss_by_position"][16:]))
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  c = tiny_config(steps=2)
-  workdir = str(tmp_path_factory.mktemp("evals") / "fox")
-  train_lib.train(c, workdir, devices=jax.devices()[:1])
-  return workdir
 
 
 def test_fox_eval_task_needle_and_passkey_on_a_run(run_dir, tmp_path, capsys):

@@ -14,7 +14,6 @@ from fox_jax import cli, convert, decode, evaluate, loading
 from fox_jax import train as train_lib
 from fox_jax.cli import generate_main
 from tests.fox_jax.test_convert import DATA as AUTHORS_DATA
-from tests.fox_jax.test_train import one_device, tiny_config
 
 
 def snapshot(path):
@@ -26,13 +25,6 @@ def snapshot(path):
       st = os.lstat(p)
       out[os.path.relpath(p, path)] = (st.st_size if name in files else None, st.st_mtime_ns)
   return out
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("gen") / "run")
-  train_lib.train(tiny_config(steps=2), workdir, devices=one_device())
-  return workdir
 
 
 def exit_code(argv):

@@ -23,7 +23,7 @@ from fox_jax.data import tokenizer
 from fox_jax.errors import UsageError
 from fox_jax.evals import common, harness
 from fox_jax.model import DecoderLM
-from tests.fox_jax.test_train import one_device, tiny_config
+from tests.fox_jax.test_train import tiny_config
 from tests.tolerances import assert_close
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -279,13 +279,6 @@ def test_without_lm_eval_a_one_line_error(monkeypatch):
     harness.run(None, tokenizer, harness.Options(train_length=32, lm_eval_tasks=["x"]))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("lm_eval_run") / "fox")
-  train_lib.train(tiny_config(steps=1), workdir, devices=one_device())
-  return workdir
-
-
 def test_fox_eval_task_lm_eval_and_the_fox_model_name(lm_eval, setup, run_dir, tmp_path,
                                                       capsys):
   _, _, path = setup
@@ -294,7 +287,7 @@ def test_fox_eval_task_lm_eval_and_the_fox_model_name(lm_eval, setup, run_dir, t
                     "--lm_eval_include_path", path, "--limit", "2", "--batch_size", "4",
                     "--max_length", str(L), "--out", out]) == 0
   result = json.load(open(os.path.join(out, "lm_eval.json")))
-  assert result["n_samples"]["fox_mc"]["effective"] == 2 and result["step"] == 1
+  assert result["n_samples"]["fox_mc"]["effective"] == 2 and result["step"] == 2
   assert result["scores"]["fox_mc"]["metric"] == "acc"
   assert result["scores"]["fox_roll"]["metric"] == "word_perplexity"
   assert result["options"]["max_length"] == L and result["options"]["limit"] == 2
