@@ -48,7 +48,7 @@ from fox_jax import run_config
 from fox_jax import rundir
 from fox_jax import sharding
 from fox_jax.config import ModelConfig, get_preset
-from fox_jax.data import NUM_TOKENS, Batch, PackedDataset, corpus_from_config
+from fox_jax.data import Batch, datasets
 from fox_jax.errors import RunError, UsageError
 from fox_jax.signals import Interrupted, StopSignals
 from fox_jax.model import DecoderLM, cross_entropy
@@ -152,9 +152,13 @@ def build(c: ml_collections.ConfigDict, devices=None) -> Setup:
 def _build(c: ml_collections.ConfigDict, devices) -> Setup:
   run_config.validate(c)
   mcfg = model_config(c)
-  if mcfg.vocab_size < NUM_TOKENS:
-    raise UsageError(f"config.model.overrides.vocab_size must be >= {NUM_TOKENS} for the byte "
-                     f"tokenizer's ids, got {mcfg.vocab_size}")
+  try:
+    need, what = datasets.source(c.data).vocab(c.data)
+  except ValueError as e:
+    raise UsageError(f"config.{e}") from None
+  if mcfg.vocab_size < need:
+    raise UsageError(f"config.model.overrides.vocab_size must be >= {need} for {what}, got "
+                     f"{mcfg.vocab_size}")
   try:
     mesh = sharding.make_mesh(c.mesh.to_dict(), devices)
   except ValueError as e:
@@ -328,7 +332,7 @@ def local_row_range(setup: Setup, global_batch: int, micro: int, seq_len: int) -
   return lo, hi
 
 
-def load_batch(setup: Setup, dataset: PackedDataset, position: int, global_batch: int,
+def load_batch(setup: Setup, dataset: datasets.Dataset, position: int, global_batch: int,
                micro: int) -> Batch:
   """Rows position .. position + global_batch - 1 as global arrays [micro, B / micro, T]."""
   T = dataset.seq_len
@@ -346,9 +350,10 @@ def replicate(setup: Setup, x: np.ndarray) -> jax.Array:
                                       lambda index: x[index])
 
 
-def validation_loss(setup: Setup, eval_fn, params, dataset: PackedDataset, rows: int,
+def validation_loss(setup: Setup, eval_fn, params, dataset: datasets.Dataset, rows: int,
                     batch_size: int) -> float:
-  """Mean token loss over the first ``rows`` packed held-out rows."""
+  """Weighted mean token loss over the first ``rows`` held-out rows (for packed text the
+  mean over real tokens; for a synthetic task over its answers)."""
   total = count = 0.0
   for start in range(0, rows, batch_size):
     n = min(batch_size, rows - start)
@@ -373,10 +378,10 @@ class TrainResult:
   signal: Optional[str] = None  # "SIGTERM" | "SIGINT" when preempted
 
 
-def _datasets(c: ml_collections.ConfigDict) -> tuple[PackedDataset, PackedDataset]:
+def _datasets(c: ml_collections.ConfigDict) -> tuple[datasets.Dataset, datasets.Dataset]:
+  """The train and held-out streams of ``config.data`` (``fox_jax.data.datasets``)."""
   try:
-    return tuple(PackedDataset(corpus_from_config(c.data, split), c.data.seq_len, c.data.seed)
-                 for split in ("train", "heldout"))
+    return tuple(datasets.dataset_from_config(c.data, split) for split in datasets.SPLITS)
   except (ValueError, OSError) as e:
     raise UsageError(f"config.data ({c.data.source}"
                      f"{': ' + c.data.path if c.data.path else ''}): {e}") from None
