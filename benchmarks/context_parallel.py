@@ -51,9 +51,10 @@ def compiled_memory(c, devices) -> dict:
   setup = train_lib.build(c, devices)
   B, T = c.data.global_batch, c.data.seq_len
   sh = setup.batch_sharding()
-  batch = Batch(*(jax.ShapeDtypeStruct((1, B, T), np.int32, sharding=sh) for _ in range(4)))
+  batch = Batch(*(jax.ShapeDtypeStruct((1, B, T), np.float32 if f == "weights" else np.int32,
+                                       sharding=sh) for f in Batch._fields))
   step = jax.jit(train_lib.make_train_step(setup),
-                 in_shardings=(setup.state_shardings, Batch(*([sh] * 4)),
+                 in_shardings=(setup.state_shardings, Batch(*([sh] * len(Batch._fields))),
                                sharding.replicated(setup.mesh)),
                  out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
                  donate_argnums=(0,))

@@ -10,6 +10,7 @@
   fox-eval runs/fox --task needle --lengths 1x,2x,4x --depths 0,50,100
   fox-eval runs/fox --task passkey --lengths 512,1024,2048 --step 1000
   fox-eval runs/fox --task lm_eval --lm_eval_tasks piqa,hellaswag --batch_size 16
+  fox-eval runs/mqar --task mqar --lengths 1x,2x --num_kv_pairs 4,8,16
 
 A user's mistake (a flag, a config field, a path, a run directory in use or trained with
 another config) is one line on stderr and exit code 2, with nothing written; a run that
@@ -177,11 +178,12 @@ def _csv(kind):
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
       raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    if kind is float:
+    if kind in (float, int):
       try:
-        return [float(t) for t in items]
+        return [kind(t) for t in items]
       except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     return items
   return parse
 
@@ -192,10 +194,13 @@ def _eval_parser() -> argparse.ArgumentParser:
               description="Evaluate one or more run directories. The default task, "
               "per_token_loss, gives loss against position\n(and beyond the training length) "
               "and validation loss, plotted together; needle and passkey\nscore greedy "
-              "retrieval by exact match; lm_eval runs lm-evaluation-harness tasks.",
+              "retrieval by exact match; mqar scores multi-query associative recall\n"
+              "(teacher-forced accuracy at the answers); lm_eval runs lm-evaluation-harness "
+              "tasks.",
               epilog="examples:\n  fox-eval runs/fox runs/transformer --out runs/compare\n"
               "  fox-eval runs/fox --task needle --lengths 1x,2x,4x --depths 0,50,100\n"
               "  fox-eval runs/fox --task passkey --lengths 256,1024 --trials 4\n"
+              "  fox-eval runs/mqar --task mqar --lengths 1x,2x --num_kv_pairs 4,8,16\n"
               "  fox-eval runs/fox --task lm_eval --lm_eval_tasks piqa,hellaswag --limit 100\n"
               "  fox-eval runs/fox --task lm_eval --lm_eval_tasks my_task "
               "--lm_eval_include_path my_tasks/")
@@ -219,6 +224,19 @@ def _eval_parser() -> argparse.ArgumentParser:
                  help="needle modes (default: both)")
   p.add_argument("--trials", type=int, default=None,
                  help="passkey: random pass keys per length and depth (default 2)")
+  p.add_argument("--num_kv_pairs", type=_csv(int), default=None, metavar="K1,K2,...",
+                 help="mqar: key-value pairs per example (default 4,8,16; a run trained on "
+                 "MQAR: half, once and twice its own)")
+  p.add_argument("--variant", default=None, choices=("standard", "last_value"),
+                 help="mqar: 'last_value' reassigns keys, the latest value wins (default: "
+                 "standard, or the run's own)")
+  p.add_argument("--vocab", type=int, default=None, metavar="V",
+                 help="mqar: task vocabulary, keys from its first half, values from its "
+                 "second (default 256, or the run's own)")
+  p.add_argument("--num_examples", type=int, default=None, metavar="N",
+                 help="mqar: test examples per (length, pairs) cell (default 128)")
+  p.add_argument("--seed", type=int, default=None, metavar="S",
+                 help="mqar: seed of the test examples; passkey: of the pass keys (default 0)")
   p.add_argument("--lm_eval_tasks", type=_csv(str), default=None, metavar="T1,T2,...",
                  help="lm_eval: lm-evaluation-harness task names (zero-shot; the FoX "
                  "authors': wikitext,lambada_openai,piqa,hellaswag,winogrande,arc_easy,"
@@ -236,8 +254,10 @@ def _eval_parser() -> argparse.ArgumentParser:
   return p
 
 
-# Flags that are fields of some tasks' Options (run_task names a task that has no such field).
-_TASK_FLAGS = ("lm_eval_tasks", "lm_eval_include_path", "limit", "batch_size", "max_length")
+# fox-eval flags that set a field of a task's Options (a task without it refuses them).
+_TASK_FLAGS = ("depths", "modes", "trials", "num_kv_pairs", "variant", "vocab", "num_examples",
+               "seed", "lm_eval_tasks", "lm_eval_include_path", "limit", "batch_size",
+               "max_length")
 
 
 def _run_out(out: Optional[str], runs: Sequence[str], run: str) -> Optional[str]:
@@ -253,8 +273,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     from fox_jax import evals, evaluate
     evals.get(args.task)
     if args.task == "per_token_loss":
-      extra = [f"--{k}" for k in ("depths", "modes", "trials") + _TASK_FLAGS
-               if getattr(args, k) is not None]
+      extra = [f"--{k}" for k in _TASK_FLAGS if getattr(args, k) is not None]
       if extra:
         raise UsageError(f"{', '.join(extra)} do not apply to --task per_token_loss")
       out = args.out or os.path.join(args.runs[0], "eval")
@@ -268,7 +287,6 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
       results = []
       for run, out in zip(args.runs, outs):
         r = evaluate.run_task(args.task, run, step=args.step, out=out, lengths=args.lengths,
-                              depths=args.depths, modes=args.modes, trials=args.trials,
                               **{k: getattr(args, k) for k in _TASK_FLAGS})
         where = out or os.path.join(run, "eval")
         report_line = getattr(evals.get(args.task), "report_line", None)

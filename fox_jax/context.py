@@ -4,10 +4,11 @@ When the mesh in scope (``jax.set_mesh``, as ``sharding.activation_rules`` sets 
 'context' axis of size P > 1, the model runs on a sequence laid out for the configured
 strategy (``ModelConfig.context_strategy``) and split over that axis:
 
-  where the batch enters   tokens, targets, segment ids and positions are permuted once
-                           into the layout's order (:meth:`ContextParallel.permute_batch`);
-                           positions are natural in-document positions, so RoPE and packing
-                           stay exact whatever the order.
+  where the batch enters   tokens, targets, segment ids, positions and loss weights are
+                           permuted once into the layout's order
+                           (:meth:`ContextParallel.permute_batch`); positions are natural
+                           in-document positions, so RoPE and packing stay exact whatever
+                           the order.
   per-token layers         embedding, norms, MLP, LM head and loss do not care about order.
   attention                ``sequence_parallel_attention`` with the strategy, over 'context'
                            (batch over the data-parallel axes that divide it, heads over
@@ -73,7 +74,8 @@ class ContextParallel:
     return layouts.unpermute(x, self.layout, axis)
 
   def permute_batch(self, batch):
-    """A batch NamedTuple of [B, T] arrays (``data.Batch``) in the layout's order."""
+    """A batch NamedTuple of [B, T] arrays (``data.Batch``, every field) in the layout's
+    order."""
     return type(batch)(*(self.permute(x) for x in batch))
 
   def previous(self, x: jax.Array) -> jax.Array:

@@ -27,7 +27,7 @@ from fox_jax import context as context_lib
 from fox_jax import loading
 from fox_jax import rundir
 from fox_jax import train as train_lib
-from fox_jax.data import PackedDataset, corpus_from_config, tokenizer
+from fox_jax.data import PackedDataset, corpus_from_config, datasets, tokenizer
 from fox_jax.errors import UsageError
 from fox_jax.evals.per_token_loss import loss_by_position, smooth, summary
 from fox_jax.evals.per_token_loss import plot_results as plot
@@ -80,6 +80,15 @@ def _setup(c, workdir: str, devices):
   return loading.run_setup(c, workdir, devices)
 
 
+def _check_text(c, workdir: str, task: str) -> None:
+  """UsageError unless the run trained on text: ``task`` reads its held-out documents."""
+  if not datasets.source(c.data).text:
+    raise UsageError(f"--task {task} reads held-out text, and {workdir} trained on "
+                     f"data.source {c.data.source!r}, which has none (evaluate it with "
+                     f"--task {c.data.source}" + ("" if c.data.source in evals.EVALS else
+                                                  " if there is one") + ")")
+
+
 def _heldout(c, workdir: str):
   try:
     return corpus_from_config(c.data, "heldout")
@@ -97,6 +106,7 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True
   it; otherwise with FSDP over ``devices``: the losses do not depend on the mesh.
   """
   c = rundir.load_config(workdir)
+  _check_text(c, workdir, "per_token_loss")
   devices = list(jax.devices() if devices is None else devices)
   T = int(c.data.seq_len)
   if lengths is not None:
@@ -176,7 +186,8 @@ def run_task(task: str, workdir: str, *, step: Optional[int] = None,
   that restores) and writes ``<out>/<task>.json|png`` (default out: ``<run>/eval``).
 
   ``options`` are fields of the task's ``Options`` (e.g. lengths, depths); those not given
-  take their defaults; ``train_length`` is the run's seq_len and the corpus its held-out
+  take the run's (a task's ``run_defaults(config)``, e.g. the MQAR shape a run trained on)
+  or the task's defaults; ``train_length`` is the run's seq_len and the corpus its held-out
   split. A UsageError for an unknown task or a field the task does not have.
   """
   module = evals.get(task)
@@ -187,11 +198,16 @@ def run_task(task: str, workdir: str, *, step: Optional[int] = None,
                      f"{', '.join(sorted(fields))})")
   options = {k: v for k, v in options.items() if v is not None}
   c = rundir.load_config(workdir)
+  takes_corpus = "corpus" in {f.name for f in dataclasses.fields(module.Options)}
+  if takes_corpus:
+    _check_text(c, workdir, task)
+  if hasattr(module, "run_defaults"):
+    options = {**module.run_defaults(c), **options}
   opts = module.Options(train_length=int(c.data.seq_len), **options)  # checked before loading
   out = out or os.path.join(workdir, "eval")
   check_output_dir(out)
   c, step, model = _load_model(workdir, step, devices)
-  if "corpus" in {f.name for f in dataclasses.fields(module.Options)}:
+  if takes_corpus:
     opts.corpus = _heldout(c, workdir)
   result = module.run(model, tokenizer, opts)
   result = {"run": os.path.abspath(workdir), "label": run_label(c, workdir), "step": int(step),

@@ -5,7 +5,9 @@
 * a ``fox-train`` run directory (``config.json`` + ``checkpoints/``): the newest checkpoint
   that restores (or ``step``), on the run's mesh when the devices here can hold it and with
   FSDP over them otherwise (as ``fox-eval`` does); its tokenizer is the byte tokenizer
-  (``fox_jax.data.tokenizer``), the only one the run's data sources ('builtin', 'text') use;
+  (``fox_jax.data.tokenizer``), the only one the text sources ('builtin', 'text') use (a run
+  on the synthetic 'mqar' task reads ids, not text: it gets the byte tokenizer too, and
+  ``fox_jax.evals.mqar`` gives it the task's ids as it trained on them);
 * a ``fox-convert`` output directory (``model_config.json`` + ``params/``), read by
   ``fox_jax.converted.load_converted``; a converted checkpoint records no tokenizer, so its
   tokenizer is the Hugging Face ``tokenizer.json`` placed beside them (the file the source
@@ -30,6 +32,7 @@ import numpy as np
 
 from fox_jax import converted as converted_lib
 from fox_jax import rundir
+from fox_jax.data import DATASETS
 from fox_jax.data import tokenizer as byte_tokenizer
 from fox_jax.errors import UsageError
 
@@ -80,6 +83,10 @@ class HFTokenizer:
     self.eos_id = self._token_id(_special_token(config, "eos_token"))
     self.bos_id = self._token_id(_special_token(config, "bos_token"))
     self.EOS_ID, self.BOS_ID = self.eos_id, self.bos_id
+    # Ids of the file's special tokens (BOS, EOS, padding, ...), which evaluations that
+    # feed raw ids (``fox_jax.evals.mqar``) keep clear of.
+    self.special_ids = tuple(sorted(i for i, t in self._tok.get_added_tokens_decoder().items()
+                                    if t.special))
 
   def _token_id(self, token: Optional[str]) -> Optional[int]:
     return None if token is None else self._tok.token_to_id(token)
@@ -195,10 +202,9 @@ def run_setup(c, workdir: str, devices):
 def _load_run(workdir: str, step: Optional[int], devices, on_broken) -> Loaded:
   from fox_jax import evaluate
   c = rundir.load_config(workdir)
-  if c.data.source not in ("builtin", "text"):
+  if c.data.source not in DATASETS:
     raise UsageError(f"{rundir.config_path(workdir)}: data.source {c.data.source!r} has no "
-                     f"tokenizer known to fox-jax (the byte tokenizer is for 'builtin' and "
-                     f"'text')")
+                     f"tokenizer known to fox-jax (sources: {', '.join(DATASETS)})")
   devices = list(jax.devices() if devices is None else devices)
   checkpoints = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):

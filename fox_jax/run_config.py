@@ -9,7 +9,8 @@ The resolved config is saved in the run directory.
 
 Blocks:
   model  preset name (``fox_jax.config.get_preset``) and ``overrides`` of its fields
-  data   source ('builtin' = this interpreter's stdlib, 'text' = files at ``path``),
+  data   source ('builtin' = this interpreter's stdlib, 'text' = files at ``path``, 'mqar' =
+         the synthetic recall task of ``fox_jax.data.mqar`` set by the ``mqar_*`` fields),
          held-out fraction, sequence length, global batch (rows per optimizer step), seed
   optim  AdamW and the token-measured schedule; ``grad_accum`` micro-batches per step
   mesh   sizes of (data, fsdp, context, tensor); -1 = the remaining devices
@@ -41,9 +42,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import ml_collections
 
+from fox_jax.data import datasets, mqar
 from fox_jax.errors import UsageError
 
-DATA_SOURCES = ("builtin", "text")
+DATA_SOURCES = tuple(datasets.DATASETS)
 
 # Fields that may differ when a run directory is resumed: they change neither the model,
 # nor the optimizer's recipe, nor which rows come next. The schedule is a function of the
@@ -74,6 +76,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 256
   c.data.global_batch = 16
   c.data.seed = 0
+  # data.source = "mqar" (fox_jax.data.mqar): keys from the first half of mqar_vocab, values
+  # from the second; data.seq_len tokens per example; mqar_num_updates keys reassigned in
+  # the "last_value" variant (None: half the keys); a fixed set of train / held-out examples.
+  c.data.mqar_vocab = 256
+  c.data.mqar_num_kv_pairs = 8
+  c.data.mqar_variant = "standard"
+  c.data.mqar_num_updates = None
+  c.data.mqar_power_a = 0.01
+  c.data.mqar_train_examples = 100_000
+  c.data.mqar_test_examples = 3_000
 
   c.optim = ml_collections.ConfigDict()
   c.optim.peak_lr = 2e-3
@@ -132,6 +144,38 @@ def cpu_demo_config(preset: str) -> ml_collections.ConfigDict:
   c.optim.total_tokens = 800_000
   c.run.checkpoint_every = 100
   c.eval.length_multiples = (1, 4)
+  return c
+
+
+def cpu_mqar_config(preset: str) -> ml_collections.ConfigDict:
+  """A tiny model trained on MQAR (``data.source = "mqar"``) in a few minutes on 2 CPU cores.
+
+  2 layers, d_model 64, 4 heads x 16, float32; MQAR with vocabulary 64 (32 keys, 32 values:
+  chance 1/32), 4 key-value pairs in 64-token rows, 20k training and 1k held-out examples;
+  32 rows per step, peak learning rate 3e-3 after 50 steps, 600 steps (1.2M tokens, 19k
+  answers). FoX and Transformer runs differ only in ``preset``.
+  """
+  c = base_config()
+  c.model.preset = preset
+  c.model.overrides = ml_collections.ConfigDict(
+      {"vocab_size": 128, "num_layers": 2, "d_model": 64, "num_heads": 4, "dtype": "float32",
+       "param_dtype": "float32", "remat": False, "attn_impl": "auto"})
+  c.data.source = "mqar"
+  c.data.seq_len = 64
+  c.data.global_batch = 32
+  c.data.mqar_vocab = 64
+  c.data.mqar_num_kv_pairs = 4
+  c.data.mqar_train_examples = 20_000
+  c.data.mqar_test_examples = 1_000
+  c.optim.peak_lr = 3e-3
+  c.optim.warmup_tokens = 50 * 32 * 64
+  c.optim.total_tokens = 600 * 32 * 64
+  c.run.log_every = 50
+  c.run.checkpoint_every = 200
+  c.run.eval_every = 200
+  c.run.val_rows = 256
+  c.eval.length_multiples = (1,)
+  c.eval.batch_size = 64
   return c
 
 
@@ -208,6 +252,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ("seq_len", "global_batch"):
     _check(_is_int(d[name]) and d[name] >= 1, f"data.{name}", "an int >= 1", d[name])
   _check(_is_int(d.seed), "data.seed", "an int", d.seed)
+  if d.source == "mqar":
+    for name in ("mqar_train_examples", "mqar_test_examples"):
+      _check(_is_int(d[name]) and d[name] >= 1, f"data.{name}", "an int >= 1", d[name])
+    try:
+      mqar.spec_from_config(d)
+    except ValueError as e:
+      raise UsageError(str(e)) from None
 
   _check(_is_real(o.peak_lr) and o.peak_lr > 0, "optim.peak_lr", "a finite number > 0",
          o.peak_lr)
@@ -342,7 +393,21 @@ def config_from_json(text: str, source: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(fields)
   if "eval" in c and isinstance(c.eval.get("length_multiples"), list):
     c.eval.length_multiples = tuple(c.eval.length_multiples)
+  _add_new_fields(c)
   return c
+
+
+def _add_new_fields(c: ml_collections.ConfigDict) -> None:
+  """Gives a saved config the fields :func:`base_config` gained after it was saved (e.g. the
+  ``data.mqar_*`` fields), at their defaults, which select what the saved run did; the
+  model's ``overrides`` are left as saved."""
+  base = base_config()
+  for block in base.keys():
+    if block == "model" or block not in c or not isinstance(c[block], ml_collections.ConfigDict):
+      continue
+    for name, value in base[block].items():
+      if name not in c[block]:
+        c[block][name] = value
 
 
 def config_to_json(c: ml_collections.ConfigDict) -> str:

@@ -8,8 +8,9 @@ The train state is a plain dict of arrays (orbax and optax need nothing else):
   rng        uint32 [2]: key data, advanced every step for stochastic layers
 
 One step takes a batch [A, B, T] of A micro-batches, accumulates gradients over them
-with ``lax.scan``, clips, and applies AdamW; its loss is the mean over all non-padding
-tokens of the A * B rows, so accumulation changes memory, not the result. Its learning
+with ``lax.scan``, clips, and applies AdamW; its loss is the mean over all tokens of the
+A * B rows weighted by ``Batch.weights`` (packed text: every non-padding token; MQAR: the
+answers), so accumulation changes memory, not the result. Its learning
 rate is an argument, computed on the host from the tokens seen (``optim.step_learning_rate``).
 A step whose loss, gradient norm, new parameters or new optimizer state are not all finite
 returns the state unchanged and says so, so the state in hand is always finite.
@@ -47,7 +48,7 @@ from fox_jax import run_config
 from fox_jax import rundir
 from fox_jax import sharding
 from fox_jax.config import ModelConfig, get_preset
-from fox_jax.data import NUM_TOKENS, Batch, PackedDataset, corpus_from_config
+from fox_jax.data import Batch, datasets
 from fox_jax.errors import RunError, UsageError
 from fox_jax.signals import Interrupted, StopSignals
 from fox_jax.model import DecoderLM, cross_entropy
@@ -151,9 +152,13 @@ def build(c: ml_collections.ConfigDict, devices=None) -> Setup:
 def _build(c: ml_collections.ConfigDict, devices) -> Setup:
   run_config.validate(c)
   mcfg = model_config(c)
-  if mcfg.vocab_size < NUM_TOKENS:
-    raise UsageError(f"config.model.overrides.vocab_size must be >= {NUM_TOKENS} for the byte "
-                     f"tokenizer's ids, got {mcfg.vocab_size}")
+  try:
+    need, what = datasets.source(c.data).vocab(c.data)
+  except ValueError as e:
+    raise UsageError(f"config.{e}") from None
+  if mcfg.vocab_size < need:
+    raise UsageError(f"config.model.overrides.vocab_size must be >= {need} for {what}, got "
+                     f"{mcfg.vocab_size}")
   try:
     mesh = sharding.make_mesh(c.mesh.to_dict(), devices)
   except ValueError as e:
@@ -211,7 +216,9 @@ def init_state(setup: Setup, seed: int) -> dict:
 
 
 def loss_sums(setup: Setup, params, batch: Batch):
-  """(sum of token losses, number of tokens, kept tiles, total tiles) of a batch [B, T].
+  """(sum of weighted token losses, sum of weights, kept tiles, total tiles) of a batch
+  [B, T]; the weights (``Batch.weights``) are 1 on real targets and 0 on padding for packed
+  text, so the sums are the loss and the number of tokens.
 
   Under context parallelism the batch is permuted into the layout's order here, where it
   enters the model; the sums do not depend on the order.
@@ -223,10 +230,10 @@ def loss_sums(setup: Setup, params, batch: Batch):
   # The model's own losses: with model.seq_chunk they never hold the [B, T, V] logits.
   losses, intermediates = nnx.capture(model.token_losses, nnx.Intermediate)(
       batch.inputs, batch.targets, segment_ids=batch.segment_ids, positions=batch.positions)
-  mask = (batch.segment_ids > 0).astype(jnp.float32)                       # [B, T]
-  losses = losses * mask                                                    # [B, T]
+  weights = batch.weights.astype(jnp.float32)                               # [B, T]
+  losses = losses * weights                                                 # [B, T]
   kept, total = _tile_counts(intermediates)
-  return jnp.sum(losses), jnp.sum(mask), kept, total
+  return jnp.sum(losses), jnp.sum(weights), kept, total
 
 
 def _all_finite(tree) -> jax.Array:
@@ -240,7 +247,7 @@ def make_train_step(setup: Setup) -> Callable:
 
   def step(state, batch: Batch, lr):
     params = state["params"]
-    count = jnp.maximum(jnp.sum(batch.segment_ids > 0).astype(jnp.float32), 1.0)
+    count = jnp.maximum(jnp.sum(batch.weights.astype(jnp.float32)), 1.0)
 
     def micro_loss(p, mb):
       loss_sum, _, kept, total = loss_sums(setup, p, mb)
@@ -278,7 +285,7 @@ def make_train_step(setup: Setup) -> Callable:
 
 def jit_train_step(setup: Setup) -> Callable:
   """The step jitted with explicit shardings; the input state is donated."""
-  batch_sh = Batch(*([setup.batch_sharding()] * 4))
+  batch_sh = Batch(*([setup.batch_sharding()] * len(Batch._fields)))
   replicated = sharding.replicated(setup.mesh)
   jitted = jax.jit(make_train_step(setup),
                    in_shardings=(setup.state_shardings, batch_sh, replicated),
@@ -292,7 +299,8 @@ def jit_train_step(setup: Setup) -> Callable:
 
 
 def make_eval_fn(setup: Setup) -> Callable:
-  """params, batch [B, T] -> per-token losses [B, T] (0 on padding), jitted."""
+  """params, batch [B, T] -> per-token losses times ``batch.weights`` [B, T] (0 on padding),
+  jitted."""
   def fn(params, batch: Batch):
     model = setup.model(params)
     context = context_lib.active(setup.model_cfg, *batch.inputs.shape)
@@ -301,7 +309,7 @@ def make_eval_fn(setup: Setup) -> Callable:
     # Captured (and dropped) so a pruning model's tile counts have somewhere to go.
     losses, _ = nnx.capture(model.token_losses, nnx.Intermediate)(
         batch.inputs, batch.targets, segment_ids=batch.segment_ids, positions=batch.positions)
-    losses = losses * (batch.segment_ids > 0)
+    losses = losses * batch.weights.astype(jnp.float32)
     return losses if context is None else context.unpermute(losses)
   # Replicated output: every process can read all of it, also when the mesh spans hosts.
   jitted = jax.jit(fn, out_shardings=sharding.replicated(setup.mesh))
@@ -324,7 +332,7 @@ def local_row_range(setup: Setup, global_batch: int, micro: int, seq_len: int) -
   return lo, hi
 
 
-def load_batch(setup: Setup, dataset: PackedDataset, position: int, global_batch: int,
+def load_batch(setup: Setup, dataset: datasets.Dataset, position: int, global_batch: int,
                micro: int) -> Batch:
   """Rows position .. position + global_batch - 1 as global arrays [micro, B / micro, T]."""
   T = dataset.seq_len
@@ -342,16 +350,17 @@ def replicate(setup: Setup, x: np.ndarray) -> jax.Array:
                                       lambda index: x[index])
 
 
-def validation_loss(setup: Setup, eval_fn, params, dataset: PackedDataset, rows: int,
+def validation_loss(setup: Setup, eval_fn, params, dataset: datasets.Dataset, rows: int,
                     batch_size: int) -> float:
-  """Mean token loss over the first ``rows`` packed held-out rows."""
+  """Weighted mean token loss over the first ``rows`` held-out rows (for packed text the
+  mean over real tokens; for a synthetic task over its answers)."""
   total = count = 0.0
   for start in range(0, rows, batch_size):
     n = min(batch_size, rows - start)
     b = dataset.rows(start, n)
     losses = np.asarray(eval_fn(params, Batch(*(replicate(setup, x) for x in b))))
     total += float(losses.sum())
-    count += float((b.segment_ids > 0).sum())
+    count += float(np.sum(b.weights, dtype=np.float64))
   return total / max(count, 1.0)
 
 
@@ -369,10 +378,10 @@ class TrainResult:
   signal: Optional[str] = None  # "SIGTERM" | "SIGINT" when preempted
 
 
-def _datasets(c: ml_collections.ConfigDict) -> tuple[PackedDataset, PackedDataset]:
+def _datasets(c: ml_collections.ConfigDict) -> tuple[datasets.Dataset, datasets.Dataset]:
+  """The train and held-out streams of ``config.data`` (``fox_jax.data.datasets``)."""
   try:
-    return tuple(PackedDataset(corpus_from_config(c.data, split), c.data.seq_len, c.data.seed)
-                 for split in ("train", "heldout"))
+    return tuple(datasets.dataset_from_config(c.data, split) for split in datasets.SPLITS)
   except (ValueError, OSError) as e:
     raise UsageError(f"config.data ({c.data.source}"
                      f"{': ' + c.data.path if c.data.path else ''}): {e}") from None

@@ -26,15 +26,18 @@ _OPEN_ROWS = 16
 
 
 class Batch(NamedTuple):
-  """Packed rows; all fields [..., T] int32.
+  """Rows of tokens; all fields [..., T], int32 but ``weights`` float32.
 
   inputs: token ids; targets: next tokens (PAD where there is none); segment_ids: 1, 2, ...
-  per piece, 0 on padding; positions: offset inside the piece.
+  per piece, 0 on padding; positions: offset inside the piece; weights: each target's
+  weight in the loss (the packer's: 1 on real targets, 0 on padding; a synthetic task's:
+  1 on answers only). Losses are sums of weight x token loss over the sum of weights.
   """
   inputs: np.ndarray
   targets: np.ndarray
   segment_ids: np.ndarray
   positions: np.ndarray
+  weights: np.ndarray
 
 
 class _Plan(NamedTuple):
@@ -130,7 +133,7 @@ class PackedDataset:
     plan = self._plan(epoch)
     T = self.seq_len
     out = Batch(np.full(T, tokenizer.PAD_ID, np.int32), np.full(T, tokenizer.PAD_ID, np.int32),
-                np.zeros(T, np.int32), np.zeros(T, np.int32))
+                np.zeros(T, np.int32), np.zeros(T, np.int32), np.zeros(T, np.float32))
     offset = 0
     tokens = self.corpus.tokens
     for seg, p in enumerate(range(plan.row_ptr[r], plan.row_ptr[r + 1]), start=1):
@@ -139,6 +142,7 @@ class PackedDataset:
       out.targets[offset:offset + n] = tokens[s + 1:s + n + 1]
       out.segment_ids[offset:offset + n] = seg
       out.positions[offset:offset + n] = np.arange(n)
+      out.weights[offset:offset + n] = 1.0
       offset += n
     return out
 
@@ -162,4 +166,5 @@ def contiguous_windows(corpus: Corpus, length: int, max_docs: int) -> Batch:
   window = corpus.tokens[idx].astype(np.int32)
   n = len(docs)
   return Batch(window[:, :-1], window[:, 1:], np.ones((n, length), np.int32),
-               np.broadcast_to(np.arange(length, dtype=np.int32), (n, length)).copy())
+               np.broadcast_to(np.arange(length, dtype=np.int32), (n, length)).copy(),
+               np.ones((n, length), np.float32))

@@ -124,12 +124,18 @@ def load_corpus(files: Sequence[tuple[str, str]], split: str, heldout_fraction: 
   return Corpus(np.concatenate(chunks), starts, tuple(names))
 
 
+# data.source -> the (relative path, absolute path) of its files, from the data config.
+CORPUS_FILES = {
+    "builtin": lambda data_cfg: stdlib_files(),
+    "text": lambda data_cfg: text_files(data_cfg.path),
+}
+
+
 def corpus_from_config(data_cfg, split: str) -> Corpus:
-  """The corpus named by a data config: ``source`` is 'builtin' or 'text' (``path``)."""
-  if data_cfg.source == "builtin":
-    files = stdlib_files()
-  elif data_cfg.source == "text":
-    files = text_files(data_cfg.path)
-  else:
-    raise ValueError(f"data.source must be 'builtin' or 'text', got {data_cfg.source!r}")
-  return load_corpus(files, split, data_cfg.heldout_fraction)
+  """The corpus named by a data config: ``source`` is 'builtin' or 'text' (``path``); a
+  ValueError for a source without documents (a synthetic task)."""
+  files = CORPUS_FILES.get(data_cfg.source)
+  if files is None:
+    raise ValueError(f"data.source {data_cfg.source!r} has no text corpus (sources with "
+                     f"one: {', '.join(CORPUS_FILES)})")
+  return load_corpus(files(data_cfg), split, data_cfg.heldout_fraction)

@@ -182,9 +182,10 @@ def options_dict(options) -> dict:
 
 
 def heatmap(grids: dict, lengths: Sequence[int], depths: Sequence[float], title: str,
-            path: str, *, label: str = "exact match") -> None:
-  """One panel per entry of ``grids`` ({name: [depths][lengths] scores in [0, 1]}):
-  depth down, context length across, as in the authors' NIAH figures."""
+            path: str, *, label: str = "exact match", ylabel: str = "depth (%)") -> None:
+  """One panel per entry of ``grids`` ({name: [depths][lengths] scores in [0, 1], NaN for a
+  cell not evaluated}): depth (or what ``ylabel`` names) down, context length across, as in
+  the authors' NIAH figures."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -199,8 +200,9 @@ def heatmap(grids: dict, lengths: Sequence[int], depths: Sequence[float], title:
                   fontsize=7)
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("depth (%)")
-    mean = float(np.mean(grid)) if np.size(grid) else float("nan")
+    ax.set_ylabel(ylabel)
+    values = np.asarray(grid, np.float64)
+    mean = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     ax.set_title(f"{name}: {mean:.2f}", fontsize=9)
     fig.colorbar(im, ax=ax, label=label, fraction=0.046)
   fig.suptitle(title, fontsize=9)

@@ -18,7 +18,7 @@ from fox_jax.data import Batch, contiguous_windows
 from fox_jax.errors import UsageError
 from fox_jax.evals import common
 
-# batch (Batch of [B, L] arrays) -> per-token losses [B, L] (0 on padding)
+# batch (Batch of [B, L] arrays) -> per-token losses times the batch's weights [B, L]
 LossFn = Callable[[Batch], Any]
 
 
@@ -59,7 +59,7 @@ def model_loss_fn(model) -> LossFn:
     m = nnx.merge(graphdef, state)
     losses, _ = nnx.capture(m.token_losses, nnx.Intermediate)(
         batch.inputs, batch.targets, segment_ids=batch.segment_ids, positions=batch.positions)
-    return losses * (batch.segment_ids > 0)
+    return losses * batch.weights
   return lambda batch: fn(state, batch)
 
 

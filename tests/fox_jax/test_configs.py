@@ -9,12 +9,14 @@ import pytest
 from fox_jax import run_config
 from fox_jax import train as train_lib
 from fox_jax.cli import split_overrides
+from fox_jax.data import datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "experiments", "configs", "*.py")))
 # Files whose get_config takes an argument: every argument besides the default one.
 VARIANTS = ["cpu_demo.py:transformer_pro", "cpu_demo.py:fox_llama",
-            "paper_2k.py:transformer_pro_125m", "paper_16k_context.py:fox_pro_760m"]
+            "paper_2k.py:transformer_pro_125m", "paper_16k_context.py:fox_pro_760m",
+            "cpu_mqar.py:transformer_llama"]
 SPECS = CONFIGS + [os.path.join(REPO, "experiments", "configs", v) for v in VARIANTS]
 
 
@@ -39,7 +41,7 @@ def test_config_loads_and_builds_its_model_abstractly(path):
   # The mesh of a config with -1 spans whatever devices there are (8 simulated CPUs here).
   setup = train_lib.build(c, jax.devices())
   assert setup.num_params > 0
-  assert setup.model_cfg.vocab_size >= 259
+  assert setup.model_cfg.vocab_size >= datasets.source(c.data).vocab(c.data)[0]
   assert setup.abstract_state["params"]["embed"]["embedding"].shape == (
       setup.model_cfg.vocab_size, setup.model_cfg.d_model)
 

@@ -73,7 +73,7 @@ def _batch() -> Batch:
   for b in range(B):
     for t in range(1, T):
       pos[b, t] = 0 if seg[b, t] != seg[b, t - 1] else pos[b, t - 1] + 1
-  return Batch(inputs, targets, seg, pos)
+  return Batch(inputs, targets, seg, pos, (seg > 0).astype(np.float32))
 
 
 def _device_batch(setup, batch: Batch) -> Batch:

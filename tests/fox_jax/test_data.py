@@ -32,6 +32,9 @@ def test_packing_never_crosses_documents(seq_len):
   corpus = _corpus(lengths)
   ds = packing.PackedDataset(corpus, seq_len, seed=3)
   rows = ds.rows(0, ds.rows_in_epoch(0))
+  # The loss weights are the old padding mask exactly: 1 on real targets, 0 on padding.
+  assert rows.weights.dtype == np.float32
+  np.testing.assert_array_equal(rows.weights, (rows.segment_ids > 0).astype(np.float32))
   seen = {}
   for r in range(rows.inputs.shape[0]):
     seg, inp, tgt, pos = (rows.segment_ids[r], rows.inputs[r], rows.targets[r], rows.positions[r])

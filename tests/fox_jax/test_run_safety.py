@@ -17,6 +17,7 @@ from fox_jax import checkpoint as ckpt_lib
 from fox_jax import optim, run_config, rundir
 from fox_jax import train as train_lib
 from fox_jax.cli import eval_main, train_main
+from fox_jax.data import dataset_from_config
 from fox_jax.errors import UsageError
 from fox_jax.evaluate import evaluate_run
 from fox_jax.metrics import read_jsonl
@@ -226,7 +227,7 @@ def test_the_step_returns_its_input_state_when_the_update_is_not_finite(lr, head
   and lr 1e38 both are finite, but AdamW's decoupled decay lr * 0.1 * w overflows."""
   c = tiny_config(steps=1)
   setup = train_lib.build(c, one_device())
-  data = train_lib.PackedDataset(train_lib.corpus_from_config(c.data, "train"), 32, 0)
+  data = dataset_from_config(c.data, "train")
   state = train_lib.init_state(setup, 0)
   state["params"]["lm_head"]["kernel"] = state["params"]["lm_head"]["kernel"] * head_scale
   before = jax.device_get(state)

@@ -100,10 +100,10 @@ c.mesh.update({"data": 2, "fsdp": 2, "context": 1, "tensor": 2})
 s = train.build(c, jax.devices())
 rows = jax.ShapeDtypeStruct((1, 8, 32), jnp.int32, sharding=s.batch_sharding())
 rep = sharding.replicated(s.mesh)
-step = jax.jit(train.make_train_step(s), in_shardings=(s.state_shardings, Batch(*[s.batch_sharding()] * 4), rep),
+step = jax.jit(train.make_train_step(s), in_shardings=(s.state_shardings, Batch(*[s.batch_sharding()] * 5), rep),
                out_shardings=(s.state_shardings, rep))
 with sharding.activation_rules(s.mesh):
-  step.lower(s.abstract_state, Batch(*[rows] * 4), jax.ShapeDtypeStruct((), jnp.float32)).compile()
+  step.lower(s.abstract_state, Batch(*[rows] * 4, rows.update(dtype=jnp.float32)), jax.ShapeDtypeStruct((), jnp.float32)).compile()
 print("compiled")
 """
 
