@@ -20,14 +20,19 @@ float32; ``plain_cudnn``). Its constraints, met here:
 Tiles (``BlockSizes``): forward ``block_q x block_k``; backward ``block_q_bwd x
 block_k_bwd`` for both the dK/dV and the dQ pass; ``num_warps`` / ``num_stages`` as given
 (None: the upstream heuristic / 2). The defaults are upstream's (128 x 128 forward, 32 x 32
-backward), untuned here. On float32 inputs the upstream dots use Triton's default precision
-(TF32 on Ampere and later GPUs), so float32 results on a GPU are TF32-accurate; not checked
-on hardware here. Tested in interpret mode against the float64 reference and by cuda
-lowering from a CPU (``tests/pallas_kernels/test_plain_attention.py``).
+backward), untuned here.
+
+Float32: the upstream kernels' dots leave the precision to JAX's default, which the Triton
+lowering turns into TF32 for float32 operands; on float32 inputs the kernels are traced,
+forward and backward, under ``jax.default_matmul_precision("highest")`` (IEEE float32 dots,
+``_float32_dots``), as this project's own kernels compute. Tested in interpret mode against
+the float64 reference, by cuda lowering from a CPU and for the float32 dot precision in the
+traced kernels (``tests/pallas_kernels/test_plain_attention.py``); not on GPU hardware.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.forgetting_attention.common import BlockSizes
@@ -71,7 +76,31 @@ def attention(q, k, v, segment_ids, *, sm_scale: float, block_sizes: BlockSizes,
   if segment_ids is not None:
     last = segment_ids[:, -1:]
     seg = jnp.concatenate([segment_ids, jnp.broadcast_to(last, (B, n - S))], axis=1)
-  o = upstream.mha(q, k, v, seg, sm_scale=sm_scale, causal=True, block_sizes=tiles,
-                   num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages or 2,
-                   interpret=interpret)
+  mha = lambda q, k, v, seg: upstream.mha(
+      q, k, v, seg, sm_scale=sm_scale, causal=True, block_sizes=tiles,
+      num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages or 2,
+      interpret=interpret)
+  o = (_float32_dots(mha) if q.dtype == jnp.float32 else mha)(q, k, v, seg)
   return o[:, S - T:S]
+
+
+def _float32_dots(mha):
+  """``mha`` (q, k, v, segment ids) with every dot of its forward and backward traced at
+  HIGHEST precision: the backward of the upstream custom VJP is traced when JAX transposes,
+  outside any context of the caller, so this VJP re-enters the context around it."""
+
+  @jax.custom_vjp
+  def run(q, k, v, seg):
+    with jax.default_matmul_precision("highest"):
+      return mha(q, k, v, seg)
+
+  def fwd(q, k, v, seg):
+    with jax.default_matmul_precision("highest"):
+      return jax.vjp(lambda q, k, v: mha(q, k, v, seg), q, k, v)
+
+  def bwd(vjp, do):
+    with jax.default_matmul_precision("highest"):
+      return (*vjp(do), None)
+
+  run.defvjp(fwd, bwd)
+  return run

@@ -50,13 +50,13 @@ RUNS = ([(i, CASES[0]) for i in registry.PLAIN_IMPLS if i != "cudnn"]
         + [(i, CASES[1]) for i in ("xla",) + (("cudnn",) if ON_GPU else ())])
 
 
-@functools.lru_cache(maxsize=None)
 def _interpret(impl: str) -> bool:
   """Whether a plain ``impl`` must run in interpret mode here (a Pallas one off its backend)."""
   line = registry.PLAIN[impl]
   return line.interpret and line.backend != jax.default_backend()
 
 
+@functools.lru_cache(maxsize=None)
 def _case(B, T, S, Hq, Hkv, D, dtype, packed) -> tuple[Inputs, dict]:
   """The inputs (log f = 0) and the float64 reference, once per case for every impl."""
   inp = make_inputs(B, T, S, Hq, Hkv, D, dtype, seed=B + T + D)
@@ -138,6 +138,16 @@ def test_lowers_for_cuda_as_pallas_flash():
   assert "cudnn" not in text
 
 
+def test_pallas_gpu_float32_dots_are_not_tf32():
+  """Triton turns float32 dots of default precision into TF32: every dot of the upstream
+  kernels, forward and backward, is traced at HIGHEST for float32 inputs."""
+  q, k, v, seg = _shapes(256, 64, jnp.float32)
+  text = str(_grad_fn("pallas_gpu", True).trace(q, k, v, seg).jaxpr)
+  dots = text.count("dot_general[")
+  assert dots >= 9, dots  # forward 2, dK/dV and dQ backward
+  assert text.count("precision=(Precision.HIGHEST, Precision.HIGHEST)") == dots
+
+
 @pytest.fixture
 def cudnn_probe_patched(monkeypatch):
   """JAX refuses to trace cuDNN attention where its jaxlib has no CUDA plugin ("cuDNN is not
@@ -181,8 +191,10 @@ ERRORS = [
     (dict(impl="cudnn", interpret=True), r"^interpret: impl='cudnn'"),
     (dict(impl="pallas_tpu", block_sizes=BlockSizes(128, 64)),
      r"^block_sizes\.block_k: impl='pallas_tpu'"),
-    (dict(impl="auto", block_sizes=BlockSizes(64, 64)), r"^block_sizes\.block_q: impl='pallas_tpu'"),
-    (dict(impl="pallas_gpu", block_sizes=BlockSizes(16, 16, 32, 16)), r"^block_sizes: impl='pallas_gpu'"),
+    (dict(impl="auto", block_sizes=BlockSizes(64, 64)),
+     r"^block_sizes\.block_q: impl='pallas_tpu'"),
+    (dict(impl="pallas_gpu", block_sizes=BlockSizes(16, 16, 32, 16)),
+     r"^block_sizes: impl='pallas_gpu'"),
     (dict(impl="xla", sm_scale="big"), "^sm_scale must be a finite number"),
     (dict(impl="xla", interpret="yes"), "^interpret must be a bool"),
     (dict(impl="xla", segment_ids=jnp.zeros((1, 9), jnp.int32)), r"^segment_ids must have shape"),
