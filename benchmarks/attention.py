@@ -1,4 +1,4 @@
-"""Forgetting-attention speed: pallas_gpu against xla, cuDNN causal attention and fla-core.
+"""Forgetting-attention speed: pallas_gpu against xla, plain causal attention and fla-core.
 
 Usage (see benchmarks/NOTES.md for recorded runs):
 
@@ -14,9 +14,20 @@ follow the FlashAttention convention: forward 4 * B * T^2 * D * H / 2 (causal), 
   pallas_gpu   this project's Triton kernels (``impl="pallas_gpu"``), no pruning
   xla          this project's blockwise plain-JAX version (only up to ``--xla-max-t``: it is a
                reference-speed fallback, not a contender)
+  pallas_tpu   this project's Mosaic TPU kernels (on a TPU)
   cudnn        ``jax.nn.dot_product_attention(is_causal=True, implementation="cudnn")``:
                plain causal attention with no forget gate, the ceiling for a gated kernel
+  plain_<impl> ``plain_attention(impl=<impl>)``: what the Transformer baselines run
+               (forget_gate "none"), through the same op layer as the FoX kernels: auto
+               (cudnn on a GPU without segments, pallas_gpu with them; pallas_tpu on a TPU;
+               xla elsewhere), cudnn, pallas_gpu (JAX's Pallas flash attention), pallas_tpu
+               (splash), xla (this project's blockwise kernels without the gate)
   fla          fla-core's ``parallel_forgetting_attn`` (PyTorch/Triton), when importable
+
+``--segments N`` packs N equal documents into every row (segment ids for every op; cudnn
+and dpa_xla, which take none, are skipped). A last table gives each forgetting
+implementation's time over plain_auto's at the same size: the FoX overhead against the
+Transformer's attention.
 
 Table 2, pruning (ACP): kept-tile fraction (``return_stats``) and forward+backward time
 with ``Pruning(log_tolerance=-10, qk_bound="auto")`` against the unpruned kernel for
@@ -43,9 +54,16 @@ import numpy as np
 
 from pallas_kernels.forgetting_attention import api
 from pallas_kernels.forgetting_attention.common import BlockSizes
+from pallas_kernels.forgetting_attention.plain import plain_attention
 from pallas_kernels.forgetting_attention.pruning import Pruning
 
 VERIFY_TOL = 3e-2
+PLAIN = "plain_"  # prefix of the plain_attention rows
+# What runs where: the portable rows everywhere, the others on their backend.
+PORTABLE = ("xla", "plain_xla", "plain_auto")
+ON_BACKEND = {"gpu": ("pallas_gpu", "cudnn", "dpa_xla", "fla", "plain_cudnn", "plain_pallas_gpu"),
+              "tpu": ("pallas_tpu", "plain_pallas_tpu")}
+NO_SEGMENTS = ("cudnn", "dpa_xla", "plain_cudnn", "fla")  # rows that take no segment ids
 
 
 def spread_log_fgate(rng, B, T, H):
@@ -61,6 +79,13 @@ def make_inputs(B, T, H, D, dtype, seed=0):
   return q, k, v, jnp.asarray(spread_log_fgate(rng, B, T, H)), do
 
 
+def segment_ids(B, T, n):
+  """[B, T] int32: n equal packed documents per row (ids 1..n), or None for n = 0."""
+  if not n:
+    return None
+  return jnp.asarray(np.broadcast_to(1 + np.arange(T) * n // T, (B, T)), jnp.int32)
+
+
 def flops_fwd(B, T, H, D):
   return 4.0 * B * T * T * D * H / 2.0
 
@@ -68,17 +93,22 @@ def flops_fwd(B, T, H, D):
 # ----------------------------------------------------------------------------- implementations
 
 
-def jax_attention(impl, block_sizes=None, pruning=None):
-  """(fwd, fwd_bwd) jitted callables of (q, k, v, log_fgate, do)."""
+def jax_attention(impl, block_sizes=None, pruning=None, segments=None):
+  """(fwd, fwd_bwd) jitted callables of (q, k, v, log_fgate, do); ``segments`` [B, T] ids."""
   if impl == "cudnn" or impl == "dpa_xla":
     backend = "cudnn" if impl == "cudnn" else "xla"
 
     def f(q, k, v, lf):
       del lf
       return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=backend)
+  elif impl.startswith(PLAIN):
+    def f(q, k, v, lf):
+      del lf  # no gate
+      return plain_attention(q, k, v, segment_ids=segments, impl=impl[len(PLAIN):],
+                             block_sizes=block_sizes)
   else:
     def f(q, k, v, lf):
-      return api._forgetting_attention(q, k, v, lf, segment_ids=None, sm_scale=None,
+      return api._forgetting_attention(q, k, v, lf, segment_ids=segments, sm_scale=None,
                                        pruning=pruning, impl=impl, block_sizes=block_sizes,
                                        interpret=False, return_stats=False)
 
@@ -156,18 +186,18 @@ def _rel(a, r):
   return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
 
 
-def verify(impl, dtype, D, use_fla):
+def verify(impl, dtype, D, use_fla, segments=0):
   """Max relative error of o and all gradients against the float32 reference (small case)."""
   B, T, H = 1, 256, 4
   q, k, v, lf, do = make_inputs(B, T, H, D, dtype, seed=1)
+  seg = segment_ids(B, T, segments)
   up = lambda x: x.astype(jnp.float32)
-  if impl in ("cudnn", "dpa_xla"):
-    ref_f = lambda q, k, v, lf: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                             implementation="xla")
-  else:
-    ref_f = lambda q, k, v, lf: api._forgetting_attention(
-        q, k, v, lf, segment_ids=None, sm_scale=None, pruning=None, impl="reference",
-        block_sizes=None, interpret=False, return_stats=False)
+  plain = impl in ("cudnn", "dpa_xla") or impl.startswith(PLAIN)
+  if plain:  # no gate: the forgetting reference with log f = 0
+    lf = jnp.zeros_like(lf)
+  ref_f = lambda q, k, v, lf: api._forgetting_attention(
+      q, k, v, lf, segment_ids=seg, sm_scale=None, pruning=None, impl="reference",
+      block_sizes=None, interpret=False, return_stats=False)
   ro, rvjp = jax.vjp(ref_f, up(q), up(k), up(v), lf)
   ref = [ro, *rvjp(up(do))]
   if impl == "fla":
@@ -175,10 +205,10 @@ def verify(impl, dtype, D, use_fla):
     got = [fwd().detach().float().cpu().numpy(),
            *[g.detach().float().cpu().numpy() for g in fwd_bwd()]]
   else:
-    f, fb = jax_attention(impl)
+    f, fb = jax_attention(impl, segments=seg)
     got = [f(q, k, v, lf), *fb(q, k, v, lf, do)]
   errs = [_rel(a, r) for a, r in zip(got, ref)]
-  if impl in ("cudnn", "dpa_xla"):
+  if plain:
     errs = errs[:4]  # plain attention has no gate gradient
   return max(errs)
 
@@ -190,14 +220,14 @@ def speed_table(args, impls, use_fla):
   dtype = jnp.dtype(args.dtype)
   rows = []
   print(f"\n## speed: {args.dtype}, B*T = {args.tokens} tokens, H*D = {args.width}, "
-        f"median of {args.reps}")
+        f"{args.segments or 'no'} packed documents per row, median of {args.reps}")
   print("| impl | T | D | B | H | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |")
   print("|---|---|---|---|---|---|---|---|---|")
   for D in args.head_dims:
     ok = {}
     for impl in impls:
       try:
-        err = verify(impl, dtype, D, use_fla)
+        err = verify(impl, dtype, D, use_fla, args.segments)
         ok[impl] = err <= VERIFY_TOL
         print(f"# verify {impl} D={D}: max relative error {err:.2e}"
               f"{'' if ok[impl] else '  FAILED: not timed'}")
@@ -208,19 +238,20 @@ def speed_table(args, impls, use_fla):
       B = max(1, args.tokens // T)
       H = max(1, args.width // D)
       q, k, v, lf, do = make_inputs(B, T, H, D, dtype)
+      seg = segment_ids(B, T, args.segments)
       fl = flops_fwd(B, T, H, D)
       for impl in impls:
         if not ok[impl]:
           continue
-        if impl == "xla" and T > args.xla_max_t:
-          print(f"| xla | {T} | {D} | {B} | {H} | skipped (T > --xla-max-t) | | | |")
+        if impl in ("xla", "plain_xla") and T > args.xla_max_t:
+          print(f"| {impl} | {T} | {D} | {B} | {H} | skipped (T > --xla-max-t) | | | |")
           continue
         try:
           if impl == "fla":
             fwd, fwd_bwd = fla_fns(q, k, v, lf, do)
             tf, tb = time_torch(fwd, args.reps), time_torch(fwd_bwd, args.reps)
           else:
-            f, fb = jax_attention(impl)
+            f, fb = jax_attention(impl, segments=seg)
             tf = time_jax(f, (q, k, v, lf), args.reps)
             tb = time_jax(fb, (q, k, v, lf, do), args.reps)
         except Exception as e:
@@ -230,6 +261,20 @@ def speed_table(args, impls, use_fla):
         print(f"| {impl} | {T} | {D} | {B} | {H} | {tf * 1e3:.3f} | {fl / tf / 1e12:.3g} | "
               f"{tb * 1e3:.3f} | {3.5 * fl / tb / 1e12:.3g} |", flush=True)
   return rows
+
+
+def overhead_table(rows, baseline="plain_auto"):
+  """Each forgetting implementation's time over the plain baseline's at the same T and D."""
+  base = {(T, D): (tf, tb) for impl, T, D, tf, tb in rows if impl == baseline}
+  gated = [r for r in rows if r[0] in api.IMPLS and (r[1], r[2]) in base]
+  if not gated:
+    return
+  print(f"\n## forgetting over plain: time / {baseline} time (the Transformer's attention)")
+  print("| impl | T | D | fwd ratio | fwd+bwd ratio |")
+  print("|---|---|---|---|---|")
+  for impl, T, D, tf, tb in gated:
+    bf, bb = base[(T, D)]
+    print(f"| {impl} | {T} | {D} | {tf / bf:.2f} | {tb / bb:.2f} |")
 
 
 def pruning_table(args):
@@ -291,7 +336,11 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
   p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-  p.add_argument("--impls", nargs="+", default=["pallas_gpu", "xla", "cudnn", "fla"])
+  p.add_argument("--impls", nargs="+",
+                 default=["pallas_gpu", "pallas_tpu", "xla", "plain_auto", "plain_pallas_gpu",
+                          "plain_pallas_tpu", "plain_xla", "cudnn", "fla"])
+  p.add_argument("--segments", type=int, default=0,
+                 help="packed documents per row (segment ids); 0: none")
   p.add_argument("--tokens", type=int, default=16384, help="B * T")
   p.add_argument("--width", type=int, default=2048, help="H * D")
   p.add_argument("--reps", type=int, default=10)
@@ -306,10 +355,10 @@ def main(argv=None):
     args.seq_lens, args.head_dims, args.tokens, args.width = [128, 256], [64], 256, 128
     args.prune_seq_lens, args.prune_head_dim, args.reps = [512], 64, 2
     args.dtype = "float32" if backend != "gpu" else args.dtype
-  impls = list(args.impls)
+  impls = [i for i in args.impls if i in PORTABLE + ON_BACKEND.get(backend, ())] or ["xla"]
+  if args.segments:
+    impls = [i for i in impls if i not in NO_SEGMENTS] or ["xla"]
   if backend != "gpu":
-    # Only the portable implementation runs without a GPU.
-    impls = [i for i in impls if i == "xla"] or ["xla"]
     args.prune_impl = "xla"
   use_fla = "fla" in impls and fla_available()
   if "fla" in impls and not use_fla:
@@ -319,7 +368,7 @@ def main(argv=None):
     tune_table(args)
     return
   if not args.no_speed:
-    speed_table(args, impls, use_fla)
+    overhead_table(speed_table(args, impls, use_fla))
   if not args.no_pruning:
     pruning_table(args)
 

@@ -8,7 +8,9 @@ One module covers the LLaMA and Pro blocks of both families:
     RoPE on q and k                                   (Transformer baselines)
     log f = log_sigmoid(x Wf + bf)                    ('full'; 'bias_only' / 'fixed': bf only;
                                                        'none': 0, i.e. plain causal attention)
-    o = forgetting_attention(q, k, v, log f)          (pallas_kernels; impl / pruning from config)
+    o = forgetting_attention(q, k, v, log f)          (pallas_kernels; impl / pruning from config;
+                                                       'none': plain_attention, the backend's
+                                                       causal kernel, cfg.plain_attn_impl)
     output norm: per-head RMSNorm on o; output gate: o * sigmoid(x Wg)
     out = o Wo
 
@@ -31,6 +33,7 @@ from fox_jax import context as context_lib
 from fox_jax.config import ModelConfig
 from fox_jax.layers import Constant, Projection, RMSNorm, ShiftLinear, apply_rope, constrain
 from pallas_kernels.forgetting_attention.api import forgetting_attention
+from pallas_kernels.forgetting_attention.plain import plain_attention
 
 Q_AXES = ("act_batch", "act_length", "act_heads", "act_head_dim")
 KV_AXES = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")
@@ -170,8 +173,13 @@ class ForgettingAttention(nnx.Module):
   def attend(self, q, k, v, log_fgate, segment_ids=None,
              context: Optional[context_lib.ContextParallel] = None) -> jax.Array:
     """The parallel op (with ``context``, its sequence-parallel form over the 'context'
-    axis); with pruning, sows (kept, total) forward tiles as 'attention_tiles'."""
+    axis); with pruning, sows (kept, total) forward tiles as 'attention_tiles'.
+
+    Forget gate 'none' without ``context``: plain causal attention (``cfg.plain_attn_impl``,
+    unless "forgetting"), which has no decay to prune and reports no tiles."""
     cfg = self.cfg
+    if context is None and cfg.forget_gate == "none" and cfg.plain_attn_impl != "forgetting":
+      return plain_attention(q, k, v, segment_ids=segment_ids, impl=cfg.plain_attn_impl)
     kw = dict(segment_ids=segment_ids, pruning=cfg.pruning, impl=cfg.attn_impl,
               block_sizes=cfg.block_sizes)
     op = forgetting_attention if context is None else context.attention

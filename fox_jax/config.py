@@ -35,10 +35,14 @@ import jax.numpy as jnp
 from pallas_kernels.forgetting_attention.api import IMPLS
 from pallas_kernels.forgetting_attention.common import BlockSizes
 from pallas_kernels.forgetting_attention.pruning import Pruning
+from pallas_kernels.forgetting_attention.registry import PLAIN_IMPLS
 from pallas_kernels.sequence_parallel.api import STRATEGIES
 
 FORGET_GATES = ("full", "bias_only", "fixed", "none")
 ATTN_IMPLS = ("auto",) + IMPLS  # every implementation of the op, one list
+# Plain causal attention for forget_gate 'none' (registry.PLAIN), or "forgetting": the
+# forgetting op with log f = 0 under attn_impl.
+PLAIN_ATTN_IMPLS = ("auto",) + PLAIN_IMPLS + ("forgetting",)
 DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATIONS = ("sigmoid", "silu")
 
@@ -78,8 +82,19 @@ class ModelConfig:
     qk_norm_eps: QK-norm epsilon; 1e-5 as in the authors' and fla's QK-norm, which keep
       their norm library's default rather than ``norm_eps``.
     attn_impl: implementation of ``forgetting_attention``: "auto" | "xla" | "reference" |
-      "pallas_gpu".
-    block_sizes: tile sizes for the blockwise implementations (None: their default).
+      "pallas_gpu" | "pallas_tpu".
+    plain_attn_impl: what forget gate "none" (log f = 0) runs, so that a Transformer pays
+      for no decay: a plain causal attention of ``pallas_kernels.forgetting_attention.plain``
+      ("auto": cuDNN or JAX's Pallas flash attention on a GPU, splash attention on a TPU,
+      the blockwise XLA kernel elsewhere; or "xla" | "cudnn" | "pallas_gpu" | "pallas_tpu"),
+      each at its default tiles, or "forgetting": the forgetting op with a zero gate under
+      ``attn_impl`` (as before this field; the same function, equal up to float32
+      rounding). Must stay "auto" for the other forget gates. With ``pruning``, a forget
+      gate "none" model on a plain kernel prunes nothing, as the forgetting op did (D = 0
+      is never below the threshold), and reports no tile counts; context parallelism and
+      cached decoding always run the forgetting op with a zero gate.
+    block_sizes: tile sizes for the blockwise implementations of ``forgetting_attention``
+      (None: their default).
     pruning: ACP settings (a ``pallas_kernels.Pruning`` or a dict of its fields), or None.
     context_strategy: how attention runs when the mesh in scope splits the sequence over a
       'context' axis (``fox_jax.context``): "zigzag" | "striped" | "ring" | "ulysses".
@@ -124,6 +139,7 @@ class ModelConfig:
   norm_eps: float = 1e-6
   qk_norm_eps: float = 1e-5
   attn_impl: str = "auto"
+  plain_attn_impl: str = "auto"
   block_sizes: Optional[BlockSizes] = None
   pruning: Optional[Pruning] = None
   context_strategy: str = "zigzag"
@@ -175,6 +191,10 @@ class ModelConfig:
       raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
     _check_choice(self, "forget_gate", FORGET_GATES)
     _check_choice(self, "attn_impl", ATTN_IMPLS)
+    _check_choice(self, "plain_attn_impl", PLAIN_ATTN_IMPLS)
+    if self.plain_attn_impl != "auto" and self.forget_gate != "none":
+      raise ValueError(f"plain_attn_impl applies to forget_gate 'none' only, got "
+                       f"plain_attn_impl={self.plain_attn_impl!r} with {self.forget_gate!r}")
     _check_choice(self, "dtype", DTYPES)
     _check_choice(self, "context_strategy", tuple(STRATEGIES))
     _check_positive_int(self, "context_stripe")

@@ -10,6 +10,7 @@ from pallas_kernels.forgetting_attention import (
     QKNormBound,
     forgetting_attention,
     forgetting_attention_reference,
+    plain_attention,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "QKNormBound",
     "forgetting_attention",
     "forgetting_attention_reference",
+    "plain_attention",
 ]

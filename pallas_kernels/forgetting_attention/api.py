@@ -58,6 +58,21 @@ _FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 256
 
 
+class Platforms(NamedTuple):
+  """Where the implementations of an op lower (``_on_platform``): one per registry table."""
+
+  platforms: dict  # implementation bound to a backend -> the lowering platforms of that backend
+  backends: dict  # that implementation -> its backend ("gpu", "tpu"), for the errors
+  interpret: tuple  # the bound implementations with an interpret mode (Pallas)
+  auto: dict  # lowering platform -> the implementation "auto" runs there
+  fallback: str  # the implementation "auto" runs on every other platform
+
+
+# The forgetting op's: "auto" is pallas_gpu on cuda / rocm, pallas_tpu on tpu, xla elsewhere.
+_TABLE = Platforms(_PLATFORMS, _BACKENDS, registry.PALLAS,
+                   dict(cuda="pallas_gpu", rocm="pallas_gpu", tpu="pallas_tpu"), "xla")
+
+
 class _Config(NamedTuple):
   impl: str  # "auto" or a blockwise implementation
   sm_scale: float
@@ -139,6 +154,25 @@ def _check_flag(value, name: str) -> bool:
 def _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning):
   if impl not in IMPLS + ("auto",):
     raise ValueError(f"impl must be one of {IMPLS + ('auto',)}, got {impl!r}")
+  _validate_qkv(q, k, v, allow_float64=impl == "reference")
+  B, S, Hq = q.shape[0], k.shape[1], q.shape[2]
+  if log_fgate.shape != (B, S, Hq):
+    raise ValueError(f"log_fgate must have shape [B, S, Hq] = {(B, S, Hq)}, got {log_fgate.shape}")
+  fg_allowed = (jnp.float32,) + ((jnp.float64,) if impl == "reference" else ())
+  if log_fgate.dtype not in fg_allowed:
+    raise ValueError(f"log_fgate must be float32, got {log_fgate.dtype}")
+  if _any_positive(log_fgate):
+    raise ValueError("log_fgate must be <= 0 everywhere (it is log of a forget gate in [0, 1])")
+  _validate_segment_ids(segment_ids, B, S)
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes)}")
+  if pruning is not None and not isinstance(pruning, Pruning):
+    raise ValueError(f"pruning must be a Pruning or None, got {type(pruning)}")
+
+
+def _validate_qkv(q, k, v, allow_float64: bool) -> None:
+  """Shapes and dtypes of q [B, T, Hq, D] and k, v [B, S, Hkv, D] (S >= T, GQA), shared by
+  the forgetting op and the plain one (``plain``)."""
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 4:
       raise ValueError(f"{name} must have shape [B, T, H, D], got {x.shape}")
@@ -166,28 +200,20 @@ def _validate(q, k, v, log_fgate, segment_ids, impl, block_sizes, pruning):
     raise ValueError(f"k length S={S} must be >= q length T={T} (queries are the last T)")
   if T < 1:
     raise ValueError("q length must be >= 1")
-  allowed = _FLOAT_INPUTS + ((jnp.float64,) if impl == "reference" else ())
+  allowed = _FLOAT_INPUTS + ((jnp.float64,) if allow_float64 else ())
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.dtype not in allowed:
       raise ValueError(f"{name} dtype must be one of {[np.dtype(d).name for d in allowed]}, got {x.dtype}")
   if not (q.dtype == k.dtype == v.dtype):
     raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  if log_fgate.shape != (B, S, Hq):
-    raise ValueError(f"log_fgate must have shape [B, S, Hq] = {(B, S, Hq)}, got {log_fgate.shape}")
-  fg_allowed = (jnp.float32,) + ((jnp.float64,) if impl == "reference" else ())
-  if log_fgate.dtype not in fg_allowed:
-    raise ValueError(f"log_fgate must be float32, got {log_fgate.dtype}")
-  if _any_positive(log_fgate):
-    raise ValueError("log_fgate must be <= 0 everywhere (it is log of a forget gate in [0, 1])")
+
+
+def _validate_segment_ids(segment_ids, B: int, S: int) -> None:
   if segment_ids is not None:
     if segment_ids.shape != (B, S):
       raise ValueError(f"segment_ids must have shape [B, S] = {(B, S)}, got {segment_ids.shape}")
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
       raise ValueError(f"segment_ids must be an integer array, got {segment_ids.dtype}")
-  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-    raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes)}")
-  if pruning is not None and not isinstance(pruning, Pruning):
-    raise ValueError(f"pruning must be a Pruning or None, got {type(pruning)}")
 
 
 def forgetting_attention(
@@ -277,19 +303,22 @@ def _dispatch(q, k, v, log_fgate, segment_ids, delta, *, scale, impl, block_size
   return (o, AttentionStats(lse, kept, total)) if return_stats else o
 
 
-def _check_eager_backend(impl: str, interpret: bool, arrays) -> None:
+def _check_eager_backend(impl: str, interpret: bool, arrays, table: Platforms = _TABLE) -> None:
   """Called on arrays, the op runs here and now: a Pallas impl for another backend fails
   early. Under a trace (jit) the platform is only known when the program is lowered,
   possibly for another machine (ahead-of-time), and the lowering decides (``_on_platform``)."""
   traced = any(isinstance(x, jax.core.Tracer) for x in arrays)
-  if impl in _BACKENDS and not interpret and not traced:
-    if jax.default_backend() != _BACKENDS[impl]:
-      raise ValueError(_needs_backend(impl, f"this one is {jax.default_backend()!r}"))
+  if impl in table.backends and not interpret and not traced:
+    if jax.default_backend() != table.backends[impl]:
+      raise ValueError(_needs_backend(impl, f"this one is {jax.default_backend()!r}",
+                                      table.backends[impl], impl in table.interpret))
 
 
-def _needs_backend(impl: str, where: str) -> str:
-  return (f"impl={impl!r} needs a {_BACKENDS[impl].upper()} backend ({where}); pass "
-          f"interpret=True to run it on the CPU")
+def _needs_backend(impl: str, where: str, backend: Optional[str] = None,
+                   interpretable: bool = True) -> str:
+  backend = backend or _BACKENDS[impl]
+  hint = "; pass interpret=True to run it on the CPU" if interpretable else ""
+  return f"impl={impl!r} needs a {backend.upper()} backend ({where}){hint}"
 
 
 def _forward(impl: str, cfg: _Config):
@@ -319,40 +348,44 @@ def _backward(impl: str, cfg: _Config):
   return backward
 
 
-def _on_platform(cfg: _Config, make, out_shapes, *args):
+def _on_platform(cfg: _Config, make, out_shapes, *args, table: Platforms = _TABLE):
   """``make(impl)(*args)`` for the implementation that runs where the program is lowered.
 
   ``lax.platform_dependent`` traces every branch but lowers only the ones of the lowering
   platforms, so a program traced on a CPU host lowers for a TPU or a GPU (ahead-of-time)
-  with that platform's kernels. "auto": pallas_gpu on cuda / rocm, pallas_tpu on tpu, xla
-  elsewhere. An explicit Pallas impl gets, on every other platform, a branch whose lowering
-  raises the ValueError an eager call on that backend raises. ``out_shapes``: the outputs'
-  ShapeDtypeStructs, for that branch.
+  with that platform's kernels. "auto": ``table.auto`` (for the forgetting op pallas_gpu on
+  cuda / rocm, pallas_tpu on tpu), ``table.fallback`` (xla) elsewhere. An explicit impl bound
+  to a backend gets, on every other platform, a branch whose lowering raises the ValueError
+  an eager call on that backend raises (with ``interpret`` a Pallas one runs wherever it is
+  lowered). ``out_shapes``: the outputs' ShapeDtypeStructs, for that branch. ``table``: the
+  forgetting op's, or the plain op's (``plain``).
   """
-  if cfg.impl == "xla" or (cfg.interpret and cfg.impl in _PLATFORMS):
-    return make(cfg.impl)(*args)
   if cfg.impl == "auto":
-    gpu = make("pallas_gpu")
-    return jax.lax.platform_dependent(*args, cuda=gpu, rocm=gpu, tpu=make("pallas_tpu"),
-                                      default=make("xla"))
+    branches = {p: make(i) for p, i in table.auto.items()}
+    return jax.lax.platform_dependent(*args, **branches, default=make(table.fallback))
+  if cfg.impl not in table.platforms or (cfg.interpret and cfg.impl in table.interpret):
+    return make(cfg.impl)(*args)
   run = make(cfg.impl)
   unavailable = lambda *_: tuple(_unavailable_p.bind(
-      impl=cfg.impl, shapes=tuple((s.shape, jnp.dtype(s.dtype)) for s in out_shapes)))
-  return jax.lax.platform_dependent(*args, **{p: run for p in _PLATFORMS[cfg.impl]},
+      impl=cfg.impl, shapes=tuple((s.shape, jnp.dtype(s.dtype)) for s in out_shapes),
+      backend=table.backends[cfg.impl], interpretable=cfg.impl in table.interpret))
+  return jax.lax.platform_dependent(*args, **{p: run for p in table.platforms[cfg.impl]},
                                     default=unavailable)
 
 
 # The branch of a Pallas impl for the platforms it does not compile for: it has the outputs'
-# shapes for tracing, and lowering it is an error.
+# shapes for tracing, and lowering it is an error. ``backend`` / ``interpretable`` (for the
+# message) default to the forgetting op's line of ``impl``.
 _unavailable_p = Primitive("forgetting_attention_unavailable")
 _unavailable_p.multiple_results = True
 _unavailable_p.def_abstract_eval(
-    lambda *, impl, shapes: [jax.core.ShapedArray(s, d) for s, d in shapes])
+    lambda *, impl, shapes, **_: [jax.core.ShapedArray(s, d) for s, d in shapes])
 
 
-def _unavailable_lowering(ctx, *, impl, shapes):
+def _unavailable_lowering(ctx, *, impl, shapes, backend=None, interpretable=True):
   platforms = ", ".join(repr(p) for p in ctx.module_context.platforms)
-  raise ValueError(_needs_backend(impl, f"this program is lowered for {platforms}"))
+  raise ValueError(_needs_backend(impl, f"this program is lowered for {platforms}", backend,
+                                  interpretable))
 
 
 mlir.register_lowering(_unavailable_p, _unavailable_lowering)

@@ -155,8 +155,8 @@ class Rows(NamedTuple):
   """The query side of a chunk pair."""
 
   q: jax.Array  # [B, T, Hq, D]
-  c_hi: jax.Array  # [B, T, Hq] f32 global cumulative log gate at the queries (double-float)
-  c_lo: jax.Array  # [B, T, Hq] f32
+  c_hi: jax.Array  # [B, T, Hq] f32 global cumulative log gate at the queries (double-float);
+  c_lo: jax.Array  # [B, T, Hq] f32      None in both for no gate (``xla``'s plain attention)
   seg: Optional[jax.Array]  # [B, T] int32 segment ids, or None
   pos: jax.Array  # [T] int32 global positions (>= 0), strictly increasing
 
@@ -166,18 +166,21 @@ class Cols(NamedTuple):
 
   k: jax.Array  # [B, S, Hkv, D]
   v: jax.Array  # [B, S, Hkv, D]
-  c_hi: jax.Array  # [B, S, Hq] f32
+  c_hi: jax.Array  # [B, S, Hq] f32 (None: no gate, with Rows.c_hi)
   c_lo: jax.Array  # [B, S, Hq] f32
   seg: Optional[jax.Array]  # [B, S] int32, or None (with Rows.seg)
   pos: jax.Array  # [S] int32 global positions (>= 0), strictly increasing
 
 
 def whole_sequence(q, k, v, c_hi, c_lo, segment_ids) -> tuple[Rows, Cols]:
-  """The single-device op as a chunk pair: the queries are the last T of the S keys."""
+  """The single-device op as a chunk pair: the queries are the last T of the S keys.
+
+  ``c_hi = c_lo = None``: no gate (the plain attention of ``xla.plain_forward``)."""
   T, S = q.shape[1], k.shape[1]
   off = S - T
   seg_q = None if segment_ids is None else segment_ids[:, off:]
-  rows = Rows(q, c_hi[:, off:], c_lo[:, off:], seg_q, off + jnp.arange(T, dtype=jnp.int32))
+  c_q = [None if c is None else c[:, off:] for c in (c_hi, c_lo)]
+  rows = Rows(q, *c_q, seg_q, off + jnp.arange(T, dtype=jnp.int32))
   return rows, Cols(k, v, c_hi, c_lo, segment_ids, jnp.arange(S, dtype=jnp.int32))
 
 

@@ -9,6 +9,15 @@ blockwise one does, and the element-wise ``reference`` too (float64 under x64, t
 the others' chunk kernels, a float64 ring). Every list of implementations
 (the public op's ``impl`` values, model configs, the command-line choices, the tests)
 derives from :data:`REGISTRY`.
+
+:data:`PLAIN` is the sibling table of *plain* causal attention (no forget gate: the op with
+log f = 0), the Transformer baselines' kernels (``plain.plain_attention``). Each line's module
+exposes ``attention(q, k, v, segment_ids, *, sm_scale, block_sizes, interpret) -> o``,
+differentiable (its own VJP), on the op's layout (q [B, T, Hq, D] the last T of the S
+positions of k, v [B, S, Hkv, D]); optionally ``default_block_sizes(head_dim)`` and
+``check(q, k, segment_ids, block_sizes, interpret)``, which raises the one-line ValueError
+for inputs the implementation cannot take. The same dispatch (``api._on_platform``) picks
+the line for the platform the program is lowered for.
 """
 
 from __future__ import annotations
@@ -45,15 +54,38 @@ BLOCKWISE = tuple(n for n, i in REGISTRY.items() if i.blockwise)
 PALLAS = tuple(n for n, i in REGISTRY.items() if i.backend is not None)
 
 
-def module(name: str):
-  """The implementation's module (imported on first use)."""
-  return importlib.import_module(REGISTRY[name].module)
+class PlainImpl(NamedTuple):
+  name: str
+  module: str  # the implementation's module (``attention``, see the module docstring)
+  backend: Optional[str]  # the backend it compiles for (None: every backend)
+  platforms: tuple[str, ...]  # the lowering platforms of that backend
+  interpret: bool  # has an interpret mode (Pallas), so that it runs on a CPU for tests
+  small_tiles: Optional[BlockSizes]  # the smallest tiles it takes (tests on short sequences)
 
 
-def default_block_sizes(name: str, head_dim: int) -> BlockSizes:
+PLAIN: dict[str, PlainImpl] = {i.name: i for i in (
+    PlainImpl("xla", "pallas_kernels.forgetting_attention.plain_xla", None, (), False,
+              BlockSizes(16, 16)),
+    PlainImpl("cudnn", "pallas_kernels.forgetting_attention.plain_cudnn", "gpu", ("cuda",),
+              False, None),
+    PlainImpl("pallas_gpu", "pallas_kernels.forgetting_attention.plain_gpu", "gpu",
+              ("cuda", "rocm"), True, BlockSizes(16, 16)),
+    PlainImpl("pallas_tpu", "pallas_kernels.forgetting_attention.plain_tpu", "tpu", ("tpu",),
+              True, BlockSizes(128, 128)),
+)}
+
+PLAIN_IMPLS = tuple(PLAIN)  # every plain implementation
+
+
+def module(name: str, table: dict = REGISTRY):
+  """The implementation's module (imported on first use); ``table=PLAIN`` for a plain one."""
+  return importlib.import_module(table[name].module)
+
+
+def default_block_sizes(name: str, head_dim: int, table: dict = REGISTRY) -> BlockSizes:
   """The implementation's tuned tiles (its ``default_block_sizes(head_dim)``), else the
   generic ones."""
-  tuned = getattr(module(name), "default_block_sizes", None)
+  tuned = getattr(module(name, table), "default_block_sizes", None)
   return BlockSizes() if tuned is None else tuned(head_dim)
 
 

@@ -28,6 +28,14 @@ the reference with ``prune_threshold=delta`` drops the same pairs.
 The backward anchors dS at each query's own key (see :func:`backward`), so that under
 strong forgetting, where P_ii ~ 1 and the usual rowsum(o * dO) cancels, the gradients keep
 float32 relative precision.
+
+No gate. With ``c_hi = c_lo = None`` (static: the chunk's ``Rows`` / ``Cols`` carry no c)
+the same loops compute plain causal softmax attention (log f = 0, D_ij = 0): no decay is
+loaded, formed or added, and :func:`plain_backward` is the textbook flash backward, dS =
+P (dP - Delta) with Delta_i = dO_i . o_i, in one pass (no row-terms pass, no dc): the
+anchoring exists for P_ii ~ 1 under strong forgetting, which a gate of 1 never forces. This
+is the ``xla`` line of the plain implementations (``registry.PLAIN``, ``plain_xla``), the
+Transformer baseline that pays for no decay.
 """
 
 from __future__ import annotations
@@ -60,8 +68,8 @@ class _QBlocks(NamedTuple):
   """Query-side inputs split into blocks of ``bq`` rows on a leading axis."""
 
   q: jax.Array  # [nq, B, Hkv, G, bq, D]
-  c_hi: jax.Array  # [nq, B, Hkv, G, bq]
-  c_lo: jax.Array  # [nq, B, Hkv, G, bq]
+  c_hi: Optional[jax.Array]  # [nq, B, Hkv, G, bq], None without a gate
+  c_lo: Optional[jax.Array]  # [nq, B, Hkv, G, bq]
   seg: Optional[jax.Array]  # [nq, B, bq]
   pos: jax.Array  # [nq, bq] global positions, -1 on padding
 
@@ -71,8 +79,8 @@ class _KBlocks(NamedTuple):
 
   k: jax.Array  # [nk, B, Hkv, bk, D]
   v: jax.Array  # [nk, B, Hkv, bk, D]
-  c_hi: jax.Array  # [nk, B, Hkv, G, bk]
-  c_lo: jax.Array  # [nk, B, Hkv, G, bk]
+  c_hi: Optional[jax.Array]  # [nk, B, Hkv, G, bk], None without a gate
+  c_lo: Optional[jax.Array]  # [nk, B, Hkv, G, bk]
   seg: Optional[jax.Array]  # [nk, B, bk]
   pos: jax.Array  # [nk, bk] global positions, the largest int32 on padding
 
@@ -111,6 +119,16 @@ def _from_blocks(x: jax.Array, N: int) -> jax.Array:
   return x.reshape(B, n * block, Hkv * G, *x.shape[5:])[:, :N]
 
 
+def _c_blocks(c: Optional[jax.Array], block: int, Hkv: int) -> Optional[jax.Array]:
+  """[B, N, Hq] -> [n, B, Hkv, G, block]; None (no gate) stays None."""
+  return None if c is None else _to_blocks(c, block, Hkv)
+
+
+def _at(x: Optional[jax.Array], i) -> Optional[jax.Array]:
+  """Block ``i`` of a blocked input (leading axis); None (no gate, no segments) stays None."""
+  return None if x is None else lax.dynamic_index_in_dim(x, i, keepdims=False)
+
+
 def _seg_blocks(seg: Optional[jax.Array], block: int) -> Optional[jax.Array]:
   """[B, N] -> [n, B, block]; the padding value never matters (its positions are masked)."""
   if seg is None:
@@ -128,8 +146,8 @@ def _pos_blocks(pos: jax.Array, block: int, pad) -> jax.Array:
 
 
 def _q_blocks(rows: common.Rows, bq: int, Hkv: int) -> _QBlocks:
-  return _QBlocks(_to_blocks(rows.q, bq, Hkv), _to_blocks(rows.c_hi, bq, Hkv),
-                  _to_blocks(rows.c_lo, bq, Hkv), _seg_blocks(rows.seg, bq),
+  return _QBlocks(_to_blocks(rows.q, bq, Hkv), _c_blocks(rows.c_hi, bq, Hkv),
+                  _c_blocks(rows.c_lo, bq, Hkv), _seg_blocks(rows.seg, bq),
                   _pos_blocks(rows.pos, bq, -1))
 
 
@@ -140,8 +158,8 @@ def _k_blocks(cols: common.Cols, bk: int, Hkv: int) -> _KBlocks:
   def split(x):  # [B, S, Hkv, D] -> [nk, B, Hkv, bk, D]
     return jnp.moveaxis(_pad_axis1(x, nk * bk).reshape(B, nk, bk, Hkv, D), (1, 2), (0, 3))
 
-  return _KBlocks(split(cols.k), split(cols.v), _to_blocks(cols.c_hi, bk, Hkv),
-                  _to_blocks(cols.c_lo, bk, Hkv), _seg_blocks(cols.seg, bk),
+  return _KBlocks(split(cols.k), split(cols.v), _c_blocks(cols.c_hi, bk, Hkv),
+                  _c_blocks(cols.c_lo, bk, Hkv), _seg_blocks(cols.seg, bk),
                   _pos_blocks(cols.pos, bk, np.iinfo(np.int32).max))
 
 
@@ -161,13 +179,16 @@ def _tile(q, k, cq_hi, cq_lo, ck_hi, ck_lo, seg_q, seg_k, pos_q, pos_k, delta, t
   """Biased logits of one tile and its mask, both [B, Hkv, G, bq, bk].
 
   delta: [B, Hkv, G] or None; tile_ok: [B, Hkv, G] whether each head keeps this tile.
+  Without a gate (c None, delta None) the logits are the scaled dot products alone.
   """
   s = scale * _dot("bhgqd,bhkd->bhgqk", q, k)
-  # D_ij from the double-float pair: the hi difference is exact for nearby tokens.
-  decay = (cq_hi[..., :, None] - ck_hi[..., None, :]) + (cq_lo[..., :, None] - ck_lo[..., None, :])
   mask = (pos_q[:, None] >= pos_k[None, :]) & tile_ok[..., None, None]
   if seg_q is not None:
     mask = mask & (seg_q[:, :, None] == seg_k[:, None, :])[:, None, None]
+  if cq_hi is None:
+    return s, mask
+  # D_ij from the double-float pair: the hi difference is exact for nearby tokens.
+  decay = (cq_hi[..., :, None] - ck_hi[..., None, :]) + (cq_lo[..., :, None] - ck_lo[..., None, :])
   if delta is not None:
     mask = mask & ~(decay < delta[..., None, None])  # a NaN decay is kept, not dropped
   return s + decay, mask
@@ -177,8 +198,13 @@ def _setup(rows: common.Rows, cols: common.Cols, delta, block_q, block_k):
   B, T, Hq, _ = rows.q.shape
   S, Hkv = cols.k.shape[1], cols.k.shape[2]
   bq, bk = _block_size(block_q, T), _block_size(block_k, S)
-  ranges = pruning.chunk_tile_ranges(rows.c_hi, rows.c_lo, cols.c_hi, cols.c_lo, rows.seg,
-                                     cols.seg, rows.pos, cols.pos, bq, bk, delta)
+  c = (rows.c_hi, rows.c_lo, cols.c_hi, cols.c_lo)
+  if rows.c_hi is None:
+    # No gate (and no threshold): the ranges come from the causal order and the segments
+    # alone, and read c for its [B, N, Hq] shape only.
+    zq, zk = jnp.zeros((B, T, Hq), jnp.float32), jnp.zeros((B, S, Hq), jnp.float32)
+    c = (zq, zq, zk, zk)
+  ranges = pruning.chunk_tile_ranges(*c, rows.seg, cols.seg, rows.pos, cols.pos, bq, bk, delta)
   delta_h = None if delta is None else delta.reshape(B, Hkv, Hq // Hkv)
   return bq, bk, ranges, delta_h
 
@@ -219,9 +245,9 @@ def forward_chunk(rows: common.Rows, cols: common.Cols, delta, *, sm_scale: floa
 
     def kv_step(j, carry):
       m, l, acc = carry
-      at = lambda x: lax.dynamic_index_in_dim(x, j, keepdims=False)
+      at = lambda x: _at(x, j)
       s, mask = _tile(qi, at(ks.k), cq_hi, cq_lo, at(ks.c_hi), at(ks.c_lo), seg_q,
-                      None if seg_k is None else at(seg_k), pos_q, at(ks.pos), delta_h,
+                      at(seg_k), pos_q, at(ks.pos), delta_h,
                       (start <= j) & (j < end), sm_scale)
       s = jnp.where(mask, s, -jnp.inf)
       m_new = jnp.maximum(m, s.max(axis=-1))  # [B, Hkv, G, bq]
@@ -263,10 +289,10 @@ def _row_terms(qs, ks, dos, lse_b, dd_b, lo, hi, kv_start, kv_end, delta_h, sm_s
 
     def kv_step(j, carry):
       g, r = carry
-      at = lambda x: lax.dynamic_index_in_dim(x, j, keepdims=False)
+      at = lambda x: _at(x, j)
       pos_k = at(ks.pos)
       s, mask = _tile(qi, at(ks.k), cq_hi, cq_lo, at(ks.c_hi), at(ks.c_lo), seg_q,
-                      None if ks.seg is None else at(ks.seg), pos_q, pos_k, delta_h,
+                      at(ks.seg), pos_q, pos_k, delta_h,
                       (start <= j) & (j < end), sm_scale)
       p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
       dp = _dot("bhgqd,bhkd->bhgqk", doi, at(ks.v))
@@ -290,7 +316,7 @@ def _bwd_setup(rows, cols, do, lse, dd, delta, block_sizes):
   dos = _to_blocks(do, bq, Hkv)  # [nq, B, Hkv, G, bq, D]
   # Padded rows get lse = 0; their mask is empty so the value never matters.
   lse_b = _to_blocks(lse.transpose(0, 2, 1), bq, Hkv)  # [nq, B, Hkv, G, bq]
-  dd_b = _to_blocks(dd.transpose(0, 2, 1), bq, Hkv)  # [nq, B, Hkv, G, bq]
+  dd_b = None if dd is None else _to_blocks(dd.transpose(0, 2, 1), bq, Hkv)  # [nq, B, Hkv, G, bq]
   return bq, bk, ranges, delta_h, qs, ks, dos, lse_b, dd_b
 
 
@@ -321,6 +347,9 @@ def backward_chunk(rows: common.Rows, cols: common.Cols, do, lse, dd, g_b, delta
   g_b [B, Hq, T] = g - dlse with g summed over every key (``row_terms_chunk``); with it
   dS_ij = P_ij ((dP_ij - dd_i) - g_b_i). The row part of dc, sum_{j != i} dS_ij = g - g_b r,
   is the caller's, from the row terms' totals.
+
+  Without a gate (c None), ``dd`` is None and g_b is Delta = dO . o - dlse: the textbook
+  dS_ij = P_ij (dP_ij - Delta_i), not anchored, and dc is None.
   """
   del interpret
   q, k, v = rows.q, cols.k, cols.v
@@ -340,25 +369,28 @@ def backward_chunk(rows: common.Rows, cols: common.Cols, do, lse, dd, g_b, delta
 
     def q_step(i, carry):
       dq, dk, dv, dc = carry
-      at = lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False)
+      at = lambda x: _at(x, i)
       qi, doi, lse_i, dd_i, g_i, pos_q = at(qs.q), at(dos), at(lse_b), at(dd_b), at(g_b), at(qs.pos)
-      s, mask = _tile(qi, kj, at(qs.c_hi), at(qs.c_lo), ck_hi, ck_lo,
-                      None if seg_q is None else at(seg_q), seg_k, pos_q, pos_k, delta_h,
-                      (start <= i) & (i < end), sm_scale)
+      s, mask = _tile(qi, kj, at(qs.c_hi), at(qs.c_lo), ck_hi, ck_lo, at(seg_q), seg_k, pos_q,
+                      pos_k, delta_h, (start <= i) & (i < end), sm_scale)
       p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)  # [B, Hkv, G, bq, bk]
       dp = _dot("bhgqd,bhkd->bhgqk", doi, vj)
-      diag = pos_q[:, None] == pos_k[None, :]
-      off_diag = jnp.where(diag, 0.0, dp - dd_i[..., None])
-      ds = p * (off_diag - g_i[..., None])
+      if dd_i is None:  # no gate: dS = P (dP - Delta)
+        ds = p * (dp - g_i[..., None])
+      else:
+        diag = pos_q[:, None] == pos_k[None, :]
+        off_diag = jnp.where(diag, 0.0, dp - dd_i[..., None])
+        ds = p * (off_diag - g_i[..., None])
+        dc = dc - jnp.where(diag, 0.0, ds).sum(axis=-2)
       dv = dv + _dot("bhgqk,bhgqd->bhkd", p.astype(v.dtype), doi)
       dk = dk + _dot("bhgqk,bhgqd->bhkd", ds.astype(q.dtype), qi)
-      dc = dc - jnp.where(diag, 0.0, ds).sum(axis=-2)
       dq_i = at(dq) + _dot("bhgqk,bhkd->bhgqd", ds.astype(k.dtype), kj)
       dq = lax.dynamic_update_index_in_dim(dq, dq_i, i, axis=0)
       return dq, dk, dv, dc
 
+    dc0 = None if dd_b is None else jnp.zeros((B, Hkv, G, bk), jnp.float32)
     init = (dq, jnp.zeros((B, Hkv, bk, D), jnp.float32), jnp.zeros((B, Hkv, bk, D), jnp.float32),
-            jnp.zeros((B, Hkv, G, bk), jnp.float32))
+            dc0)
     dq, dk, dv, dc = lax.fori_loop(lo_j, hi_j, q_step, init)
     return dq, (sm_scale * dk, dv, dc)
 
@@ -369,7 +401,7 @@ def backward_chunk(rows: common.Rows, cols: common.Cols, do, lse, dd, g_b, delta
   # [nk, B, Hkv, bk, D] -> [B, S, Hkv, D]
   dk = jnp.moveaxis(dk, (0, 3), (1, 2)).reshape(B, -1, Hkv, D)[:, :S]
   dv = jnp.moveaxis(dv, (0, 3), (1, 2)).reshape(B, -1, Hkv, D)[:, :S]
-  return dq, dk, dv, _from_blocks(dc, S)
+  return dq, dk, dv, None if dc is None else _from_blocks(dc, S)
 
 
 def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_scale: float,
@@ -403,3 +435,27 @@ def backward(q, k, v, c_hi, c_lo, segment_ids, delta, o, lse, do, dlse, *, sm_sc
   row_sums = (g - g_b * r).transpose(0, 2, 1)  # [B, T, Hq]: sum_{j != i} dS_ij
   dc = dc.at[:, S - T:].add(row_sums)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dc
+
+
+# ----------------------------------------------------------------------------- no gate
+
+
+def plain_forward(q, k, v, segment_ids, *, sm_scale: float, block_sizes: BlockSizes):
+  """Causal softmax attention without a gate (log f = 0): o [B, T, Hq, D] (q.dtype) and lse
+  [B, Hq, T] f32, the queries being the last T of the S keys; no decay is loaded or added."""
+  rows, cols = common.whole_sequence(q, k, v, None, None, segment_ids)
+  o, lse, _ = forward_chunk(rows, cols, None, sm_scale=sm_scale, block_sizes=block_sizes)
+  return o.astype(q.dtype), lse
+
+
+def plain_backward(q, k, v, segment_ids, o, lse, do, *, sm_scale: float,
+                   block_sizes: BlockSizes):
+  """dq, dk, dv (input dtypes) of :func:`plain_forward`: the flash backward, one pass over
+  key blocks (the mirrored causal/segment ranges) with dS = P (dP - Delta), Delta_i =
+  dO_i . o_i from the output ``o`` the forward returned."""
+  rows, cols = common.whole_sequence(q, k, v, None, None, segment_ids)
+  delta = jnp.einsum("bthd,bthd->bht", o, do, preferred_element_type=jnp.float32,
+                     precision=lax.Precision.HIGHEST)  # [B, Hq, T]
+  dq, dk, dv, _ = backward_chunk(rows, cols, do, lse, None, delta, None, sm_scale=sm_scale,
+                                 block_sizes=block_sizes)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)

@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from fox_jax import attention as attention_lib
 from fox_jax.attention import decay_time_bias
 from fox_jax.config import PRESETS, get_preset
 from fox_jax.layers import Constant
@@ -100,10 +101,13 @@ def test_every_param_has_logical_axes():
     ("num_layers", dict(num_layers=-1)),
     ("output_gate_act", dict(output_gate=True, output_norm=True, output_gate_act="silu")),
     ("pruning", dict(pruning="yes")),
+    ("plain_attn_impl", dict(forget_gate="none", plain_attn_impl="flash")),
+    ("plain_attn_impl", dict(plain_attn_impl="xla")),  # a FoX model has a gate
 ])
 def test_bad_config_names_the_field(field, overrides):
-  with pytest.raises(ValueError, match=field):
+  with pytest.raises(ValueError, match=f"^{field}") as e:
     get_preset("fox_llama_tiny", **overrides)
+  assert "\n" not in str(e.value)
 
 
 def test_config_dict_round_trip():
@@ -196,3 +200,40 @@ def test_remat_gives_the_same_loss_and_grads():
   assert float(l0) == pytest.approx(float(l1), rel=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     assert_close(b, a, "float32", "remat grads")
+
+
+def test_transformer_plain_kernel_matches_forgetting_kernel_with_zero_gate(monkeypatch):
+  """forget_gate 'none' runs plain causal attention by default; the forgetting op with
+  log f = 0 (plain_attn_impl="forgetting", the path before) gives the same loss and grads.
+  GQA, packed documents and trailing padding (segment 0), as in training. Both in one jit
+  (one compilation)."""
+  calls, real = [], attention_lib.plain_attention
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs["impl"])
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(attention_lib, "plain_attention", spy)
+  base = get_preset("transformer_llama_tiny", attn_impl=IMPL, num_kv_heads=2, num_layers=1)
+  assert base.plain_attn_impl == "auto"
+  ids = _ids(2, 25, base.vocab_size, seed=4)
+  seg = np.ones((2, 24), np.int32)
+  seg[0, 9:], seg[0, 20:], seg[1, 15:] = 2, 0, 3
+  seg = jnp.asarray(seg)
+  splits = [nnx.split(DecoderLM(base.replace(plain_attn_impl=p), rngs=nnx.Rngs(0)), nnx.Param,
+                      ...) for p in ("auto", "forgetting")]
+
+  def value_and_grad(graphdef, params, rest):
+    def loss(params):
+      logits = nnx.merge(graphdef, params, rest)(ids[:, :-1], segment_ids=seg)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+      return jnp.sum(ce * (seg > 0)) / jnp.sum(seg > 0)
+    return jax.value_and_grad(loss)(params)
+
+  (l_plain, g_plain), (l_gate, g_gate) = jax.jit(
+      lambda p: [value_and_grad(g, pi, r) for (g, _, r), pi in zip(splits, p)])(
+          [params for _, params, _ in splits])
+  assert calls == ["auto"] * base.num_layers  # traced once, by the plain model only
+  assert_close(l_plain, l_gate, "float32", "loss")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_gate), jax.tree.leaves(g_plain)):
+    assert_close(b, a, "float32", jax.tree_util.keystr(path))
