@@ -80,16 +80,26 @@ class Experiment:
 
   @property
   def train_length(self) -> int:
+    """Row length of the language-modelling runs."""
     return {"smoke": 64, "cpu": 256, "gpu": 2048}[self.scale]
 
   def run_dir(self, label: str, seed: int) -> str:
     return os.path.join(self.out, "runs", self.scale, label, f"seed{seed}")
 
 
-def run_config(exp: Experiment, family: str, seed: int, **model_overrides):
-  """The config of one run: ``family`` at the experiment's scale, with ``model_overrides``."""
+def run_config(exp: Experiment, family: str, seed: int, *, recipe: str = "lm",
+               **model_overrides):
+  """The config of one run: ``family`` at the experiment's scale, with ``model_overrides``.
+
+  recipe "lm": language modelling on the corpus (the main command's model at the cpu scale,
+  experiments/configs/paper_2k.py's at the gpu scale); "mqar": the MQAR task
+  (experiments/configs/cpu_mqar.py at the cpu scale; Zoology's vocabulary 8192 and 16 pairs
+  in 256-token rows at the gpu scale).
+  """
   from fox_jax import run_config as rc
-  if exp.scale == "gpu":
+  if recipe == "mqar":
+    c = _mqar_config(exp, family)
+  elif exp.scale == "gpu":
     c = rc.load_config_file(os.path.join(REPO, "experiments/configs/paper_2k.py") +
                             f":{family}_125m")
     c.optim.total_tokens = 2**28
@@ -99,7 +109,7 @@ def run_config(exp: Experiment, family: str, seed: int, **model_overrides):
     c.optim.total_tokens = 400_000
     c.optim.warmup_tokens = 40_000
     c.run.checkpoint_every = 1000
-  if exp.scale == "smoke":
+  if exp.scale == "smoke" and recipe == "lm":
     c.model.overrides.update({"num_layers": 1, "d_model": 32, "num_heads": 2})
     c.data.seq_len = 64
     c.data.global_batch = 4
@@ -111,7 +121,7 @@ def run_config(exp: Experiment, family: str, seed: int, **model_overrides):
   if exp.tokens is not None:
     c.optim.total_tokens = exp.tokens
     c.optim.warmup_tokens = min(c.optim.warmup_tokens, exp.tokens // 10)
-  if exp.data_path is not None:
+  if exp.data_path is not None and recipe == "lm":
     c.data.source = "text"
     c.data.path = exp.data_path
   c.model.overrides.update(model_overrides)
@@ -119,6 +129,32 @@ def run_config(exp: Experiment, family: str, seed: int, **model_overrides):
   c.data.seed = seed
   c.run.progress_bar = False
   c.run.log_every = 1 if exp.scale == "smoke" else 10
+  return c
+
+
+def _mqar_config(exp: Experiment, family: str):
+  from fox_jax import run_config as rc
+  c = rc.cpu_mqar_config(f"{family}_tiny")
+  if exp.scale == "smoke":
+    c.model.overrides.update({"num_layers": 1, "d_model": 32, "num_heads": 2})
+    c.data.global_batch = 8
+    c.data.mqar_train_examples = 256
+    c.data.mqar_test_examples = 32
+    c.optim.total_tokens = 3 * 8 * 64
+    c.optim.warmup_tokens = 8 * 64
+    c.run.eval_every = 0
+    c.run.val_rows = 16
+  elif exp.scale == "gpu":  # Zoology's figure-2 task at its largest cell, 2 layers d 128
+    c.model.overrides.update({"vocab_size": 8192, "d_model": 128})
+    c.data.seq_len = 256
+    c.data.global_batch = 256
+    c.data.mqar_vocab = 8192
+    c.data.mqar_num_kv_pairs = 16
+    c.data.mqar_train_examples = 100_000
+    c.data.mqar_test_examples = 3_000
+    c.optim.total_tokens = 32 * 100_000 * 256  # 32 epochs
+    c.optim.warmup_tokens = 100 * 256 * 256
+    c.run.eval_every = 1000
   return c
 
 
