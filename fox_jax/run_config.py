@@ -54,8 +54,8 @@ SAFE_ON_RESUME = (
     "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_every",
     "run.val_rows", "run.progress_bar", "run.peak_flops_per_device", "eval.*", "mesh.*",
     "optim.grad_accum", "optim.total_tokens", "data.global_batch",
-    "model.attn_impl", "model.block_sizes*", "model.remat", "model.seq_chunk",
-    "model.context_strategy", "model.context_stripe",
+    "model.attn_impl", "model.plain_attn_impl", "model.block_sizes*", "model.remat",
+    "model.seq_chunk", "model.context_strategy", "model.context_stripe",
 )
 
 

@@ -108,7 +108,9 @@ def main(argv=None) -> dict:
     rows.append([NAMES[name], table[(name, lengths[0])]["attention"], *cells])
   md = common.markdown_table(header, rows) + (
       f"\n\n{tokens:,} tokens per step at every length; median of {rounds} round(s) of one "
-      f"step per model, in turns; kept = ACP's kept tile fraction of the timed step.")
+      f"step per model, in turns; kept = ACP's kept tile fraction of the timed step; "
+      f"'auto' runs the backend's default ({jax.default_backend()}: see "
+      f"pallas_kernels/forgetting_attention/README.md).")
   plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   for name in compared:
@@ -124,9 +126,11 @@ def main(argv=None) -> dict:
 
 
 def _attention(cfg) -> str:
-  """The attention a model runs: implementation and tiles."""
+  """The attention op a model runs, its implementation and tiles."""
+  if cfg.forget_gate == "none" and cfg.plain_attn_impl != "forgetting":
+    return f"plain_attention ({cfg.plain_attn_impl})"
   tiles = "" if cfg.block_sizes is None else f", {cfg.block_sizes.block_q}x{cfg.block_sizes.block_k}"
-  return f"{cfg.attn_impl}{tiles}"
+  return f"forgetting_attention ({cfg.attn_impl}{tiles})"
 
 
 if __name__ == "__main__":
