@@ -51,7 +51,7 @@ DATA_SOURCES = tuple(datasets.DATASETS)
 # nor the optimizer's recipe, nor which rows come next. The schedule is a function of the
 # tokens seen, so a new batch or token budget continues it from where the run is.
 SAFE_ON_RESUME = (
-    "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_every",
+    "version", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_every",
     "run.val_rows", "run.progress_bar", "run.peak_flops_per_device", "eval.*", "mesh.*",
     "optim.grad_accum", "optim.total_tokens", "data.global_batch",
     "model.attn_impl", "model.plain_attn_impl", "model.block_sizes*", "model.remat",
@@ -59,8 +59,14 @@ SAFE_ON_RESUME = (
 )
 
 
+# The layout of a saved config. 1 (no ``version`` field): forget gate 'none' ran the
+# forgetting op with a zero gate; 2: it runs ``model.plain_attn_impl`` (plain attention).
+CONFIG_VERSION = 2
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.version = CONFIG_VERSION
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "fox_pro_tiny"
@@ -400,7 +406,8 @@ def config_from_json(text: str, source: str) -> ml_collections.ConfigDict:
 def _add_new_fields(c: ml_collections.ConfigDict) -> None:
   """Gives a saved config the fields :func:`base_config` gained after it was saved (e.g. the
   ``data.mqar_*`` fields), at their defaults, which select what the saved run did; the
-  model's ``overrides`` are left as saved."""
+  model's ``overrides`` are left as saved, except that a version-1 Transformer keeps the
+  attention it ran (:func:`_pin_forgetting_baseline`)."""
   base = base_config()
   for block in base.keys():
     if block == "model" or block not in c or not isinstance(c[block], ml_collections.ConfigDict):
@@ -408,6 +415,25 @@ def _add_new_fields(c: ml_collections.ConfigDict) -> None:
     for name, value in base[block].items():
       if name not in c[block]:
         c[block][name] = value
+  if "version" not in c:
+    _pin_forgetting_baseline(c)
+    c.version = CONFIG_VERSION
+
+
+def _pin_forgetting_baseline(c: ml_collections.ConfigDict) -> None:
+  """A version-1 run with forget gate 'none' ran the forgetting op with a zero gate: it keeps
+  doing so (``plain_attn_impl='forgetting'``), so that resuming it stays bitwise; a config
+  that asks for plain attention is then a recorded change on resume."""
+  from fox_jax.config import get_preset
+  overrides = c.model.get("overrides") or ml_collections.ConfigDict()
+  try:
+    gate = overrides.get("forget_gate") or get_preset(c.model.preset).forget_gate
+  except (ValueError, KeyError, AttributeError):
+    return  # an unknown preset is reported when the model is built
+  if gate == "none" and "plain_attn_impl" not in overrides:
+    if "overrides" not in c.model:
+      c.model.overrides = ml_collections.ConfigDict()
+    c.model.overrides.plain_attn_impl = "forgetting"
 
 
 def config_to_json(c: ml_collections.ConfigDict) -> str:

@@ -32,7 +32,7 @@ NAMES = {"transformer_pro": "Transformer (Pro)", "fox_pro": "FoX (Pro)",
 def plan(exp) -> tuple[list[int], int, int]:
   """(sequence lengths, tokens per step, timed rounds) of a scale."""
   if exp.scale == "smoke":
-    return [64, 128], 256, 2
+    return [128], 256, 2
   if exp.scale == "gpu":
     return [2048, 8192, 32768], 2**19, 5
   return [256, 1024, 4096], 8192, 3

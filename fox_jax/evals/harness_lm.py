@@ -26,7 +26,9 @@ Batching (``batch_size``): requests are sorted by length, longest first, like lm
 Collator; every batch has ``batch_size`` rows (the last one padded) and is right-padded to
 a bucket length (64 x 2^k, at least ``seq_chunk``-aligned, the smallest that holds the
 batch's longest row), so a run compiles at most one scoring function per bucket. A causal
-model's right padding changes no earlier position. Generation batches rows of one prompt
+model's right padding changes no earlier position, except through ACP: with ``pruning`` the
+threshold of each row is bounded over its padded length, so a score may move with its
+bucket and batch-mates, by at most the pruned attention weight (epsilon, e^-10 by default). Generation batches rows of one prompt
 length (prefill takes no padding mask), so it compiles once per prompt length.
 """
 

@@ -92,6 +92,8 @@ def cells(options: Options) -> dict[tuple[int, int], mqar.Spec]:
                        options.power_a)
       if length < spec.context_len + 2 * kv - 1:
         continue
+      if options.num_updates is not None and options.num_updates > kv:
+        continue  # fewer pairs than keys to reassign (e.g. half a run's pairs): no such cell
       try:
         out[(int(length), kv)] = spec.check(_NAMES)
       except ValueError as e:

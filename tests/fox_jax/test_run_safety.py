@@ -97,6 +97,37 @@ def test_overrides_of_a_saved_config_parse_like_the_file_s():
   assert list(c.eval.length_multiples) == [1, 2]
 
 
+@pytest.mark.parametrize("preset, gate, pinned", [
+    ("transformer_pro_tiny", None, "forgetting"),    # a Transformer preset
+    ("fox_llama_tiny", "none", "forgetting"),        # a FoX preset with its gate off
+    ("fox_pro_tiny", None, None),                    # gated: nothing to pin
+])
+def test_a_version_1_transformer_keeps_the_attention_it_ran(preset, gate, pinned):
+  """Before config version 2, forget gate 'none' ran the forgetting op with a zero gate; a
+  saved run of that age keeps it (resuming stays bitwise), and a config asking for plain
+  attention is a change resume_changes reports and allows."""
+  c = tiny_config()
+  c.model.preset = preset
+  if gate is not None:
+    c.model.overrides.forget_gate = gate
+  saved = json.loads(run_config.config_to_json(c))
+  del saved["version"]
+  loaded = run_config.config_from_json(json.dumps(saved), "config.json")
+  assert loaded.version == run_config.CONFIG_VERSION
+  assert loaded.model.overrides.get("plain_attn_impl") == pinned
+  run_config.check_fields(loaded)
+  changes = run_config.resume_changes(loaded, c)
+  if pinned is None:
+    assert changes == {}
+  else:
+    assert list(changes) == ["model.plain_attn_impl"], changes
+    assert train_lib.model_config(loaded).plain_attn_impl == "forgetting"
+  # A config saved now reads back as it was.
+  again = run_config.config_from_json(run_config.config_to_json(c), "config.json")
+  assert run_config.resume_changes(again, c) == {}
+  assert again.model.overrides.get("plain_attn_impl") is None
+
+
 def test_metrics_lines_fox_train_did_not_write_are_kept(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   with open(path, "w") as f:
