@@ -191,7 +191,7 @@ def _csv(kind):
 def _eval_parser() -> argparse.ArgumentParser:
   from fox_jax.evals import EVALS
   p = _Parser(prog="fox-eval", formatter_class=argparse.RawDescriptionHelpFormatter,
-              description="Evaluate one or more run directories. The default task, "
+              description="Evaluate run directories or fox-convert checkpoints. The default task, "
               "per_token_loss, gives loss against position\n(and beyond the training length) "
               "and validation loss, plotted together; needle and passkey\nscore greedy "
               "retrieval by exact match; mqar scores multi-query associative recall\n"
@@ -204,7 +204,9 @@ def _eval_parser() -> argparse.ArgumentParser:
               "  fox-eval runs/fox --task lm_eval --lm_eval_tasks piqa,hellaswag --limit 100\n"
               "  fox-eval runs/fox --task lm_eval --lm_eval_tasks my_task "
               "--lm_eval_include_path my_tasks/")
-  p.add_argument("runs", nargs="+", help="run directories written by fox-train")
+  p.add_argument("runs", nargs="+", help="run directories written by fox-train, or "
+                 "checkpoints written by fox-convert (every task but per_token_loss; with "
+                 "--train_length and tokenizer.json beside them)")
   p.add_argument("--task", default="per_token_loss",
                  help=f"evaluation to run: {', '.join(EVALS)} (default: per_token_loss)")
   p.add_argument("--out", default=None,
@@ -215,6 +217,9 @@ def _eval_parser() -> argparse.ArgumentParser:
   p.add_argument("--step", type=int, default=None,
                  help="evaluate this checkpoint step (default: the newest that restores; "
                  "with several runs, the same step of each)")
+  p.add_argument("--train_length", type=int, default=None, metavar="T",
+                 help="a fox-convert checkpoint's training length (it records none; "
+                 "'Mx' lengths and the default grids are multiples of it)")
   p.add_argument("--lengths", type=_csv(str), default=None, metavar="L1,L2,...",
                  help="context lengths in tokens, or multiples of the training length like "
                  "4x (per_token_loss: loss up to the longest; default per task)")
@@ -222,6 +227,10 @@ def _eval_parser() -> argparse.ArgumentParser:
                  help="needle / passkey depths in percent (needle default: 0,10,...,100)")
   p.add_argument("--modes", type=_csv(str), default=None, metavar="easy,standard",
                  help="needle modes (default: both)")
+  p.add_argument("--style", default=None, choices=("code", "prose"),
+                 help="needle: the needle and query in the corpus's own form ('code', for the "
+                 "built-in corpus, the default) or the authors' sentences ('prose', for a "
+                 "model of English text)")
   p.add_argument("--trials", type=int, default=None,
                  help="passkey: random pass keys per length and depth (default 2)")
   p.add_argument("--num_kv_pairs", type=_csv(int), default=None, metavar="K1,K2,...",
@@ -255,9 +264,9 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 # fox-eval flags that set a field of a task's Options (a task without it refuses them).
-_TASK_FLAGS = ("depths", "modes", "trials", "num_kv_pairs", "variant", "vocab", "num_examples",
-               "seed", "lm_eval_tasks", "lm_eval_include_path", "limit", "batch_size",
-               "max_length")
+_TASK_FLAGS = ("depths", "modes", "style", "trials", "num_kv_pairs", "variant", "vocab",
+               "num_examples", "seed", "lm_eval_tasks", "lm_eval_include_path", "limit",
+               "batch_size", "max_length")
 
 
 def _run_out(out: Optional[str], runs: Sequence[str], run: str) -> Optional[str]:
@@ -273,7 +282,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     from fox_jax import evals, evaluate
     evals.get(args.task)
     if args.task == "per_token_loss":
-      extra = [f"--{k}" for k in _TASK_FLAGS if getattr(args, k) is not None]
+      extra = [f"--{k}" for k in _TASK_FLAGS + ("train_length",)
+               if getattr(args, k) is not None]
       if extra:
         raise UsageError(f"{', '.join(extra)} do not apply to --task per_token_loss")
       out = args.out or os.path.join(args.runs[0], "eval")
@@ -287,11 +297,13 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
       results = []
       for run, out in zip(args.runs, outs):
         r = evaluate.run_task(args.task, run, step=args.step, out=out, lengths=args.lengths,
+                              train_length=args.train_length,
                               **{k: getattr(args, k) for k in _TASK_FLAGS})
         where = out or os.path.join(run, "eval")
         report_line = getattr(evals.get(args.task), "report_line", None)
         scores = report_line(r) if report_line else f"accuracy {_accuracy(r)}"
-        print(f"fox-eval: {r['label']} step {r['step']}: {args.task} {scores}; wrote "
+        at = "" if r["step"] is None else f" step {r['step']}"
+        print(f"fox-eval: {r['label']}{at}: {args.task} {scores}; wrote "
               f"{os.path.join(where, args.task)}.json and .png")
         results.append(r)
       return 0

@@ -142,7 +142,12 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True
 
 
 def check_run(workdir: str, step: Optional[int] = None) -> None:
-  """UsageError unless ``workdir`` is a run directory with a checkpoint (at ``step``)."""
+  """UsageError unless ``workdir`` is a run directory with a checkpoint (at ``step``) or a
+  fox-convert checkpoint (which has no steps)."""
+  if loading.kind(workdir) == "converted":
+    if step is not None:
+      raise UsageError(f"{workdir} is a fox-convert checkpoint, which has no steps; drop --step")
+    return
   rundir.load_config(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
@@ -181,14 +186,18 @@ def _load_model(workdir: str, step: Optional[int], devices=None):
 
 
 def run_task(task: str, workdir: str, *, step: Optional[int] = None,
-             out: Optional[str] = None, devices=None, **options) -> dict:
+             out: Optional[str] = None, devices=None, train_length: Optional[int] = None,
+             **options) -> dict:
   """Runs the registered evaluation ``task`` on a run's checkpoint (default: the newest
-  that restores) and writes ``<out>/<task>.json|png`` (default out: ``<run>/eval``).
+  that restores) or on a fox-convert checkpoint, and writes ``<out>/<task>.json|png``
+  (default out: ``<path>/eval``).
 
   ``options`` are fields of the task's ``Options`` (e.g. lengths, depths); those not given
   take the run's (a task's ``run_defaults(config)``, e.g. the MQAR shape a run trained on)
-  or the task's defaults; ``train_length`` is the run's seq_len and the corpus its held-out
-  split. A UsageError for an unknown task or a field the task does not have.
+  or the task's defaults. ``train_length`` is the run's seq_len; a converted checkpoint
+  records none, so it is given (``--train_length``). The corpus is a run's held-out split,
+  the built-in one for a converted checkpoint (tokenised by its own tokenizer). A
+  UsageError for an unknown task or a field the task does not have.
   """
   module = evals.get(task)
   fields = {f.name for f in dataclasses.fields(module.Options)} - {"train_length", "corpus"}
@@ -197,21 +206,43 @@ def run_task(task: str, workdir: str, *, step: Optional[int] = None,
     raise UsageError(f"task {task} takes no {', '.join(unknown)} (it takes: "
                      f"{', '.join(sorted(fields))})")
   options = {k: v for k, v in options.items() if v is not None}
-  c = rundir.load_config(workdir)
   takes_corpus = "corpus" in {f.name for f in dataclasses.fields(module.Options)}
-  if takes_corpus:
-    _check_text(c, workdir, task)
-  if hasattr(module, "run_defaults"):
-    options = {**module.run_defaults(c), **options}
-  opts = module.Options(train_length=int(c.data.seq_len), **options)  # checked before loading
+  converted = loading.kind(workdir) == "converted"
+  if converted:
+    if task == "per_token_loss":
+      raise UsageError(f"{workdir} is a fox-convert checkpoint: --task per_token_loss reads a "
+                       f"run's held-out split (evaluate the checkpoint with another task)")
+    if train_length is None:
+      raise UsageError(f"{workdir} is a fox-convert checkpoint, which records no training "
+                       f"length: give --train_length (the length it was trained at)")
+    if not isinstance(train_length, int) or train_length < 1:
+      raise UsageError(f"--train_length must be >= 1, got {train_length}")
+    c, T = None, int(train_length)
+  else:
+    c = rundir.load_config(workdir)
+    T = int(c.data.seq_len)
+    if train_length is not None and train_length != T:
+      raise UsageError(f"--train_length {train_length}: {workdir} was trained at {T} (its "
+                       f"config's data.seq_len); drop the flag")
+    if takes_corpus:
+      _check_text(c, workdir, task)
+    if hasattr(module, "run_defaults"):
+      options = {**module.run_defaults(c), **options}
+  opts = module.Options(train_length=T, **options)  # checked before loading
   out = out or os.path.join(workdir, "eval")
   check_output_dir(out)
-  c, step, model = _load_model(workdir, step, devices)
-  if takes_corpus:
-    opts.corpus = _heldout(c, workdir)
-  result = module.run(model, tokenizer, opts)
-  result = {"run": os.path.abspath(workdir), "label": run_label(c, workdir), "step": int(step),
-            **result}
+  if converted:
+    loaded = loading.load_model(workdir)
+    model, tok, step = loaded.model, loaded.tokenizer, None
+    label = f"{os.path.basename(os.path.normpath(workdir))} (converted)"
+  else:
+    c, step, model = _load_model(workdir, step, devices)
+    tok, label = tokenizer, run_label(c, workdir)
+    if takes_corpus:
+      opts.corpus = _heldout(c, workdir)
+  result = module.run(model, tok, opts)
+  result = {"run": os.path.abspath(workdir), "label": label,
+            "step": None if step is None else int(step), **result}
   _make_output_dir(out)
   evals.write(task, result, out)
   return result

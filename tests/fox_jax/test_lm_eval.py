@@ -300,6 +300,46 @@ def test_fox_eval_task_lm_eval_and_the_fox_model_name(lm_eval, setup, run_dir, t
   assert lm.max_length == 32 and lm.batch_size == 2  # the run's training length
 
 
+def test_every_task_runs_on_a_converted_checkpoint(lm_eval, setup, tmp_path, capsys):
+  """fox-eval's needle, passkey, MQAR and lm_eval on an authors' checkpoint converted by
+  fox-convert, with its tokenizer beside it and --train_length (it records none); what each
+  task computes is checked on tiny models elsewhere, here that it runs on this kind of path
+  and reads nothing from (nor writes anything into) the checkpoint but its eval directory."""
+  from fox_jax.cli import convert_main
+  from tests.fox_jax.test_convert import DATA
+  from tests.fox_jax.test_generate import write_char_tokenizer
+  converted = tmp_path / "converted"
+  assert convert_main([os.path.join(DATA, "fox_pro"), str(converted), "--attn_impl",
+                       "reference"]) == 0
+  write_char_tokenizer(converted, 97)  # the checkpoint's vocabulary
+  _, _, path = setup
+  runs = {
+      "needle": ["--lengths", "300", "--depths", "50", "--modes", "standard"],
+      "passkey": ["--lengths", "300", "--depths", "50", "--trials", "1"],
+      "mqar": ["--lengths", "64", "--num_kv_pairs", "4", "--vocab", "32", "--num_examples", "8"],
+      "lm_eval": ["--lm_eval_tasks", "fox_mc", "--lm_eval_include_path", path, "--limit", "2"],
+  }
+  for task, flags in runs.items():
+    out = str(tmp_path / task)
+    assert eval_main([str(converted), "--task", task, "--train_length", "128", "--out", out,
+                      *flags]) == 0, (task, capsys.readouterr().err)
+    result = json.load(open(os.path.join(out, f"{task}.json")))
+    assert result["step"] is None and result["label"] == "converted (converted)"
+    assert result["options"]["train_length"] == 128
+  assert sorted(os.listdir(converted)) == ["model_config.json", "params", "tokenizer.json",
+                                            "tokenizer_config.json"]
+  capsys.readouterr()
+  for argv, message in (
+      ([str(converted), "--task", "needle"], "records no training length: give --train_length"),
+      ([str(converted), "--task", "needle", "--train_length", "128", "--step", "3"],
+       "has no steps"),
+      ([str(converted), "--task", "per_token_loss", "--train_length", "128"],
+       "--train_length do not apply to --task per_token_loss")):
+    assert eval_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "lm_eval"], "lm_eval needs task names"),
     (["--task", "lm_eval", "--lm_eval_tasks", "nope_task"], "unknown lm_eval task(s) nope_task"),
