@@ -94,7 +94,8 @@ def main(argv=None) -> dict:
     sweep = length_sweep(acp["workdir"], eval_lengths(exp), max_docs, 4)
     train_kept = [m["kept_tile_fraction"] for m in acp["metrics"] if "kept_tile_fraction" in m]
     pairs.append({
-        "seed": seed, "val_loss": base["val_loss"], "val_loss_acp": acp["val_loss"],
+        "seed": seed, "val_loss": common.heldout_loss(base["workdir"], exp.val_rows),
+        "val_loss_acp": common.heldout_loss(acp["workdir"], exp.val_rows),
         "train_curve": [(m["step"], m["loss"]) for m in base["metrics"] if "loss" in m],
         "train_curve_acp": [(m["step"], m["loss"], m.get("kept_tile_fraction"))
                             for m in acp["metrics"] if "loss" in m],

@@ -83,6 +83,11 @@ class Experiment:
     """Row length of the language-modelling runs."""
     return {"smoke": 64, "cpu": 256, "gpu": 2048}[self.scale]
 
+  @property
+  def val_rows(self) -> int:
+    """Held-out rows of :func:`heldout_loss` (the same rows for every run)."""
+    return 8 if self.scale == "smoke" else 256
+
   def run_dir(self, label: str, seed: int) -> str:
     return os.path.join(self.out, "runs", self.scale, label, f"seed{seed}")
 
@@ -188,6 +193,33 @@ def per_token_loss(workdir: str) -> dict:
     if saved.get("step") == _last_step(workdir):
       return saved
   return evaluate.evaluate_run(workdir)
+
+
+def heldout_loss(workdir: str, rows: int = 256) -> float:
+  """Mean loss over the first ``rows`` packed held-out rows of data seed 0: the same rows for
+  every run of one row length and corpus, whatever its seed (a run's own val_loss reads rows
+  of its data seed, which would add the sampling of the validation set to the spread)."""
+  import jax
+  from fox_jax import evaluate, loading, rundir
+  from fox_jax import train as train_lib
+  from fox_jax.data import PackedDataset
+  step = _last_step(workdir)
+  path = os.path.join(workdir, "eval", "heldout_loss.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved.get("step") == step and saved.get("rows") == rows:
+      return saved["loss"]
+  c = rundir.load_config(workdir)
+  setup = loading.run_setup(c, workdir, jax.devices())
+  _, params = evaluate.restore_params(workdir, setup)
+  heldout = PackedDataset(evaluate._heldout(c, workdir), int(c.data.seq_len), 0)
+  loss = train_lib.validation_loss(setup, setup.eval_fn, params, heldout, rows,
+                                   int(c.eval.batch_size))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"step": step, "rows": rows, "loss": loss}, f)
+  return loss
 
 
 def _last_step(workdir: str) -> Optional[int]:
