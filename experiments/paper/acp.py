@@ -14,7 +14,33 @@ Writes runs/paper/acp.{json,md,png}:
 Pruning: log tolerance -10 (epsilon = e^-10, the paper's), the q/k norm bound 'auto',
 64 x 64 tiles (``experiments/configs/cpu_fox_pro_acp.py``).
 
-RESULTS: not yet recorded.
+RESULTS, recorded on this machine (command; date; machine; JAX; commit):
+
+`python experiments/paper/acp.py`; 2026-11-29; x86_64, 2 CPU cores, 1 x cpu (cpu); JAX 0.10.2; commit 0d6a107
+
+|  | without ACP | with ACP | difference (paired) |
+|---|---|---|---|
+| validation loss | 2.2823 ± 0.0621 | 2.2795 ± 0.0647 | -0.0028 ± 0.0053 |
+| training loss (last 5 logs) | 2.2864 ± 0.0804 | 2.2873 ± 0.0792 | 0.0009 ± 0.0023 |
+
+The trained ACP model on held-out documents read from their start (32 per length):
+
+| eval length | kept tile fraction | attention FLOPs saved | loss (pruned) | max |loss pruned - unpruned| |
+|---|---|---|---|---|
+| 256 | 0.712 ± 0.011 | 0.288 ± 0.011 | 2.9278 ± 0.0837 | 0.0e+00 |
+| 512 | 0.426 ± 0.008 | 0.574 ± 0.008 | 2.7542 ± 0.0811 | 0.0e+00 |
+| 1024 | 0.234 ± 0.005 | 0.766 ± 0.005 | 2.6567 ± 0.0757 | 0.0e+00 |
+| 2048 | 0.123 ± 0.002 | 0.877 ± 0.002 | 2.5399 ± 0.0740 | 0.0e+00 |
+
+Kept tile fraction during training (mean over logged steps): 0.703 ± 0.003. Mean ± standard deviation over 3 seed(s); tiles 64x64, training length 256.
+
+No degradation: with the same seeds, pruning moves validation loss by -0.003 ± 0.005 and the
+final training loss by 0.001 ± 0.002, against a spread of 0.06 between seeds. The pruned
+model's loss at evaluation equals the unpruned one's exactly at every length (its pruned
+tiles' weights are below float32's smallest exponential: the threshold's q/k bound is
+conservative). The kept fraction falls as the context grows, as the ACP paper reports for
+longer contexts: 29% of the attention FLOPs saved at the training length, 77% at 4x and 88%
+at 8x (the paper: about 70% across 4k-16k).
 """
 
 from __future__ import annotations
@@ -147,7 +173,8 @@ def main(argv=None) -> dict:
   axes[1].legend()
   Ls = eval_lengths(exp)
   axes[2].plot(Ls, np.mean([[x["kept_fraction"] for x in p["lengths"]] for p in pairs], 0), "o-")
-  axes[2].set(xscale="log", xlabel="evaluation length", ylabel="kept tile fraction",
+  common.log_lengths_axis(axes[2], Ls)
+  axes[2].set(xlabel="evaluation length", ylabel="kept tile fraction",
               title="kept tiles against length")
   common.write(exp, {"train_length": T, "pruning": PRUNING, "block_sizes": block_sizes(exp),
                      "seeds_results": pairs}, md, fig, argv)

@@ -317,6 +317,13 @@ def cli(main) -> None:
     sys.exit(1)
 
 
+def log_lengths_axis(ax, lengths) -> None:
+  """A log-scaled x axis labelled at ``lengths`` only (no minor tick labels)."""
+  ax.set_xscale("log")
+  ax.set_xticks(list(lengths), [str(x) for x in lengths])
+  ax.minorticks_off()
+
+
 def pyplot():
   import matplotlib
   matplotlib.use("Agg")

@@ -70,7 +70,8 @@ def main(argv=None) -> dict:
         acc = [np.mean([results[(variant, family, s)]["grid"][j][i] for s in exp.seeds])
                if first["grid"][j][i] is not None else np.nan for i in range(len(Ls))]
         ax.plot(Ls, acc, ls, marker="o", label=f"{NAMES[family]}, {k} pairs")
-    ax.set(xscale="log", xlabel="sequence length", title=f"MQAR, {variant}", ylim=(0, 1.02))
+    common.log_lengths_axis(ax, Ls)
+    ax.set(xlabel="sequence length", title=f"MQAR, {variant}", ylim=(0, 1.02))
   axes[0].set_ylabel("accuracy")
   axes[0].legend(fontsize=8)
   common.write(exp, {"results": [{"variant": v, "family": f, "seed": s, **r}

@@ -8,7 +8,22 @@ each is scored by fox-eval's ``needle`` task (``fox_jax/evals/needle.py``: 11 le
 T/8 to 4T x 11 depths, the authors' completion query, greedy cached decoding, exact match
 instead of their GPT-4o judge, the needle in the corpus's own form on the built-in corpus).
 
-RESULTS: not yet recorded.
+RESULTS, recorded on this machine (command; date; machine; JAX; commit):
+
+`python experiments/paper/needle.py`; 2026-11-29; x86_64, 2 CPU cores, 1 x cpu (cpu); JAX 0.10.2; commit 0d6a107
+
+| model | easy (exact match) | standard (exact match) |
+|---|---|---|
+| FoX (Pro) | 0.000 | 0.000 |
+| Transformer (Pro) | 0.000 | 0.000 |
+
+Mean accuracy over the grid: 11 lengths (262-1024 tokens) x 11 depths; training length 256; 1 seed(s).
+
+Both models score 0 in every cell: after the query ``assert BEST_THING == "`` they continue
+with ``')`` and indentation, the commonest continuation of a string in Python source, not the
+needle. A 1.2M-parameter byte model trained on 400k tokens does not learn to retrieve; the
+paper's heat maps come from 760M models trained on 48G tokens. The same grid runs at 125M in
+gpu_scale.py.
 """
 
 from __future__ import annotations

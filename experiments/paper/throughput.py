@@ -12,7 +12,18 @@ turns (round-robin, after two warm-up steps each), so that they share the machin
 tokens/s is the median over the rounds. The learning rate is tiny, so the parameters (and
 the tiles ACP keeps) stay those of the trained model.
 
-RESULTS: not yet recorded.
+RESULTS, recorded on this machine (command; date; machine; JAX; commit):
+
+`python experiments/paper/throughput.py`; 2026-11-29; x86_64, 2 CPU cores, 1 x cpu (cpu); JAX 0.10.2; commit 0d6a107
+
+| model | attention | tokens/s at 256 | tokens/s at 1024 | tokens/s at 4096 |
+|---|---|---|---|---|
+| Transformer (Pro) | plain_attention (auto) | 6,454 | 5,338 | 3,962 |
+| FoX (Pro) | forgetting_attention (auto) | 4,233 | 2,585 | 2,026 |
+| FoX (Pro) + ACP | forgetting_attention (auto) | 4,513 (kept 1.00) | 2,769 (kept 0.83) | 4,196 (kept 0.32) |
+| FoX (Pro) + ACP, small tiles | forgetting_attention (auto, 64x64) | 6,744 (kept 0.70) | 6,321 (kept 0.23) | 6,546 (kept 0.06) |
+
+8,192 tokens per step at every length; median of 3 round(s) of one step per model, in turns; kept = ACP's kept tile fraction of the timed step; 'auto' runs the backend's default (cpu: see pallas_kernels/forgetting_attention/README.md).
 """
 
 from __future__ import annotations
@@ -116,7 +127,8 @@ def main(argv=None) -> dict:
   for name in compared:
     ax.plot(lengths, [table[(name, L)]["tokens_per_s"] for L in lengths], "o-",
             label=NAMES[name])
-  ax.set(xscale="log", xlabel="sequence length", ylabel="training tokens/s",
+  common.log_lengths_axis(ax, lengths)
+  ax.set(xlabel="sequence length", ylabel="training tokens/s",
          title=f"Training throughput, {tokens:,} tokens per step")
   ax.legend()
   common.write(exp, {"tokens_per_step": tokens, "rounds": rounds,
