@@ -9,7 +9,7 @@ here (``scripts/main.sh``, 2-core CPU, 196 steps, 2026-11-29), validation loss i
 byte and held-out loss at positions 1-32 / 225-256 / 769-1024 (3x past the training length):
 
   fox_pro           1.9155   2.518 / 2.240 / 1.994
-  transformer_pro   2.1534   2.872 / 2.560 / 2.690   (rising past the training length, where
+  transformer_pro   2.1609   2.859 / 2.553 / 2.660   (rising past the training length, where
                                                       FoX's keeps falling)
 """
 
