@@ -84,8 +84,11 @@ def _is_int(x) -> bool:
 
 
 def cells(options: Options) -> dict[tuple[int, int], mqar.Spec]:
-  """{(length, pairs): Spec} of the grid's cells that fit; UsageError for a bad field."""
-  out = {}
+  """{(length, pairs): Spec} of the grid's cells that fit; UsageError for a bad field.
+
+  A cell with fewer pairs than ``num_updates`` keys to reassign (e.g. half of a run's pairs)
+  is left out, unless no cell would be left: then that is the error."""
+  out, too_few = {}, None
   for length in options.lengths:
     for kv in options.num_kv_pairs:
       spec = mqar.Spec(options.vocab, int(length), kv, options.variant, options.num_updates,
@@ -93,12 +96,19 @@ def cells(options: Options) -> dict[tuple[int, int], mqar.Spec]:
       if length < spec.context_len + 2 * kv - 1:
         continue
       if options.num_updates is not None and options.num_updates > kv:
-        continue  # fewer pairs than keys to reassign (e.g. half a run's pairs): no such cell
-      try:
-        out[(int(length), kv)] = spec.check(_NAMES)
-      except ValueError as e:
-        raise UsageError(str(e)) from None
+        too_few = too_few or spec
+        continue
+      out[(int(length), kv)] = _checked(spec)
+  if not out and too_few is not None:
+    _checked(too_few)  # raises, naming num_updates
   return out
+
+
+def _checked(spec: mqar.Spec) -> mqar.Spec:
+  try:
+    return spec.check(_NAMES)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
 
 
 def run_defaults(c) -> dict:

@@ -326,3 +326,14 @@ def test_fox_eval_task_mqar_on_a_run(mqar_run, tmp_path, capsys):
     eval_main([workdir, "--task", "mqar", "--num_kv_pairs", "a"])
   assert "expected integers" in capsys.readouterr().err
   assert rundir.load_config(workdir).data.source == "mqar"
+
+
+def test_cells_with_fewer_pairs_than_updates_are_left_out():
+  """A last-value run's default grid (half, once and twice its pairs) keeps the cells that
+  can reassign num_updates keys; with none left, num_updates is the error."""
+  o = mqar_eval.Options(train_length=64, lengths=(64, 128), num_kv_pairs=(2, 4, 8),
+                        variant="last_value", num_updates=4)
+  assert sorted(mqar_eval.cells(o)) == [(64, 4), (64, 8), (128, 4), (128, 8)]
+  with pytest.raises(UsageError, match=r"num_updates must be an int in \[1, mqar num_kv_pairs=2\]"):
+    mqar_eval.Options(train_length=64, lengths=(64,), num_kv_pairs=(2,), variant="last_value",
+                      num_updates=4)
