@@ -116,8 +116,11 @@ def _assert_step_equal(got, want):
 
 
 MESHES = {"c8": C8, "d2c4": D2C4, "c4t2": C4T2}
+# Every strategy on context 8; with a data axis the default (zigzag) and Ulysses (its own
+# all-to-all path): ring and striped there add only the batch split, which zigzag covers
+# (striped on d2c4 also runs in the ACP test below).
 CASES = ([(s, "c8") for s in context_lib.STRATEGY_NAMES]
-         + [(s, "d2c4") for s in context_lib.STRATEGY_NAMES]
+         + [("zigzag", "d2c4"), ("ulysses", "d2c4")]
          + [("zigzag", "c4t2"), ("ulysses", "c4t2")])
 
 
