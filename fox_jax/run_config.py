@@ -163,9 +163,8 @@ def cpu_mqar_config(preset: str) -> ml_collections.ConfigDict:
   """
   c = base_config()
   c.model.preset = preset
-  c.model.overrides = ml_collections.ConfigDict(
-      {"vocab_size": 128, "num_layers": 2, "d_model": 64, "num_heads": 4, "dtype": "float32",
-       "param_dtype": "float32", "remat": False, "attn_impl": "auto"})
+  c.model.overrides.update(
+      {"vocab_size": 128, "num_layers": 2, "d_model": 64, "num_heads": 4, "dtype": "float32"})
   c.data.source = "mqar"
   c.data.seq_len = 64
   c.data.global_batch = 32

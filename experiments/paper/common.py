@@ -2,7 +2,8 @@
 
 Every script in this directory takes the same flags (:func:`parser`):
 
-  --out DIR        results (DIR/<script>.json, .md, .png) and runs (DIR/runs/<run>/seed<s>);
+  --out DIR        results (DIR/<script>.json, .md, .png) and runs (DIR/runs/<scale>/<run>/
+                   seed<s>, with the token budget and corpus in <scale> when given);
                    default runs/paper. Runs are shared between scripts: the needle and ACP
                    experiments reuse the ladder's FoX (Pro) and Transformer (Pro) runs, the
                    gate ablation the ladder's LLaMA ones. A second invocation resumes or
@@ -89,7 +90,16 @@ class Experiment:
     return 8 if self.scale == "smoke" else 256
 
   def run_dir(self, label: str, seed: int) -> str:
-    return os.path.join(self.out, "runs", self.scale, label, f"seed{seed}")
+    """<out>/runs/<scale>[-<tokens>tok][-data<hash>]/<label>/seed<s>: a token budget or a
+    corpus of its own gets runs of its own, so that one script's --tokens never trains
+    further (nor --data_path refuses) the runs another script compares at the default."""
+    group = self.scale
+    if self.tokens is not None:
+      group += f"-{self.tokens}tok"
+    if self.data_path is not None:
+      import hashlib
+      group += "-data" + hashlib.sha256(self.data_path.encode()).hexdigest()[:8]
+    return os.path.join(self.out, "runs", group, label, f"seed{seed}")
 
 
 def run_config(exp: Experiment, family: str, seed: int, *, recipe: str = "lm",
@@ -315,6 +325,14 @@ def cli(main) -> None:
   except RunError as e:
     print(f"{prog}: {e}", file=sys.stderr)
     sys.exit(1)
+
+
+def plot_mean_curve(ax, runs: Sequence[dict], label: str, window: int = 21) -> None:
+  """The seeds' mean loss against position (``run["loss"]``), smoothed as fox-eval plots
+  it (``fox_jax.evals.per_token_loss.smooth``)."""
+  from fox_jax.evals.per_token_loss import smooth
+  curve = np.mean([r["loss"] for r in runs], axis=0)
+  ax.plot(np.arange(1, len(curve) + 1), smooth(curve, window), label=label)
 
 
 def log_lengths_axis(ax, lengths) -> None:

@@ -32,8 +32,6 @@ perplexity 29.30 without RoPE, 7.49 with).
 
 from __future__ import annotations
 
-import numpy as np
-
 import common
 import ladder
 
@@ -86,15 +84,12 @@ def main(argv=None) -> dict:
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
   for ax, rope in zip(axes, (False, True)):
     for gate in GATES:
-      runs = results[f"{gate}/{'rope' if rope else 'no_rope'}"]["runs"]
-      curve = np.mean([x["loss"] for x in runs], axis=0)
-      k = min(21, len(curve))
-      smooth = np.convolve(curve, np.ones(k) / k, mode="valid")
-      ax.plot(np.arange(len(smooth)) + k // 2 + 1, smooth, label=GATE_NAMES[gate])
+      common.plot_mean_curve(ax, results[f"{gate}/{'rope' if rope else 'no_rope'}"]["runs"],
+                             GATE_NAMES[gate])
     ax.axvline(T, color="gray", ls="--", lw=1)
     ax.set_title(f"{'with' if rope else 'without'} RoPE")
     ax.set_xlabel("position")
-  axes[0].set_ylabel("loss (nats, moving average of 21)")
+  axes[0].set_ylabel("loss (nats, centred moving average of 21)")
   axes[0].legend()
   common.write(exp, {"train_length": T, "cells": results}, md, fig, argv)
   return results

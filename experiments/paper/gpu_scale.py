@@ -30,11 +30,11 @@ def main(argv=None) -> None:
   shared = ["--scale", args.scale, "--seeds", str(args.seeds), "--out", args.out]
   if args.tokens is not None:
     shared += ["--tokens", str(args.tokens)]
-  if args.data_path is not None:
-    shared += ["--data_path", args.data_path]
   for name in STEPS:
     module = __import__(name)
     extra = ["--families", "fox_pro,transformer_pro"] if name == "ladder" else []
+    if args.data_path is not None and name != "mqar":  # MQAR is synthetic: no corpus
+      extra += ["--data_path", args.data_path]
     print(f"[gpu_scale] {name} {' '.join(shared + extra)}", flush=True)
     module.main(shared + extra)
 

@@ -2,7 +2,7 @@
 sequence length and key-value pairs, for Zoology's MQAR and its last-value-wins variant
 (keys are reassigned later in the sequence; the latest value is the answer).
 
-  python experiments/paper/mqar.py [--seeds 1] [--scale cpu|smoke|gpu]
+  python experiments/paper/mqar.py [--seeds 1] [--scale cpu|smoke|gpu]   (no --data_path)
 
 Writes runs/paper/mqar.{json,md,png}. Each (model, variant) is trained on its task with
 experiments/configs/cpu_mqar.py (2 layers, d_model 64, vocabulary 64, 4 pairs in 64-token
@@ -50,6 +50,9 @@ VARIANTS = ("standard", "last_value")
 def main(argv=None) -> dict:
   args = common.parser(__doc__, seeds=1).parse_args(argv)
   exp = common.Experiment.from_args("mqar", args)
+  if exp.data_path is not None:
+    from fox_jax.errors import UsageError
+    raise UsageError("--data_path does not apply: MQAR is a synthetic task (no corpus)")
   from fox_jax import evaluate
   results = {}
   for variant in VARIANTS:

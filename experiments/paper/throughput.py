@@ -73,18 +73,19 @@ def models(exp, seed: int) -> dict:
   return out
 
 
-def _stepper(c, workdir: str, L: int, tokens: int):
-  """A jitted training step at length L from the run's checkpoint, and its batch."""
+def _stepper(c, workdir: str, L: int, tokens: int, corpus):
+  """A jitted training step at length L from the run's checkpoint, and its batch of
+  ``corpus`` (the training split, read once for every model and length)."""
   from fox_jax import evaluate
   from fox_jax import train as train_lib
-  from fox_jax.data import PackedDataset, corpus_from_config
+  from fox_jax.data import PackedDataset
   c = c.copy_and_resolve_references()
   c.data.seq_len = L
   c.data.global_batch = max(tokens // L, 1)
   setup = train_lib.build(c)
   state = train_lib.init_state(setup, 0)
   _, state["params"] = evaluate.restore_params(workdir, setup)
-  data = PackedDataset(corpus_from_config(c.data, "train"), L, 0)
+  data = PackedDataset(corpus, L, 0)
   batch = train_lib.load_batch(setup, data, 0, c.data.global_batch, 1)
   step = train_lib.jit_train_step(setup)
   return setup, step, state, batch
@@ -96,11 +97,13 @@ def main(argv=None) -> dict:
   import jax
   lengths, tokens, rounds = plan(exp)
   compared = models(exp, exp.seeds[0])
+  from fox_jax.data import corpus_from_config
+  corpus = corpus_from_config(next(iter(compared.values()))[0].data, "train")
   table = {}
   for L in lengths:
     steppers = {}
     for name, (c, workdir) in compared.items():
-      setup, step, state, batch = _stepper(c, workdir, L, tokens)
+      setup, step, state, batch = _stepper(c, workdir, L, tokens, corpus)
       for _ in range(2):  # compile and warm up
         state, m = step(state, batch, 1e-7)
       jax.block_until_ready(state)

@@ -104,3 +104,11 @@ def test_bad_flags_are_one_line(tmp_path, args, message):
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
   assert os.listdir(tmp_path) == []
+
+
+def test_mqar_refuses_a_corpus(tmp_path):
+  """MQAR is synthetic: a --data_path would be silently ignored, so it is an error."""
+  r = run("mqar", "--out", str(tmp_path), "--data_path", str(tmp_path), check=False)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and "--data_path does not apply" in lines[0]
+  assert os.listdir(tmp_path) == []
