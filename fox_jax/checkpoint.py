@@ -1,8 +1,10 @@
 """Orbax checkpoints of the whole training state in ``<run>/checkpoints``, and their integrity.
 
 A checkpoint holds the train state (parameters, optimizer state, step, RNG key) as sharded
-arrays, restored straight onto the mesh's shardings, and a small JSON item with the data
-position (packed rows consumed) and the step, so a resumed run sees the same rows next.
+arrays, restored straight onto the mesh's shardings, a small JSON item with the data
+position (rows consumed) and the step, and the data loader's state
+(``fox_jax.data.loader``), one JSON file per process written by grain's orbax handler
+(``data/process_<i>-of-<n>.json``), so a resumed run reads the same rows next.
 
 Integrity: once a save is complete, process 0 writes ``integrity.json`` into the step's
 directory: the size and SHA-256 of every file orbax wrote. A restore checks them first, so
@@ -200,8 +202,12 @@ class Checkpointer:
       return
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            read_only=read_only)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "meta"))
+    import grain.checkpoint
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -215,11 +221,15 @@ class Checkpointer:
 
   # --------------------------------------------------------------------------- saving
 
-  def save(self, step: int, state: Any, meta: dict) -> None:
+  def save(self, step: int, state: Any, meta: dict, data_state: Optional[bytes] = None) -> None:
+    """Saves ``state``, ``meta`` and this process's data-loader state (bytes) at ``step``."""
     self._finish_pending()
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if data_state is not None:
+      import grain.checkpoint
+      items["data"] = grain.checkpoint.CheckpointSave(_SavedState(data_state))
     try:
-      self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      self._manager.save(step, args=ocp.args.Composite(**items))
     except Exception as e:
       raise CheckpointSaveError(step, self.directory, e, self.latest_step()) from e
     self._pending = step
@@ -273,6 +283,18 @@ class Checkpointer:
       self._manager = None
 
   # --------------------------------------------------------------------------- restoring
+
+  def data_state(self, step: int) -> Optional[bytes]:
+    """This process's data-loader state saved at ``step`` (None: the checkpoint has none
+    for this process, e.g. it was written before loaders saved one, or by another number
+    of processes)."""
+    path = os.path.join(self.step_dir(step), "data",
+                        f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    try:
+      with open(path, "rb") as f:
+        return f.read()
+    except OSError:
+      return None
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """(state, meta) of ``step``; arrays land on the shardings of ``abstract_state``.
@@ -389,6 +411,17 @@ class Checkpointer:
     shutil.move(self.step_dir(step), target)
     self._manager.reload()
     return target
+
+
+class _SavedState:
+  """A data-loader state taken when the save was asked for, for grain's orbax handler
+  (which reads ``get_state()`` as bytes, possibly after the loader has moved on)."""
+
+  def __init__(self, state: bytes):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    return self._state
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -60,8 +60,10 @@ SAFE_ON_RESUME = (
 
 
 # The layout of a saved config. 1 (no ``version`` field): forget gate 'none' ran the
-# forgetting op with a zero gate; 2: it runs ``model.plain_attn_impl`` (plain attention).
-CONFIG_VERSION = 2
+# forgetting op with a zero gate; 2: it runs ``model.plain_attn_impl`` (plain attention);
+# 3: documents are read by ``data.loader`` (grain by default; 1 and 2 read the in-memory
+# 'packed' stream) and the vocabulary follows ``data.tokenizer`` when not given.
+CONFIG_VERSION = 3
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -70,15 +72,37 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "fox_pro_tiny"
-  # Byte vocabulary (259 ids) rounded up to a multiple of 128 so that 'vocab' shards.
+  # Without a vocab_size here the model's vocabulary is the data's ids (the tokenizer's, or
+  # data.vocab_size for token ids) rounded up to a multiple of 128 so that 'vocab' shards:
+  # 384 for the byte tokenizer's 259.
   c.model.overrides = ml_collections.ConfigDict(
-      {"vocab_size": 384, "dtype": "bfloat16", "param_dtype": "float32", "remat": False,
-       "attn_impl": "auto"})
+      {"dtype": "bfloat16", "param_dtype": "float32", "remat": False, "attn_impl": "auto"})
 
   c.data = ml_collections.ConfigDict()
+  # One of fox_jax.data.datasets.DATASETS: builtin | text | tfds | longcrawl64 |
+  # array_record | mqar. data.path: text, a directory or a glob; tfds, a prepared dataset
+  # directory; longcrawl64, the directory of train.zarr and heldout.zarr; array_record, a
+  # shard, a directory of shards or a glob.
   c.data.source = "builtin"
   c.data.path = ""
+  # Held-out documents: data.heldout_path (text, array_record), the TFDS split
+  # tfds_heldout_split, heldout.zarr (longcrawl64), or else this fraction by a stable hash.
+  c.data.heldout_path = ""
   c.data.heldout_fraction = 0.05
+  # "bytes" (UTF-8 bytes + PAD/BOS/EOS, 259 ids), a Hugging Face tokenizer.json (or its
+  # directory) or a SentencePiece .model file; sources of token ids do not tokenize.
+  c.data.tokenizer = "bytes"
+  # Number of token ids of a pre-tokenized source (0: the tokenizer's; longcrawl64: GPT-2's).
+  c.data.vocab_size = 0
+  c.data.tfds_feature = "text"
+  c.data.tfds_train_split = "train"
+  c.data.tfds_heldout_split = ""
+  c.data.array_record_dtype = "uint32"
+  # "grain" (streamed, packed per row lane; fox_jax.data.loader) or "packed" (the whole
+  # split in memory, as runs before config version 3 read it).
+  c.data.loader = "grain"
+  c.data.workers = 0           # grain worker processes (part of the data order)
+  c.data.packing_bins = 8      # rows each lane packs at once (first fit)
   c.data.seq_len = 256
   c.data.global_batch = 16
   c.data.seed = 0
@@ -416,7 +440,11 @@ def _add_new_fields(c: ml_collections.ConfigDict) -> None:
         c[block][name] = value
   if "version" not in c:
     _pin_forgetting_baseline(c)
-    c.version = CONFIG_VERSION
+    c.version = 2
+  if c.version < 3 and "loader" in c.get("data", {}):
+    # Read documents as the run did: the in-memory packed stream.
+    c.data.loader = "packed"
+  c.version = CONFIG_VERSION
 
 
 def _pin_forgetting_baseline(c: ml_collections.ConfigDict) -> None:

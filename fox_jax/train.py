@@ -49,6 +49,7 @@ from fox_jax import rundir
 from fox_jax import sharding
 from fox_jax.config import ModelConfig, get_preset
 from fox_jax.data import Batch, datasets
+from fox_jax.data import tokenizer as tokenizer_lib
 from fox_jax.errors import RunError, UsageError
 from fox_jax.signals import Interrupted, StopSignals
 from fox_jax.model import DecoderLM, cross_entropy
@@ -72,6 +73,8 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
   """The ModelConfig named by ``c.model`` (preset plus overrides); UsageError naming the
   field if it cannot be built."""
   overrides = c.model.overrides.to_dict() if c.model.get("overrides") else {}
+  if "vocab_size" not in overrides:
+    overrides["vocab_size"] = data_vocab_size(c)
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(overrides) - known)
   if unknown:
@@ -80,6 +83,16 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     return get_preset(c.model.preset, **overrides)
   except (ValueError, TypeError) as e:
     raise UsageError(f"config.model: {e}") from None
+
+
+def data_vocab_size(c: ml_collections.ConfigDict) -> int:
+  """The vocabulary a model of ``c`` gets when its config gives none: the data's ids (the
+  tokenizer's, or data.vocab_size) rounded up to a multiple of 128, so that 'vocab' shards."""
+  try:
+    need, _ = datasets.source(c.data).vocab(c.data)
+  except (ValueError, OSError) as e:
+    raise UsageError(f"config.data: {e}") from None
+  return tokenizer_lib.padded_vocab_size(need)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -154,8 +167,8 @@ def _build(c: ml_collections.ConfigDict, devices) -> Setup:
   mcfg = model_config(c)
   try:
     need, what = datasets.source(c.data).vocab(c.data)
-  except ValueError as e:
-    raise UsageError(f"config.{e}") from None
+  except (ValueError, OSError) as e:
+    raise UsageError(f"config.data: {e}") from None
   if mcfg.vocab_size < need:
     raise UsageError(f"config.model.overrides.vocab_size must be >= {need} for {what}, got "
                      f"{mcfg.vocab_size}")
@@ -332,16 +345,30 @@ def local_row_range(setup: Setup, global_batch: int, micro: int, seq_len: int) -
   return lo, hi
 
 
-def load_batch(setup: Setup, dataset: datasets.Dataset, position: int, global_batch: int,
-               micro: int) -> Batch:
-  """Rows position .. position + global_batch - 1 as global arrays [micro, B / micro, T]."""
-  T = dataset.seq_len
+def local_lanes(setup: Setup, global_batch: int, micro: int, seq_len: int) -> list[int]:
+  """The rows of each step's global batch (row a * B / micro + r is row r of micro-batch a)
+  that this process holds, in the order :func:`load_batch` lays them out."""
   per_micro = global_batch // micro
-  lo, hi = local_row_range(setup, global_batch, micro, T)
-  parts = [dataset.rows(position + a * per_micro + lo, hi - lo) for a in range(micro)]
+  lo, hi = local_row_range(setup, global_batch, micro, seq_len)
+  return [a * per_micro + r for a in range(micro) for r in range(lo, hi)]
+
+
+def load_batch(setup: Setup, loader, global_batch: int, micro: int) -> Batch:
+  """The next step's rows from ``loader`` (``fox_jax.data.loader``; this process's
+  :func:`local_lanes`) as global arrays [micro, B / micro, T]."""
+  rows = next(loader)
+  T = rows.inputs.shape[-1]
+  per_micro = global_batch // micro
   sh = setup.batch_sharding()
   return Batch(*(jax.make_array_from_process_local_data(
-      sh, np.stack(field), (micro, per_micro, T)) for field in zip(*parts)))
+      sh, np.asarray(x).reshape(micro, -1, T), (micro, per_micro, T)) for x in rows))
+
+
+def rows_loader(setup: Setup, dataset, position: int, global_batch: int, micro: int):
+  """A loader of a random-access stream's rows from ``position`` on, for this process."""
+  from fox_jax.data.loader import RowsLoader
+  return RowsLoader(dataset, global_batch,
+                    local_lanes(setup, global_batch, micro, dataset.seq_len), position)
 
 
 def replicate(setup: Setup, x: np.ndarray) -> jax.Array:
@@ -350,7 +377,7 @@ def replicate(setup: Setup, x: np.ndarray) -> jax.Array:
                                       lambda index: x[index])
 
 
-def validation_loss(setup: Setup, eval_fn, params, dataset: datasets.Dataset, rows: int,
+def validation_loss(setup: Setup, eval_fn, params, dataset, rows: int,
                     batch_size: int) -> float:
   """Weighted mean token loss over the first ``rows`` held-out rows (for packed text the
   mean over real tokens; for a synthetic task over its answers)."""
@@ -378,10 +405,12 @@ class TrainResult:
   signal: Optional[str] = None  # "SIGTERM" | "SIGINT" when preempted
 
 
-def _datasets(c: ml_collections.ConfigDict) -> tuple[datasets.Dataset, datasets.Dataset]:
-  """The train and held-out streams of ``config.data`` (``fox_jax.data.datasets``)."""
+def _data(c: ml_collections.ConfigDict, lanes: list[int]):
+  """The training loader of this process's ``lanes`` and the held-out rows of
+  ``config.data`` (``fox_jax.data.datasets``)."""
   try:
-    return tuple(datasets.dataset_from_config(c.data, split) for split in datasets.SPLITS)
+    heldout = datasets.heldout_rows(c.data, c.run.val_rows)
+    return datasets.train_loader(c.data, lanes), heldout
   except (ValueError, OSError) as e:
     raise UsageError(f"config.data ({c.data.source}"
                      f"{': ' + c.data.path if c.data.path else ''}): {e}") from None
@@ -478,18 +507,23 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, max_steps: Optional[int
         f"({c.optim.grad_accum}) x the mesh's data x fsdp size "
         f"({mesh.shape['data']} x {mesh.shape['fsdp']})")
   signals.check()
-  train_data, heldout = _datasets(c)
-  signals.check()
-  lock = rundir.RunLock(workdir) if jax.process_index() == 0 else None
-  start = _start(c, setup, workdir, lock, signals)
+  lanes = local_lanes(setup, int(c.data.global_batch), int(c.optim.grad_accum),
+                      int(c.data.seq_len))
+  train_data, heldout = _data(c, lanes)
   try:
-    return _loop(c, setup, workdir, start, train_data, heldout, max_steps, signals)
+    signals.check()
+    lock = rundir.RunLock(workdir) if jax.process_index() == 0 else None
+    start = _start(c, setup, workdir, lock, signals, train_data)
+    try:
+      return _loop(c, setup, workdir, start, train_data, heldout, max_steps, signals)
+    finally:
+      if lock is not None:
+        lock.release()
   finally:
-    if lock is not None:
-      lock.release()
+    train_data.close()
 
 
-def _start(c, setup, workdir: str, lock, signals) -> _Start:
+def _start(c, setup, workdir: str, lock, signals, loader) -> _Start:
   """Locks ``workdir``, checks it against ``c``, restores or initialises the state and
   writes the run's files. On any failure or signal it undoes what it made."""
   is_main = jax.process_index() == 0
@@ -530,6 +564,9 @@ def _start(c, setup, workdir: str, lock, signals) -> _Start:
         _note(f"checkpoint step {b.step} cannot be restored ({b.reason}); moved it to {where}")
       state, step = restored.state, restored.step
       position = int(restored.meta["data_position"])
+      note = loader.restore(checkpointer.data_state(step), position, c.data.seed)
+      if note:
+        _note(f"resuming at step {step}: {note}")
     else:
       state, step, position = init_state(setup, c.run.seed), 0, 0
       logged = rundir.last_logged_step(metrics_path)
@@ -582,11 +619,12 @@ def _loop(c, setup, workdir, start: _Start, train_data, heldout, max_steps,
     stop_at = min(stop_at, max_steps)
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0], c.run.peak_flops_per_device)
 
-  def save(at_step, at_state, at_position):
+  def save(at_step, at_state, at_position, data_state=None):
     nonlocal last_saved
     if last_saved != at_step:
       checkpointer.save(at_step, at_state, {"step": at_step, "data_position": at_position,
-                                            "config": json.loads(run_config.config_to_json(c))})
+                                            "config": json.loads(run_config.config_to_json(c))},
+                        data_state if data_state is not None else train_data.get_state())
       last_saved = at_step
 
   bar = tqdm(total=max(stop_at, step), initial=step,
@@ -600,10 +638,10 @@ def _loop(c, setup, workdir, start: _Start, train_data, heldout, max_steps,
         status = "preempted"
         break
       lr = optim.step_learning_rate(c.optim, position * T, tokens_per_step)
-      state, m = step_fn(state, load_batch(setup, train_data, position, B, micro), lr)
+      state, m = step_fn(state, load_batch(setup, train_data, B, micro), lr)
       if not bool(m["finite"]):
         if step > 0:  # the state before a first step is the initialisation: nothing to keep
-          save(step, state, position)
+          save(step, state, position, train_data.state_before_last())
           checkpointer.wait()
         raise NonFiniteError(step + 1, last_saved)
       step += 1

@@ -1,15 +1,16 @@
-"""Document sources: the interpreter's standard library and plain text files.
+"""Text files as documents: the interpreter's standard library and a user's files.
 
-Each source yields whole documents (one per file) and splits them into train and held-out
-by a stable hash of the file's path relative to its root, so the split does not depend on
-file order, the machine or the number of files.
+:class:`TextFiles` is the :class:`~fox_jax.data.source.DataSource` of the 'builtin' and
+'text' sources: one document per file, read when asked for, split into train and held-out
+by a stable hash of the file's path relative to its root (unless the held-out files are
+given apart), so the split does not depend on file order, the machine or the number of
+files. :class:`Corpus` is a split tokenized into memory (evaluation, the 'packed' loader).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import os
 import sysconfig
 from typing import Sequence
@@ -17,8 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from fox_jax.data import tokenizer
-
-SPLITS = ("train", "heldout")
+from fox_jax.data.source import SPLITS, heldout_fraction_of, split_of  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,15 +42,46 @@ class Corpus:
   def doc_lengths(self) -> np.ndarray:
     return np.diff(self.doc_starts)
 
+  @classmethod
+  def of(cls, chunks: Sequence[np.ndarray], names: Sequence[str]) -> "Corpus":
+    """The corpus of tokenized documents ``chunks`` (uint16 ids when they fit)."""
+    top = max(int(np.max(c)) if len(c) else 0 for c in chunks)
+    dtype = np.uint16 if top < 2**16 else np.uint32
+    starts = np.zeros(len(chunks) + 1, np.int64)
+    starts[1:] = np.cumsum([len(c) for c in chunks])
+    return cls(np.concatenate([np.asarray(c, dtype) for c in chunks]), starts, tuple(names))
 
-def heldout_fraction_of(name: str) -> float:
-  """A number in [0, 1) fixed by ``name`` alone (first 8 bytes of its SHA-256)."""
-  digest = hashlib.sha256(name.encode("utf-8")).digest()
-  return int.from_bytes(digest[:8], "big") / 2.0**64
 
+class TextFiles:
+  """The files of one split as a DataSource of UTF-8 documents (bytes), read when asked for;
+  an unreadable file reads as empty (no document).
 
-def split_of(name: str, heldout_fraction: float) -> str:
-  return "heldout" if heldout_fraction_of(name) < heldout_fraction else "train"
+  files: (relative path, absolute path) pairs; with ``heldout_fraction`` the split keeps the
+  files whose relative path hashes into it, without, every file is of ``split``.
+  """
+
+  tokenized = False
+
+  def __init__(self, files: Sequence[tuple[str, str]], split: str,
+               heldout_fraction: float | None = None):
+    if split not in SPLITS:
+      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    self.split = split
+    self.files = [f for f in files
+                  if heldout_fraction is None or split_of(f[0], heldout_fraction) == split]
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def name(self, index: int) -> str:
+    return self.files[index][0]
+
+  def __getitem__(self, index: int) -> bytes:
+    try:
+      with open(self.files[index][1], "rb") as f:
+        return f.read()
+    except OSError:
+      return b""
 
 
 def stdlib_root() -> str:
@@ -82,12 +113,18 @@ def text_files(pattern: str) -> list[tuple[str, str]]:
   if os.path.isdir(pattern):
     root = pattern
     paths = [os.path.join(d, f) for d, _, fs in os.walk(pattern) for f in fs]
+  elif not glob.has_magic(pattern):
+    if not os.path.exists(pattern):
+      raise ValueError(f"no such file or directory: {pattern}")
+    root, paths = os.path.dirname(pattern) or ".", [pattern]
   else:
     root = _glob_root(pattern)
     paths = glob.glob(pattern, recursive=True)
   paths = sorted(p for p in paths if os.path.isfile(p))
   if not paths:
-    raise ValueError(f"no text files found for {pattern!r}")
+    if os.path.isdir(pattern):
+      raise ValueError(f"directory {pattern} holds no files")
+    raise ValueError(f"no text files found for {pattern!r} (no file matches it)")
   return [(os.path.relpath(p, root), p) for p in paths]
 
 
@@ -103,39 +140,13 @@ def _glob_root(pattern: str) -> str:
 
 def load_corpus(files: Sequence[tuple[str, str]], split: str, heldout_fraction: float) -> Corpus:
   """Reads and tokenises the files of ``split``; empty or unreadable files are skipped."""
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  docs = TextFiles(files, split, heldout_fraction)
   chunks, names = [], []
-  for name, path in files:
-    if split_of(name, heldout_fraction) != split:
-      continue
-    try:
-      with open(path, "rb") as f:
-        data = f.read()
-    except OSError:
-      continue
+  for i in range(len(docs)):
+    data = docs[i]
     if data:
       chunks.append(tokenizer.encode(data))
-      names.append(name)
+      names.append(docs.name(i))
   if not chunks:
     raise ValueError(f"split {split!r} has no documents (heldout_fraction={heldout_fraction})")
-  starts = np.zeros(len(chunks) + 1, np.int64)
-  starts[1:] = np.cumsum([len(c) for c in chunks])
-  return Corpus(np.concatenate(chunks), starts, tuple(names))
-
-
-# data.source -> the (relative path, absolute path) of its files, from the data config.
-CORPUS_FILES = {
-    "builtin": lambda data_cfg: stdlib_files(),
-    "text": lambda data_cfg: text_files(data_cfg.path),
-}
-
-
-def corpus_from_config(data_cfg, split: str) -> Corpus:
-  """The corpus named by a data config: ``source`` is 'builtin' or 'text' (``path``); a
-  ValueError for a source without documents (a synthetic task)."""
-  files = CORPUS_FILES.get(data_cfg.source)
-  if files is None:
-    raise ValueError(f"data.source {data_cfg.source!r} has no text corpus (sources with "
-                     f"one: {', '.join(CORPUS_FILES)})")
-  return load_corpus(files(data_cfg), split, data_cfg.heldout_fraction)
+  return Corpus.of(chunks, names)
