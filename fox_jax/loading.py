@@ -25,112 +25,22 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import jax
-import numpy as np
 
 from fox_jax import converted as converted_lib
 from fox_jax import rundir
 from fox_jax.data import DATASETS
-from fox_jax.data import tokenizer as byte_tokenizer
+from fox_jax.data import tokenizer as tokenizer_lib
 from fox_jax.errors import UsageError
 
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-
-
-class ByteTokenizer:
-  """The byte tokenizer of fox-train runs: a prompt is BOS + its UTF-8 bytes (a document's
-  start, as in training); decoding stops at the first EOS (a document's end)."""
-
-  name = "bytes"
-  eos_id: Optional[int] = byte_tokenizer.EOS_ID
-
-  BOS_ID = byte_tokenizer.BOS_ID
-  EOS_ID = byte_tokenizer.EOS_ID
-
-  def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> np.ndarray:
-    """The prompt's ids (BOS first by default); the evaluations pass add_bos=False."""
-    return byte_tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos).astype(np.int32)
-
-  def decode(self, ids) -> str:
-    return byte_tokenizer.decode(_until(ids, self.eos_id))
-
-
-class HFTokenizer:
-  """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` package, offline). ``encode(text)``
-  applies the file's own post-processor (special tokens it adds); with ``add_bos=`` /
-  ``add_eos=`` (the evaluations' convention) it gives the text's ids alone plus the BOS / EOS
-  asked for. BOS and EOS are the ``bos_token`` / ``eos_token`` of a ``tokenizer_config.json``
-  beside it, if there is one (``BOS_ID`` / ``EOS_ID``, None otherwise); decoding drops special
-  tokens and stops at EOS."""
-
-  def __init__(self, path: str):
-    try:
-      import tokenizers
-    except ImportError:
-      raise UsageError(f"{path} needs the 'tokenizers' package, which is not installed "
-                       f"(pip install tokenizers)") from None
-    try:
-      self._tok = tokenizers.Tokenizer.from_file(path)
-    except Exception as e:  # the package raises its own exception types
-      detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-      raise UsageError(f"{path} is not a tokenizer the 'tokenizers' package can read "
-                       f"({detail})") from None
-    self.name = path
-    config = os.path.join(os.path.dirname(path), TOKENIZER_CONFIG_FILE)
-    self.eos_id = self._token_id(_special_token(config, "eos_token"))
-    self.bos_id = self._token_id(_special_token(config, "bos_token"))
-    self.EOS_ID, self.BOS_ID = self.eos_id, self.bos_id
-    # Ids of the file's special tokens (BOS, EOS, padding, ...), which evaluations that
-    # feed raw ids (``fox_jax.evals.mqar``) keep clear of.
-    self.special_ids = tuple(sorted(i for i, t in self._tok.get_added_tokens_decoder().items()
-                                    if t.special))
-
-  def _token_id(self, token: Optional[str]) -> Optional[int]:
-    return None if token is None else self._tok.token_to_id(token)
-
-  def encode(self, text: str, add_bos: Optional[bool] = None,
-             add_eos: Optional[bool] = None) -> np.ndarray:
-    if add_bos is None and add_eos is None:
-      return np.asarray(self._tok.encode(text).ids, np.int32)
-    ids = self._tok.encode(text, add_special_tokens=False).ids
-    for flag, token_id, name in ((add_bos, self.bos_id, "bos_token"),
-                                 (add_eos, self.eos_id, "eos_token")):
-      if flag and token_id is None:
-        raise UsageError(f"{self.name}: no {name} is known (give it in the "
-                         f"{TOKENIZER_CONFIG_FILE} beside it)")
-    ids = ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
-    return np.asarray(ids, np.int32)
-
-  def decode(self, ids) -> str:
-    return self._tok.decode([int(i) for i in _until(ids, self.eos_id)],
-                            skip_special_tokens=True)
-
-
-Tokenizer = Union[ByteTokenizer, HFTokenizer]
-
-
-def _until(ids, eos_id: Optional[int]) -> np.ndarray:
-  ids = np.asarray(ids).reshape(-1)
-  if eos_id is not None:
-    hits = np.flatnonzero(ids == eos_id)
-    if hits.size:
-      ids = ids[:hits[0]]
-  return ids
-
-
-def _special_token(path: str, key: str) -> Optional[str]:
-  """The ``key`` token ("eos_token", "bos_token") named in a tokenizer_config.json."""
-  try:
-    with open(path) as f:
-      token = json.load(f).get(key)
-  except (OSError, ValueError, AttributeError):
-    return None
-  if isinstance(token, dict):
-    token = token.get("content")
-  return token if isinstance(token, str) else None
+# The tokenizers (fox_jax.data.tokenizer) under the names this module gave them first.
+ByteTokenizer = tokenizer_lib.BytesTokenizer
+HFTokenizer = tokenizer_lib.HFTokenizer
+Tokenizer = tokenizer_lib.Tokenizer
+TOKENIZER_FILE = tokenizer_lib.TOKENIZER_FILE
+TOKENIZER_CONFIG_FILE = tokenizer_lib.TOKENIZER_CONFIG_FILE
 
 
 @dataclasses.dataclass
@@ -211,7 +121,7 @@ def _load_run(workdir: str, step: Optional[int], devices, on_broken) -> Loaded:
     raise UsageError(f"{workdir} holds no checkpoint yet")
   setup = run_setup(c, workdir, devices)
   step, params = evaluate.restore_params(workdir, setup, step=step, on_broken=on_broken)
-  return Loaded(setup.model(params), ByteTokenizer(), int(step), "run")
+  return Loaded(setup.model(params), tokenizer_lib.load_tokenizer("bytes"), int(step), "run")
 
 
 def _load_converted(path: str, require_tokenizer: bool) -> Loaded:

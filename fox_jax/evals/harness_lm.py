@@ -121,8 +121,8 @@ class FoxLM(TemplateLM):
   """A ``DecoderLM`` and its tokenizer as an lm_eval model (see the module docstring).
 
   model, tokenizer: a ``DecoderLM`` (on one device, or placed by jit) and a tokenizer with
-    ``encode(text, add_bos=, add_eos=)``, ``decode(ids)`` and ``BOS_ID`` / ``EOS_ID``
-    (``loading.ByteTokenizer``, ``loading.HFTokenizer``, ``fox_jax.data.tokenizer``).
+    ``encode(text, add_bos=, add_eos=)``, ``decode(ids)`` and ``BOS_ID`` / ``EOS_ID`` (a
+    ``fox_jax.data.tokenizer.Tokenizer``, or that module: the byte tokenizer).
   path (instead of model and tokenizer, for ``--model fox --model_args path=DIR``): a run
     directory or a fox-convert checkpoint, read with ``fox_jax.loading.load_model``; step:
     a run's checkpoint step.
