@@ -1,0 +1,176 @@
+"""The document sources of fox_jax.data (ArrayRecord shards, local TFDS datasets,
+LongCrawl64): each on a tiny dataset written here, checked for its documents, its splits,
+pickling (grain workers) and its one-line errors."""
+
+import json
+import os
+import pickle
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from fox_jax.data.source import DataSource
+
+
+def _key(doc):
+  """A hashable form of a document (bytes, or a tuple of token ids)."""
+  return doc if isinstance(doc, bytes) else tuple(int(t) for t in doc)
+
+
+def _docs(source):
+  return [_key(source[i]) for i in range(len(source))]
+
+
+def _check_source(source, split, tokenized):
+  assert isinstance(source, DataSource)
+  assert source.split == split and source.tokenized is tokenized
+  copy = pickle.loads(pickle.dumps(source))
+  assert len(copy) == len(source)
+  for i in range(len(source)):
+    assert _key(copy[i]) == _key(source[i])
+    doc = source[i]
+    if tokenized:
+      assert isinstance(doc, np.ndarray) and doc.ndim == 1
+      assert np.issubdtype(doc.dtype, np.integer)
+    else:
+      assert isinstance(doc, bytes)
+
+
+def _check_hash_split(open_split, all_docs):
+  """Train and held-out by hash: both non-empty, disjoint, together all documents, the same
+  when opened again."""
+  train, held = open_split("train"), open_split("heldout")
+  _check_source(train, "train", train.tokenized)
+  _check_source(held, "heldout", held.tokenized)
+  t, h = _docs(train), _docs(held)
+  assert t and h
+  assert not set(t) & set(h)
+  assert sorted(t + h) == sorted(all_docs)
+  assert _docs(open_split("train")) == t and _docs(open_split("heldout")) == h
+
+
+# ArrayRecord shards.
+
+
+def _token_docs(num, seed, high=50_000):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, high, size=int(rng.integers(1, 40))) for _ in range(num)]
+
+
+@pytest.fixture()
+def shards(tmp_path):
+  """A directory of two uint16 shards (24 + 16 documents) and a held-out shard (5)."""
+  from fox_jax.data.array_record import write_array_record
+  docs = _token_docs(40, 0)
+  root = tmp_path / "corpus"
+  root.mkdir()
+  assert write_array_record(str(root / "train-00000-of-00002.array_record"), docs[:24],
+                            "uint16") == 24
+  write_array_record(str(root / "train-00001-of-00002.array_record"), docs[24:], "uint16")
+  (root / "README").write_text("not a shard")
+  held = _token_docs(5, 1)
+  write_array_record(str(tmp_path / "heldout.array_record"), held, "uint16")
+  return root, docs, held
+
+
+def test_array_record_documents(shards, tmp_path):
+  from fox_jax.data.array_record import open_array_record
+  root, docs, _ = shards
+  src = open_array_record(str(root), "train", dtype="uint16", heldout_fraction=0.0)
+  assert len(src) == 40
+  _check_source(src, "train", True)
+  assert _docs(src) == [_key(d) for d in docs]
+  assert src[3].dtype == np.uint16
+  # The same shards as a glob and one shard as a file.
+  glob_src = open_array_record(str(root / "train-*"), "train", dtype="uint16",
+                               heldout_fraction=0.0)
+  assert _docs(glob_src) == _docs(src)
+  one = open_array_record(str(root / "train-00001-of-00002.array_record"), "train",
+                          dtype="uint16", heldout_fraction=0.0)
+  assert _docs(one) == [_key(d) for d in docs[24:]]
+
+
+@pytest.mark.parametrize("dtype, low, high", [("uint32", 0, 2**32), ("int32", -2**31, 2**31),
+                                              ("uint16", 0, 2**16)])
+def test_array_record_dtypes(tmp_path, dtype, low, high):
+  from fox_jax.data.array_record import open_array_record, write_array_record
+  rng = np.random.default_rng(2)
+  docs = [rng.integers(low, high, size=n, dtype=np.int64) for n in (1, 7, 300)]
+  path = str(tmp_path / "x.array_record")
+  write_array_record(path, docs, dtype)
+  from array_record.python.array_record_data_source import ArrayRecordDataSource
+  raw = ArrayRecordDataSource([path])  # the records are the raw little-endian integers
+  assert raw[2] == np.asarray(docs[2], np.dtype(dtype).newbyteorder("<")).tobytes()
+  src = open_array_record(path, "train", dtype=dtype, heldout_fraction=0.0)
+  assert [d.dtype for d in (src[0], src[1], src[2])] == [np.dtype(dtype)] * 3
+  assert _docs(src) == [_key(d) for d in docs]
+
+
+def test_array_record_without_grain(shards, monkeypatch):
+  from fox_jax.data.array_record import open_array_record
+  root, docs, _ = shards
+  monkeypatch.setitem(sys.modules, "grain", None)
+  monkeypatch.setitem(sys.modules, "grain.sources", None)
+  src = open_array_record(str(root), "train", dtype="uint16", heldout_fraction=0.0)
+  assert _docs(src) == [_key(d) for d in docs]
+
+
+def test_array_record_splits(shards):
+  from fox_jax.data.array_record import open_array_record
+  root, docs, held = shards
+  _check_hash_split(lambda split: open_array_record(str(root), split, dtype="uint16",
+                                                    heldout_fraction=0.3),
+                    [_key(d) for d in docs])
+  heldout_pattern = str(root.parent / "heldout.array_record")
+  train = open_array_record(str(root), "train", dtype="uint16", heldout_pattern=heldout_pattern)
+  heldout = open_array_record(str(root), "heldout", dtype="uint16",
+                              heldout_pattern=heldout_pattern)
+  _check_source(heldout, "heldout", True)
+  assert _docs(train) == [_key(d) for d in docs]
+  assert _docs(heldout) == [_key(d) for d in held]
+
+
+def test_array_record_errors(shards, tmp_path):
+  from fox_jax.data.array_record import open_array_record, write_array_record
+  root, _, _ = shards
+  missing = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match=f"no such file or directory: {missing}$"):
+    open_array_record(missing, "train")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(ValueError, match=r"empty holds no ArrayRecord files \(\*\.array_record\*\)"):
+    open_array_record(str(empty), "train")
+  with pytest.raises(ValueError, match="no files match .*/nothing-\\*"):
+    open_array_record(str(tmp_path / "nothing-*"), "train")
+  with pytest.raises(ValueError, match="README is not an ArrayRecord file"):
+    open_array_record(str(root / "README"), "train")
+  big = tmp_path / "big.array_record"  # past the 64 KiB an ArrayRecord file needs at least
+  big.write_bytes(np.random.default_rng(0).bytes(200_000))
+  with pytest.raises(ValueError, match="big.array_record is not an ArrayRecord file"):
+    open_array_record(str(big), "train")
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    open_array_record(str(root), "train", dtype="int64")
+  with pytest.raises(ValueError, match="split must be one of"):
+    open_array_record(str(root), "validation")
+  with pytest.raises(ValueError, match="split 'heldout' of .* has no documents"):
+    open_array_record(str(root), "heldout", dtype="uint16", heldout_fraction=0.0)
+  # Records of odd byte length read as uint32: the record and its shard are named.
+  odd = str(tmp_path / "odd.array_record")
+  write_array_record(odd, [np.arange(4), np.arange(3)], "uint16")
+  src = open_array_record(odd, "train", dtype="uint32", heldout_fraction=0.0)
+  assert list(src[0]) == [1 << 16, 2 + (3 << 16)]
+  with pytest.raises(ValueError, match=r"record 1 of .*odd.array_record has 6 bytes, not a "
+                                       r"multiple of 4 \(uint32\)"):
+    src[1]
+  with pytest.raises(IndexError):
+    src[2]
+  # Writing: ids out of range, or a directory that does not exist; nothing is left.
+  bad = str(tmp_path / "bad.array_record")
+  with pytest.raises(ValueError, match="document 1 written to .*bad.array_record holds ids "
+                                       "outside uint16"):
+    write_array_record(bad, [np.arange(3), np.array([70_000])], "uint16")
+  assert not os.path.exists(bad)
+  with pytest.raises(OSError, match="cannot write the ArrayRecord file .*/nodir/x"):
+    write_array_record(str(tmp_path / "nodir" / "x.array_record"), [np.arange(3)])
