@@ -174,3 +174,120 @@ def test_array_record_errors(shards, tmp_path):
   assert not os.path.exists(bad)
   with pytest.raises(OSError, match="cannot write the ArrayRecord file .*/nodir/x"):
     write_array_record(str(tmp_path / "nodir" / "x.array_record"), [np.arange(3)])
+
+
+# A prepared TFDS dataset.
+
+
+@pytest.fixture(scope="module")
+def tfds_dataset(tmp_path_factory):
+  """A TFDS dataset prepared as ArrayRecord: 'train' (20 records) and 'validation' (5), each
+  with a Text, two token-id features (Tensor and Sequence) and a float."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  def example(k):
+    ids = np.arange(k, k + k % 7 + 1, dtype=np.int32)
+    return {"text": f"document {k}: caf\u00e9", "ids": ids, "seq": ids * 2,
+            "score": np.float32(k)}
+
+  class FoxTestSourcesTinyDs(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "text": tfds.features.Text(),
+          "ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+          "seq": tfds.features.Sequence(np.int32),
+          "score": tfds.features.Tensor(shape=(), dtype=np.float32)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(range(20)),
+              "validation": self._generate_examples(range(100, 105))}
+
+    def _generate_examples(self, keys):
+      for k in keys:
+        yield k, example(k)
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  FoxTestSourcesTinyDs(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  version_dir = data_dir / "fox_test_sources_tiny_ds" / "1.0.0"
+  assert (version_dir / "dataset_info.json").is_file()
+  return version_dir, example
+
+
+def test_tfds_documents(tfds_dataset):
+  from fox_jax.data.tfds_source import open_tfds
+  version_dir, example = tfds_dataset
+  text = open_tfds(str(version_dir), "train", heldout_split="validation")
+  _check_source(text, "train", False)
+  assert sorted(_docs(text)) == sorted(example(k)["text"].encode() for k in range(20))
+  ids = open_tfds(str(version_dir), "train", feature="ids", heldout_split="validation")
+  seq = open_tfds(str(version_dir), "train", feature="seq", heldout_split="validation")
+  _check_source(ids, "train", True)
+  _check_source(seq, "train", True)
+  for i in range(len(text)):  # the same record i for each feature
+    k = int(text[i].split(b":")[0].split()[1])
+    assert _key(ids[i]) == _key(example(k)["ids"]) and ids[i].dtype == np.int32
+    assert _key(seq[i]) == _key(example(k)["seq"])
+  # The dataset directory above its only version opens that version.
+  above = open_tfds(str(version_dir.parent), "train", heldout_split="validation")
+  assert _docs(above) == _docs(text)
+
+
+def test_tfds_splits(tfds_dataset):
+  from fox_jax.data.tfds_source import open_tfds
+  version_dir, example = tfds_dataset
+  held = open_tfds(str(version_dir), "heldout", heldout_split="validation")
+  _check_source(held, "heldout", False)
+  assert sorted(_docs(held)) == sorted(example(k)["text"].encode() for k in range(100, 105))
+  everything = [example(k)["text"].encode() for k in range(20)]
+  _check_hash_split(lambda split: open_tfds(str(version_dir), split, heldout_fraction=0.3),
+                    everything)
+  ids = open_tfds(str(version_dir), "heldout", feature="ids", heldout_fraction=0.3)
+  _check_source(ids, "heldout", True)
+  # A TFDS slice as the training split.
+  assert len(open_tfds(str(version_dir), "train", train_split="train[:10]",
+                       heldout_split="validation")) == 10
+
+
+def test_tfds_errors(tfds_dataset, tmp_path, monkeypatch):
+  from fox_jax.data.tfds_source import open_tfds
+  version_dir, _ = tfds_dataset
+  missing = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match=f"no such TFDS dataset directory: {missing}$"):
+    open_tfds(missing, "train")
+  with pytest.raises(ValueError, match=f"{tmp_path} is not a prepared TFDS dataset"):
+    open_tfds(str(tmp_path), "train")
+  with pytest.raises(ValueError, match="has no split 'test'; its splits: train, validation"):
+    open_tfds(str(version_dir), "train", train_split="test")
+  with pytest.raises(ValueError, match="has no split 'valid'; its splits: train, validation"):
+    open_tfds(str(version_dir), "heldout", heldout_split="valid")
+  with pytest.raises(ValueError, match="has no feature 'content'; its features: ids, score, "
+                                       "seq, text"):
+    open_tfds(str(version_dir), "train", feature="content")
+  with pytest.raises(ValueError, match="feature 'score' of .* is Tensor .*neither Text nor a "
+                                       "1-D integer"):
+    open_tfds(str(version_dir), "train", feature="score")
+  with pytest.raises(ValueError, match="split must be one of"):
+    open_tfds(str(version_dir), "validation")
+  # Two versions: name one.
+  two = tmp_path / "two_versions"
+  shutil.copytree(version_dir, two / "1.0.0")
+  shutil.copytree(version_dir, two / "1.2.0")
+  with pytest.raises(ValueError, match=r"several versions of the dataset \(1.0.0, 1.2.0\)"):
+    open_tfds(str(two), "train")
+  assert len(open_tfds(str(two / "1.2.0"), "train", heldout_split="validation")) == 20
+  # Prepared as TFRecord (TFDS's default format): refused.
+  tfrecord = tmp_path / "tfrecord" / "1.0.0"
+  shutil.copytree(version_dir, tfrecord)
+  info_path = tfrecord / "dataset_info.json"
+  info = json.loads(info_path.read_text())
+  info["fileFormat"] = "tfrecord"
+  info_path.write_text(json.dumps(info))
+  with pytest.raises(ValueError, match="was prepared as tfrecord, .*prepare it with "
+                                       "file_format='array_record'"):
+    open_tfds(str(tfrecord), "train")
+  # tensorflow-datasets not installed.
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  with pytest.raises(ValueError, match=r"pip install 'fox-jax\[data\]'"):
+    open_tfds(str(version_dir), "train")
