@@ -291,3 +291,129 @@ def test_tfds_errors(tfds_dataset, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
   with pytest.raises(ValueError, match=r"pip install 'fox-jax\[data\]'"):
     open_tfds(str(version_dir), "train")
+
+
+# LongCrawl64.
+
+SEQ = 64  # tokens per document of the tiny stores
+
+
+@pytest.fixture()
+def longcrawl(tmp_path):
+  """A LongCrawl64 directory of zarr format-2 stores: train 6 x 64, heldout 3 x 64."""
+  zarr = pytest.importorskip("zarr")
+  rng = np.random.default_rng(3)
+  train = rng.integers(0, 50257, (6, SEQ)).astype(np.uint16)
+  heldout = rng.integers(0, 50257, (3, SEQ)).astype(np.uint16)
+  for name, data, chunks in (("train", train, (2, 32)), ("heldout", heldout, (1, SEQ))):
+    array = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=data.shape, chunks=chunks,
+                              dtype="uint16", zarr_format=2)
+    array[:] = data
+  assert (tmp_path / "train.zarr" / ".zarray").is_file()
+  return tmp_path, train, heldout
+
+
+def _authors_rows(data, seq_len, batch_size):
+  """The rows of the authors' LongCrawlDataset.__getitem__ (one process), in order:
+  (input_ids, labels) of every batch, transcribed from their code."""
+  doc_count = len(data) - len(data) % batch_size
+  doc_len = data.shape[1] - data.shape[1] % seq_len
+  groups_per_column = doc_count // batch_size
+  batch_count = doc_count * doc_len // (seq_len * batch_size)
+  rows = []
+  for batch_id in range(batch_count):
+    column_index, row_index = batch_id // groups_per_column, batch_id % groups_per_column
+    start_doc, start_pos = row_index * batch_size, column_index * seq_len
+    window = data[start_doc:start_doc + batch_size, start_pos:start_pos + seq_len]
+    input_ids = np.roll(np.array(window, np.int64), 1, axis=-1)
+    input_ids[..., 0] = 50256
+    rows.extend(zip(input_ids, np.array(window, np.int64)))
+  return rows
+
+
+def _pipeline_rows(source, seq_len):
+  """The pieces the pipeline cuts from the source's documents: inputs tokens[s:s+n],
+  targets tokens[s+1:s+n+1], at most seq_len targets, consecutive pieces sharing a token."""
+  rows = []
+  for i in range(len(source)):
+    doc = source[i]
+    for s in range(0, len(doc) - 1, seq_len):
+      n = min(seq_len, len(doc) - 1 - s)
+      rows.append((doc[s:s + n], doc[s + 1:s + n + 1]))
+  return rows
+
+
+@pytest.mark.parametrize("seq_len, batch_size", [(16, 2), (16, 4), (64, 3), (32, 6)])
+def test_longcrawl64_authors_rows(longcrawl, seq_len, batch_size):
+  from fox_jax.data.longcrawl64 import open_longcrawl64
+  path, train, _ = longcrawl
+  num_docs = len(train) - len(train) % batch_size
+  src = open_longcrawl64(str(path), "train", seq_len, num_docs=num_docs)
+  _check_source(src, "train", True)
+  assert len(src) == num_docs * (SEQ // seq_len)
+  ours, theirs = _pipeline_rows(src, seq_len), _authors_rows(train, seq_len, batch_size)
+  assert len(ours) == len(theirs)
+  for (inputs, targets), (input_ids, labels) in zip(ours, theirs):
+    assert len(targets) == seq_len  # one whole piece per document: no tails to pack
+    np.testing.assert_array_equal(inputs, input_ids)
+    np.testing.assert_array_equal(targets, labels)
+
+
+def test_longcrawl64_windows(longcrawl):
+  from fox_jax.data.longcrawl64 import open_longcrawl64
+  path, train, heldout = longcrawl
+  src = open_longcrawl64(str(path), "train", 16)
+  assert len(src) == 6 * 4 and src[0].dtype == np.uint16
+  for j in range(len(src)):  # window j // 6 of document j % 6, after the EOT
+    column, doc = divmod(j, 6)
+    np.testing.assert_array_equal(src[j], [50256, *train[doc, 16 * column:16 * column + 16]])
+  np.testing.assert_array_equal(src[-1], src[len(src) - 1])
+  # A length that does not divide the document: the tail is dropped (the authors' doc_len).
+  src = open_longcrawl64(str(path), "train", 24)
+  assert len(src) == 6 * 2
+  np.testing.assert_array_equal(src[7], [50256, *train[1, 24:48]])
+  held = open_longcrawl64(str(path), "heldout", 32)
+  _check_source(held, "heldout", True)
+  assert len(held) == 3 * 2
+  np.testing.assert_array_equal(held[4], [50256, *heldout[1, 32:64]])
+  assert _docs(open_longcrawl64(str(path), "heldout", 32)) == _docs(held)
+
+
+def test_longcrawl64_errors(longcrawl, tmp_path_factory):
+  zarr = pytest.importorskip("zarr")
+  from fox_jax.data.longcrawl64 import open_longcrawl64
+  path, _, _ = longcrawl
+  other = tmp_path_factory.mktemp("other")
+  with pytest.raises(FileNotFoundError, match=f"no such LongCrawl64 directory: {other}/x$"):
+    open_longcrawl64(str(other / "x"), "train", 16)
+  with pytest.raises(ValueError, match=f"{other} holds neither train.zarr nor heldout.zarr"):
+    open_longcrawl64(str(other), "train", 16)
+  shutil.copytree(path / "train.zarr", other / "train.zarr")
+  assert len(open_longcrawl64(str(other), "train", 16)) == 24
+  with pytest.raises(ValueError, match=f"{other} has no heldout.zarr"):
+    open_longcrawl64(str(other), "heldout", 16)
+  with pytest.raises(ValueError, match="seq_len 128 is longer than the 64-token documents"):
+    open_longcrawl64(str(path), "train", 128)
+  with pytest.raises(ValueError, match="seq_len must be a positive integer"):
+    open_longcrawl64(str(path), "train", 0)
+  with pytest.raises(ValueError, match=r"num_docs must be an integer in \[1, 6\]"):
+    open_longcrawl64(str(path), "train", 16, num_docs=7)
+  with pytest.raises(ValueError, match="split must be one of"):
+    open_longcrawl64(str(path), "test", 16)
+  floats = tmp_path_factory.mktemp("floats")
+  zarr.create_array(str(floats / "train.zarr"), shape=(2, 8), dtype="float32", zarr_format=2)
+  with pytest.raises(ValueError, match=r"train.zarr holds a float32 array of shape \(2, 8\), "
+                                       r"not the 2-D integer array"):
+    open_longcrawl64(str(floats), "train", 4)
+  flat = tmp_path_factory.mktemp("flat")
+  zarr.create_array(str(flat / "train.zarr"), shape=(16,), dtype="uint16", zarr_format=2)
+  with pytest.raises(ValueError, match=r"holds a uint16 array of shape \(16,\)"):
+    open_longcrawl64(str(flat), "train", 4)
+  group = tmp_path_factory.mktemp("group")
+  zarr.open_group(str(group / "train.zarr"), mode="w", zarr_format=2)
+  with pytest.raises(ValueError, match="train.zarr is a zarr group, not the 2-D integer array"):
+    open_longcrawl64(str(group), "train", 4)
+  junk = tmp_path_factory.mktemp("junk")
+  (junk / "train.zarr").mkdir()
+  with pytest.raises(ValueError, match="train.zarr is not a zarr array"):
+    open_longcrawl64(str(junk), "train", 4)
