@@ -79,7 +79,8 @@ def _file_format(version_dir: str) -> str:
     with open(info_path) as f:
       info = json.load(f)
   except (OSError, ValueError) as e:
-    raise ValueError(f"{info_path} cannot be read as a TFDS dataset info ({_one_line(e)})") from None
+    raise ValueError(f"{info_path} cannot be read as a TFDS dataset info "
+                     f"({_one_line(e)})") from None
   return str(info.get("fileFormat") or "tfrecord") if isinstance(info, dict) else "tfrecord"
 
 

@@ -190,7 +190,8 @@ def tfds_dataset(tmp_path_factory):
     return {"text": f"document {k}: caf\u00e9", "ids": ids, "seq": ids * 2,
             "score": np.float32(k)}
 
-  class FoxTestSourcesTinyDs(tfds.core.GeneratorBasedBuilder):
+  # Not registered: defining it again (another run in this process) is no name clash.
+  class FoxTestSourcesTinyDs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
