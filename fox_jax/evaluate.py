@@ -27,7 +27,7 @@ from fox_jax import context as context_lib
 from fox_jax import loading
 from fox_jax import rundir
 from fox_jax import train as train_lib
-from fox_jax.data import PackedDataset, corpus_from_config, datasets, tokenizer
+from fox_jax.data import corpus_from_config, datasets
 from fox_jax.errors import UsageError
 from fox_jax.evals.per_token_loss import loss_by_position, smooth, summary
 from fox_jax.evals.per_token_loss import plot_results as plot
@@ -106,7 +106,8 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True
   it; otherwise with FSDP over ``devices``: the losses do not depend on the mesh.
   """
   c = rundir.load_config(workdir)
-  _check_text(c, workdir, "per_token_loss")
+  if not datasets.source(c.data).documents:
+    _check_text(c, workdir, "per_token_loss")
   devices = list(jax.devices() if devices is None else devices)
   T = int(c.data.seq_len)
   if lengths is not None:
@@ -123,7 +124,11 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True
   step, params = restore_params(workdir, setup, step=step)
   eval_fn = setup.eval_fn
   corpus = _heldout(c, workdir)
-  heldout = PackedDataset(corpus, c.data.seq_len, c.data.seed)
+  try:
+    heldout = datasets.heldout_rows(c.data, c.run.val_rows)
+  except (ValueError, OSError) as e:
+    raise UsageError(f"{rundir.config_path(workdir)}: config.data: {e}") from None
+  tokenizer = loading.run_tokenizer(c, workdir)
   val = train_lib.validation_loss(setup, eval_fn, params, heldout, c.run.val_rows,
                                   c.eval.batch_size)
   task = evals.get("per_token_loss")
@@ -237,7 +242,7 @@ def run_task(task: str, workdir: str, *, step: Optional[int] = None,
     label = f"{os.path.basename(os.path.normpath(workdir))} (converted)"
   else:
     c, step, model = _load_model(workdir, step, devices)
-    tok, label = tokenizer, run_label(c, workdir)
+    tok, label = loading.run_tokenizer(c, workdir), run_label(c, workdir)
     if takes_corpus:
       opts.corpus = _heldout(c, workdir)
   result = module.run(model, tok, opts)

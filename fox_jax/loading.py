@@ -121,7 +121,16 @@ def _load_run(workdir: str, step: Optional[int], devices, on_broken) -> Loaded:
     raise UsageError(f"{workdir} holds no checkpoint yet")
   setup = run_setup(c, workdir, devices)
   step, params = evaluate.restore_params(workdir, setup, step=step, on_broken=on_broken)
-  return Loaded(setup.model(params), tokenizer_lib.load_tokenizer("bytes"), int(step), "run")
+  return Loaded(setup.model(params), run_tokenizer(c, workdir), int(step), "run")
+
+
+def run_tokenizer(c, workdir: str):
+  """The tokenizer a run trained with (its config's ``data.tokenizer``; the byte tokenizer
+  for runs saved before the field, and for sources of token ids without one)."""
+  try:
+    return tokenizer_lib.load_tokenizer(c.data.get("tokenizer") or "bytes")
+  except (UsageError, ValueError, OSError) as e:
+    raise UsageError(f"{rundir.config_path(workdir)}: data.tokenizer: {e}") from None
 
 
 def _load_converted(path: str, require_tokenizer: bool) -> Loaded:

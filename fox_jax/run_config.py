@@ -53,7 +53,7 @@ DATA_SOURCES = tuple(datasets.DATASETS)
 SAFE_ON_RESUME = (
     "version", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_every",
     "run.val_rows", "run.progress_bar", "run.peak_flops_per_device", "eval.*", "mesh.*",
-    "optim.grad_accum", "optim.total_tokens", "data.global_batch",
+    "optim.grad_accum", "optim.total_tokens", "data.global_batch", "data.loader", "data.workers",
     "model.attn_impl", "model.plain_attn_impl", "model.block_sizes*", "model.remat",
     "model.seq_chunk", "model.context_strategy", "model.context_stripe",
 )
@@ -146,6 +146,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8
   c.eval.smooth = 21
   return c
+
+
+def data_vocab_size(c: ml_collections.ConfigDict) -> int:
+  """The vocabulary a model of ``c`` gets when its config gives none: the data's ids (the
+  tokenizer's, or data.vocab_size) rounded up to a multiple of 128, so that 'vocab' shards
+  (384 for the byte tokenizer). ValueError or OSError when the data cannot say."""
+  from fox_jax.data import tokenizer
+  need, _ = datasets.source(c.data).vocab(c.data)
+  return tokenizer.padded_vocab_size(need)
 
 
 def tokens_per_step(c: ml_collections.ConfigDict) -> int:
@@ -273,9 +282,24 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise UsageError(f"config has no '{block}' block (start from run_config.base_config())")
   d, o, r, e = c.data, c.optim, c.run, c.eval
   _check(d.source in DATA_SOURCES, "data.source", f"one of {DATA_SOURCES}", d.source)
-  if d.source == "text":
+  paths = {"text": "a directory or a glob of text files", "tfds": "a prepared TFDS dataset "
+           "directory", "longcrawl64": "the directory of train.zarr and heldout.zarr",
+           "array_record": "an ArrayRecord shard, a directory of shards or a glob"}
+  if d.source in paths:
     _check(isinstance(d.path, str) and bool(d.path), "data.path",
-           "a directory or a glob of text files with data.source='text'", d.path)
+           f"{paths[d.source]} with data.source={d.source!r}", d.path)
+  elif d.source == "builtin" and d.get("path"):
+    raise UsageError(f"config.data.path is given ({d.path}) but data.source is 'builtin' (this "
+                     f"interpreter's standard library), which reads no path; set "
+                     f"data.source='text' to train on it")
+  _check(d.get("loader", "grain") in ("grain", "packed"), "data.loader", "'grain' or 'packed'",
+         d.get("loader"))
+  for name, low in (("workers", 0), ("packing_bins", 1), ("vocab_size", 0)):
+    if name in d:
+      _check(_is_int(d[name]) and d[name] >= low, f"data.{name}", f"an int >= {low}", d[name])
+  _check(isinstance(d.get("tokenizer", "bytes"), str) and bool(d.get("tokenizer", "bytes")),
+         "data.tokenizer", "'bytes' or the path of a tokenizer.json or SentencePiece .model",
+         d.get("tokenizer"))
   _check(_is_real(d.heldout_fraction) and 0 < d.heldout_fraction < 1, "data.heldout_fraction",
          "in (0, 1)", d.heldout_fraction)
   for name in ("seq_len", "global_batch"):
@@ -350,10 +374,12 @@ def check_fields(c: ml_collections.ConfigDict) -> None:
 
 
 def resolve_paths(c: ml_collections.ConfigDict) -> None:
-  """Makes ``data.path`` absolute (``~`` expanded), so a resume from another working
-  directory reads the same files."""
-  if c.data.path:
-    c.data.path = os.path.abspath(os.path.expanduser(c.data.path))
+  """Makes ``data.path``, ``data.heldout_path`` and a ``data.tokenizer`` file absolute
+  (``~`` expanded), so a resume from another working directory reads the same files."""
+  for field in ("path", "heldout_path", "tokenizer"):
+    value = c.data.get(field)
+    if value and not (field == "tokenizer" and value == "bytes"):
+      c.data[field] = os.path.abspath(os.path.expanduser(value))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -655,6 +681,8 @@ def _resolved(c: ml_collections.ConfigDict) -> dict[str, Any]:
   out = {k: v for k, v in flatten(c).items() if not k.startswith("model.")}
   try:
     overrides = c.model.overrides.to_dict() if c.model.get("overrides") else {}
+    if "vocab_size" not in overrides:
+      overrides["vocab_size"] = data_vocab_size(c)
     model = get_preset(c.model.preset, **overrides).to_dict()
   except (ValueError, TypeError, AttributeError):
     return flatten(c)  # compared as written; the new config is checked when built

@@ -49,7 +49,6 @@ from fox_jax import rundir
 from fox_jax import sharding
 from fox_jax.config import ModelConfig, get_preset
 from fox_jax.data import Batch, datasets
-from fox_jax.data import tokenizer as tokenizer_lib
 from fox_jax.errors import RunError, UsageError
 from fox_jax.signals import Interrupted, StopSignals
 from fox_jax.model import DecoderLM, cross_entropy
@@ -86,13 +85,11 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def data_vocab_size(c: ml_collections.ConfigDict) -> int:
-  """The vocabulary a model of ``c`` gets when its config gives none: the data's ids (the
-  tokenizer's, or data.vocab_size) rounded up to a multiple of 128, so that 'vocab' shards."""
+  """:func:`run_config.data_vocab_size`, a UsageError when the data cannot say."""
   try:
-    need, _ = datasets.source(c.data).vocab(c.data)
+    return run_config.data_vocab_size(c)
   except (ValueError, OSError) as e:
     raise UsageError(f"config.data: {e}") from None
-  return tokenizer_lib.padded_vocab_size(need)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -427,6 +424,11 @@ def prepare_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   run_config.check_fields(c)
   run_config.resolve_paths(c)
   run_config.validate(c)
+  if "vocab_size" not in (c.model.get("overrides") or {}):
+    vocab = data_vocab_size(c)   # written into the run's config.json
+    if not c.model.get("overrides"):
+      c.model.overrides = ml_collections.ConfigDict()
+    c.model.overrides.vocab_size = vocab
   return c
 
 

@@ -86,7 +86,7 @@ def _stepper(c, workdir: str, L: int, tokens: int, corpus):
   state = train_lib.init_state(setup, 0)
   _, state["params"] = evaluate.restore_params(workdir, setup)
   data = PackedDataset(corpus, L, 0)
-  batch = train_lib.load_batch(setup, data, 0, c.data.global_batch, 1)
+  batch = train_lib.load_batch(setup, train_lib.rows_loader(setup, data, 0, c.data.global_batch, 1), c.data.global_batch, 1)
   step = train_lib.jit_train_step(setup)
   return setup, step, state, batch
 

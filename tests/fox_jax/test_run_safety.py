@@ -115,12 +115,13 @@ def test_a_version_1_transformer_keeps_the_attention_it_ran(preset, gate, pinned
   loaded = run_config.config_from_json(json.dumps(saved), "config.json")
   assert loaded.version == run_config.CONFIG_VERSION
   assert loaded.model.overrides.get("plain_attn_impl") == pinned
+  assert loaded.data.loader == "packed"   # the stream it read (config version < 3)
   run_config.check_fields(loaded)
   changes = run_config.resume_changes(loaded, c)
   if pinned is None:
-    assert changes == {}
+    assert list(changes) == ["data.loader"], changes
   else:
-    assert list(changes) == ["model.plain_attn_impl"], changes
+    assert list(changes) == ["data.loader", "model.plain_attn_impl"], changes
     assert train_lib.model_config(loaded).plain_attn_impl == "forgetting"
   # A config saved now reads back as it was.
   again = run_config.config_from_json(run_config.config_to_json(c), "config.json")
@@ -262,7 +263,7 @@ def test_the_step_returns_its_input_state_when_the_update_is_not_finite(lr, head
   state = train_lib.init_state(setup, 0)
   state["params"]["lm_head"]["kernel"] = state["params"]["lm_head"]["kernel"] * head_scale
   before = jax.device_get(state)
-  new, m = setup.train_step(state, train_lib.load_batch(setup, data, 0, 4, 1), lr)
+  new, m = setup.train_step(state, train_lib.load_batch(setup, train_lib.rows_loader(setup, data, 0, 4, 1), 4, 1), lr)
   assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
   assert not bool(m["finite"])
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(new))):
@@ -502,13 +503,22 @@ def test_fox_train_help_lists_the_flags_and_exits_0(capsys):
     (TINY_FLAGS + ["--workdir", "/proc/no/such/run"], "cannot create run directory"),
     (TINY_FLAGS + ["--workdir", "{tmp}/file"], "exists and is not a directory"),
     (TINY_FLAGS + ["--workdir", "{tmp}/run", "--config.data.source=text",
-                   "--config.data.path={tmp}/none"], "no text files found"),
+                   "--config.data.path={tmp}/none"], "no such file or directory: "),
+    (TINY_FLAGS + ["--workdir", "{tmp}/run", "--config.data.source=text",
+                   "--config.data.path={tmp}/empty"], "empty holds no files"),
+    (TINY_FLAGS + ["--workdir", "{tmp}/run", "--config.data.source=text",
+                   "--config.data.path={tmp}/one"], "split of "),   # one file: a split is empty
+    (TINY_FLAGS + ["--workdir", "{tmp}/run", "--config.data.path={tmp}/one"],
+     "data.path is given ("),  # builtin reads no path
     (["--workdir", "{tmp}/run"], "--config is required"),
     (TINY_FLAGS + ["--workdir", ""], "--workdir must not be empty"),
     (TINY_FLAGS + ["--workdir", "{tmp}/run", "--max_steps=two"], "invalid int value"),
 ])
 def test_fox_train_user_errors_are_one_line_exit_2_nothing_left(tmp_path, capsys, args, message):
   (tmp_path / "file").write_text("")
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "one").mkdir()
+  (tmp_path / "one" / "a.txt").write_text("a single document\n" * 50)
   argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
   code = None
   try:
@@ -516,8 +526,11 @@ def test_fox_train_user_errors_are_one_line_exit_2_nothing_left(tmp_path, capsys
   except SystemExit as e:
     code = e.code
   assert code == 2
-  assert message in _one_line(capsys.readouterr().err)
-  assert sorted(os.listdir(tmp_path)) == ["file"]
+  err = _one_line(capsys.readouterr().err)
+  assert message in err
+  if "split of" in message:
+    assert "has no documents (data.heldout_fraction=0.05" in err and "data.heldout_path" in err
+  assert sorted(os.listdir(tmp_path)) == ["empty", "file", "one"]
 
 
 def test_fox_eval_user_errors_are_one_line_exit_2_nothing_created(tmp_path, capsys):

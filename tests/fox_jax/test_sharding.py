@@ -73,7 +73,7 @@ def test_sharded_step_matches_one_device(impl):
   results = []
   for setup in (s8, s1):
     state = jax.device_put(host_state, setup.state_shardings)
-    state, metrics = setup.train_step(state, train_lib.load_batch(setup, data, 0, 8, 1), 1e-3)
+    state, metrics = setup.train_step(state, train_lib.load_batch(setup, train_lib.rows_loader(setup, data, 0, 8, 1), 8, 1), 1e-3)
     results.append((state, jax.device_get(metrics)))
   (state8, m8), (state1, m1) = results
   kernel = state8["params"]["layers"][0]["mlp"]["up_proj"]["kernel"]

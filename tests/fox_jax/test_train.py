@@ -116,7 +116,7 @@ def test_grad_accumulation_matches_one_big_batch():
   out = []
   for setup, micro in ((s1, 1), (s2, 2)):
     state = train_lib.init_state(setup, 0)
-    state, m = setup.train_step(state, train_lib.load_batch(setup, data, 0, 4, micro), 1e-3)
+    state, m = setup.train_step(state, train_lib.load_batch(setup, train_lib.rows_loader(setup, data, 0, 4, micro), 4, micro), 1e-3)
     out.append((jax.device_get(state["params"]), float(m["loss"])))
   assert_close(out[1][1], out[0][1], jnp.float32, "loss")
   for a, b in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[0][0])):
@@ -163,7 +163,7 @@ def test_fixed_gate_constants_reach_the_step():
   setup = train_lib.build(c, one_device())
   data = PackedDataset(corpus_from_config(c.data, "train"), c.data.seq_len, 0)
   state = train_lib.init_state(setup, 0)
-  _, m = setup.train_step(state, train_lib.load_batch(setup, data, 0, 4, 1), 1e-3)
+  _, m = setup.train_step(state, train_lib.load_batch(setup, train_lib.rows_loader(setup, data, 0, 4, 1), 4, 1), 1e-3)
   assert bool(m["finite"]) and 0 < float(m["loss"]) < 10
 
 
