@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 
 from fox_jax.data import loader as loader_lib
 from fox_jax.data import mqar, source as source_lib, tokenizer as tokenizer_lib
