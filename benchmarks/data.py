@@ -351,7 +351,7 @@ def main(argv=None) -> None:
   with tempfile.TemporaryDirectory(prefix="fox_bench_data_") as root:
     notes: list[str] = []
     configs = source_configs(names, root, notes)
-    emit(f"# data (generated in a temporary directory): " + "; ".join(notes))
+    emit("# data (generated in a temporary directory): " + "; ".join(notes))
     emit()
     emit(f"## Grain loader, B x T = {B} x {T}, {a.steps} timed batches after "
          f"{a.warmup + 1} (tokens/s: all row positions; real: targets that are not padding)")

@@ -10,11 +10,11 @@ Writes a corpus of ``--gb`` GB (10^9 bytes) as ArrayRecord shards of uint16 toke
 (``fox_jax.data.array_record.write_array_record``; documents of 1,024 to 65,536 random ids,
 log-uniform; one document at a time, so the corpus is never in memory), after checking that
 the disk has twice that free (else it refuses with one line), and drops each shard from the
-page cache once written (``posix_fadvise DONTNEED`` on that file), so reads go to disk. Then it reads the corpus
-through the training loader (``datasets.train_loader``: ``data.source = 'array_record'``,
-``data.workers = 0``, every lane of a ``--batch`` x ``--seq_len`` global batch, shuffled as
-in training) until ``--read-gb`` GB of documents went into rows, and every ``--every``
-batches samples this process's memory:
+page cache once written (``posix_fadvise DONTNEED`` on that file), so reads go to disk.
+Then it reads the corpus through the training loader (``datasets.train_loader``:
+``data.source = 'array_record'``, ``data.workers = 0``, every lane of a ``--batch`` x
+``--seq_len`` global batch, shuffled as in training) until ``--read-gb`` GB of documents
+went into rows, and every ``--every`` batches samples this process's memory:
 
   consumed GB   document bytes packed into rows so far (real targets x 2 bytes)
   read GB       bytes this process read from files (``rchar`` of /proc/self/io: the shards'
