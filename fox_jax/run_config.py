@@ -54,6 +54,7 @@ SAFE_ON_RESUME = (
     "version", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_every",
     "run.val_rows", "run.progress_bar", "run.peak_flops_per_device", "eval.*", "mesh.*",
     "optim.grad_accum", "optim.total_tokens", "data.global_batch", "data.loader", "data.workers",
+    "data.read_threads",
     "model.attn_impl", "model.plain_attn_impl", "model.block_sizes*", "model.remat",
     "model.seq_chunk", "model.context_strategy", "model.context_stripe",
 )
@@ -103,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.loader = "grain"
   c.data.workers = 0           # grain worker processes (part of the data order)
   c.data.packing_bins = 8      # rows each lane packs at once (first fit)
+  c.data.read_threads = 0      # threads per lane reading documents ahead (not the data order)
   c.data.seq_len = 256
   c.data.global_batch = 16
   c.data.seed = 0
@@ -294,7 +296,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      f"data.source='text' to train on it")
   _check(d.get("loader", "grain") in ("grain", "packed"), "data.loader", "'grain' or 'packed'",
          d.get("loader"))
-  for name, low in (("workers", 0), ("packing_bins", 1), ("vocab_size", 0)):
+  for name, low in (("workers", 0), ("packing_bins", 1), ("vocab_size", 0), ("read_threads", 0)):
     if name in d:
       _check(_is_int(d[name]) and d[name] >= low, f"data.{name}", f"an int >= {low}", d[name])
   _check(isinstance(d.get("tokenizer", "bytes"), str) and bool(d.get("tokenizer", "bytes")),

@@ -5,11 +5,12 @@
 
 The argument is the family (fox_pro, transformer_pro, fox_llama, transformer_llama); sizes,
 data and schedule are the same for all (``fox_jax.run_config.cpu_demo_config``). Results
-here (``scripts/main.sh``, 2-core CPU, 196 steps, 2026-11-29), validation loss in nats per
-byte and held-out loss at positions 1-32 / 225-256 / 769-1024 (3x past the training length):
+here (``scripts/main.sh``, 2-core CPU, 196 steps, grain loader, commit dc1d9e9, 2026-11-29),
+validation loss in nats per byte and held-out loss at positions 1-32 / 225-256 / 769-1024
+(3x past the training length):
 
-  fox_pro           1.9155   2.518 / 2.240 / 1.994
-  transformer_pro   2.1609   2.859 / 2.553 / 2.660   (rising past the training length, where
+  fox_pro           2.0868   2.449 / 2.207 / 2.004
+  transformer_pro   2.3549   2.852 / 2.581 / 2.740   (rising past the training length, where
                                                       FoX's keeps falling)
 """
 

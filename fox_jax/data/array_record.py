@@ -188,7 +188,7 @@ class ArrayRecordSource:
       raise ValueError(f"record {index - first} of {self.paths[shard]} has {len(record)} "
                        f"bytes, not a multiple of {dt.itemsize} ({self.dtype}): were its "
                        f"documents written with another dtype?")
-    return np.frombuffer(record, dt).astype(dt.newbyteorder("="))
+    return np.frombuffer(record, dt).astype(dt.newbyteorder("="), copy=False)
 
 
 def _open_shards(pattern: str, dtype, split: str) -> ArrayRecordSource:

@@ -213,7 +213,7 @@ def _grain_loader(data_cfg, lanes: Sequence[int]):
       open_documents(data_cfg, "train"), data_cfg.get("tokenizer") or "bytes",
       int(data_cfg.seq_len), int(data_cfg.global_batch), lanes, seed=int(data_cfg.seed),
       packing_bins=int(data_cfg.packing_bins), workers=int(data_cfg.workers),
-      pad_id=pad_id(data_cfg))
+      pad_id=pad_id(data_cfg), read_threads=int(data_cfg.get("read_threads", 0)))
 
 
 def _rows_loader(data_cfg, lanes: Sequence[int]):

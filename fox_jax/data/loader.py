@@ -109,9 +109,16 @@ def _stack(rows: Sequence[Batch]) -> Batch:
 
 def lane_rows(source: DataSource, tokenizer_spec: str, seq_len: int, *, lane: int = 0,
               num_lanes: int = 1, seed: int = 0, shuffle: bool = True,
-              packing_bins: int = DEFAULT_PACKING_BINS, pad_id: int = 0, endless: bool = True):
+              packing_bins: int = DEFAULT_PACKING_BINS, pad_id: int = 0, endless: bool = True,
+              read_threads: int = 0):
   """The rows of one lane (endless, or one pass over the documents) as a grain IterDataset
-  of :class:`Batch` [seq_len]."""
+  of :class:`Batch` [seq_len].
+
+  ``read_threads``: threads that read a lane's documents ahead (grain's ReadOptions; 0 reads
+  each when it is needed). Grain's default (16 threads, 500 documents ahead) per lane costs
+  B x 16 threads and B x 500 buffered documents, and measured slower on local disks
+  (``benchmarks/results/data_memory.md``); a network file system may want a few.
+  """
   grain = _grain()
   docs = grain.MapDataset.source(source)
   if shuffle:
@@ -119,7 +126,9 @@ def lane_rows(source: DataSource, tokenizer_spec: str, seq_len: int, *, lane: in
   if endless:
     docs = docs.repeat(None)
   docs = docs[lane::num_lanes].map(_Tokens(source.tokenized, tokenizer_spec))
-  cut = grain.experimental.FlatMapIterDataset(docs.to_iter_dataset(), _flat_map_pieces(seq_len))
+  read = grain.ReadOptions(num_threads=int(read_threads),
+                           prefetch_buffer_size=max(2, 4 * int(read_threads)))
+  cut = grain.experimental.FlatMapIterDataset(docs.to_iter_dataset(read), _flat_map_pieces(seq_len))
   packed = grain.experimental.FirstFitPackIterDataset(
       cut, length_struct={"inputs": seq_len, "targets": seq_len},
       num_packing_bins=int(packing_bins), shuffle_bins=shuffle,
@@ -133,23 +142,24 @@ class GrainLoader:
 
   def __init__(self, source: DataSource, tokenizer_spec: str, seq_len: int, num_lanes: int,
                lanes: Sequence[int], *, seed: int = 0, packing_bins: int = DEFAULT_PACKING_BINS,
-               workers: int = 0, pad_id: int = 0):
+               workers: int = 0, pad_id: int = 0, read_threads: int = 0):
     if len(source) == 0:
       raise ValueError(f"the {source.split} split has no documents")
     self.lanes = [int(j) for j in lanes]
     self.workers = int(workers)
     self._args = (source, tokenizer_spec, int(seq_len), int(num_lanes), int(packing_bins),
-                  int(pad_id))
+                  int(pad_id), int(read_threads))
     self._it = None
     self._build(int(seed))
 
   def _build(self, seed: int) -> None:
     grain = _grain()
     self.close()
-    source, tokenizer_spec, seq_len, num_lanes, bins, pad_id = self._args
+    source, tokenizer_spec, seq_len, num_lanes, bins, pad_id, threads = self._args
     self.seed = seed
     per_lane = [lane_rows(source, tokenizer_spec, seq_len, lane=j, num_lanes=num_lanes,
-                          seed=seed, packing_bins=bins, pad_id=pad_id) for j in self.lanes]
+                          seed=seed, packing_bins=bins, pad_id=pad_id, read_threads=threads)
+                for j in self.lanes]
     ds = grain.experimental.ZipIterDataset(per_lane).map(_stack)
     if self.workers:
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))

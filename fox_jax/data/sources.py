@@ -106,7 +106,8 @@ def stdlib_files() -> list[tuple[str, str]]:
 
 
 def text_files(pattern: str) -> list[tuple[str, str]]:
-  """(relative path, absolute path) of the files named by a directory or a glob.
+  """(relative path, absolute path) of the non-empty files named by a file, a directory or
+  a glob.
 
   A directory means every regular file below it; a glob is expanded recursively (``**``).
   """
@@ -120,10 +121,10 @@ def text_files(pattern: str) -> list[tuple[str, str]]:
   else:
     root = _glob_root(pattern)
     paths = glob.glob(pattern, recursive=True)
-  paths = sorted(p for p in paths if os.path.isfile(p))
+  paths = sorted(p for p in paths if os.path.isfile(p) and os.path.getsize(p) > 0)
   if not paths:
     if os.path.isdir(pattern):
-      raise ValueError(f"directory {pattern} holds no files")
+      raise ValueError(f"directory {pattern} holds no files (none that is not empty)")
     raise ValueError(f"no text files found for {pattern!r} (no file matches it)")
   return [(os.path.relpath(p, root), p) for p in paths]
 

@@ -49,9 +49,12 @@ def test_a_row_depends_on_its_lane_alone(tmp_path):
   c = _text_config(_corpus(tmp_path / "c"))
   full = datasets.train_loader(c.data, range(4))
   part = datasets.train_loader(c.data, [1, 3])
+  c.data.read_threads = 2  # reading ahead changes no row
+  ahead = datasets.train_loader(c.data, range(4))
   for _ in range(12):  # several epochs of this small corpus
     a, b = next(full), next(part)
     assert _same([x[[1, 3]] for x in a], b)
+    assert _same(a, next(ahead))
   batch = a
   assert batch.inputs.shape == (4, 32) and batch.inputs.dtype == np.int32
   # Packed rows: segments start at position 0, targets are the next inputs within a

@@ -2,11 +2,12 @@
 
 Two ``fox-train --coordinator ...`` processes with 4 CPU devices each form one 8-device
 system (gloo collectives over localhost) and train on a (data 2, fsdp 2, tensor 2) mesh
-that spans both, each loading only its own batch rows. Their losses, validation loss and
+that spans both, each loading only its own batch rows (the documents of its grain lanes). Their losses, validation loss and
 checkpointed parameters must equal the same config trained here in one process on 8
 devices; only process 0 writes metrics and prints.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -125,3 +126,16 @@ def test_two_processes_equal_one_process_on_eight_devices(tmp_path):
   paths = jax.tree_util.tree_flatten_with_path(want)[0]
   for (path, a), b in zip(paths, jax.tree.leaves(got)):
     assert_close(b, a, jnp.float32, jax.tree_util.keystr(path))
+
+  # Each process read only the rows (grain lanes) its devices hold, and each lane is where
+  # the one-process run's same lane is: the global batches were the same.
+  data_dir = os.path.join(checkpointer.step_dir(STEPS), "data")
+  states = [json.load(open(os.path.join(data_dir, f"process_{i}-of-{NUM_PROCESSES}.json")))
+            for i in range(NUM_PROCESSES)]
+  assert sorted(sum((s["lanes"] for s in states), [])) == list(range(c.data.global_batch))
+  assert all(len(s["lanes"]) == c.data.global_batch // NUM_PROCESSES for s in states)
+  one = json.load(open(os.path.join(tmp_path, "one_process", "checkpoints", str(STEPS), "data",
+                                    "process_0-of-1.json")))
+  assert one["lanes"] == list(range(c.data.global_batch))
+  for s in states:
+    assert s["grain"]["parents"] == [one["grain"]["parents"][j] for j in s["lanes"]]
