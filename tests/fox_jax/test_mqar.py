@@ -141,7 +141,7 @@ def mqar_config(steps=2, **data):
     ("data.mqar_num_updates", 3, "config.data.mqar_num_updates must be 0 (or unset) with"),
     ("data.mqar_vocab", 2, "config.data.mqar_vocab must be an int >= 4"),
     ("data.mqar_train_examples", 0, "config.data.mqar_train_examples must be an int >= 1"),
-    ("data.source", "csv", "config.data.source must be one of ('builtin', 'text', 'mqar')"),
+    ("data.source", "csv", "config.data.source must be one of ('builtin', 'text', 'tfds', 'longcrawl64', 'array_record', 'mqar')"),
     ("model.overrides.vocab_size", 16,
      "config.model.overrides.vocab_size must be >= 32 for config.data.mqar_vocab=32, got 16"),
 ])

@@ -4,6 +4,7 @@ disk). Every test here failed before the behaviour it checks existed."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -285,6 +286,9 @@ def _corrupt(step_dir: str, how: str) -> None:
   elif how == "manifest":
     with open(os.path.join(state, "manifest.ocdbt"), "wb") as f:
       f.write(b"not a manifest")
+  elif how == "data_state":  # the data loader's state: the run would read other rows
+    with open(os.path.join(step_dir, "data", "process_0-of-1.json"), "w") as f:
+      f.write('{"position": 0}')
   elif how == "flipped":  # the same size, one byte changed: only a checksum sees it
     with open(data[-1][1], "r+b") as f:
       f.seek(data[-1][0] // 2)
@@ -293,13 +297,21 @@ def _corrupt(step_dir: str, how: str) -> None:
       f.write(bytes([byte[0] ^ 0xFF]))
 
 
-@pytest.mark.parametrize("how", ["truncated", "missing", "manifest", "flipped"])
-def test_a_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, how):
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+  """A finished 4-step run with checkpoints at steps 2 and 4, and its final state."""
   c = tiny_config(steps=4)
   c.run.checkpoint_every = 2
-  straight = train_lib.train(c, str(tmp_path / "straight"), devices=one_device())
+  workdir = str(tmp_path_factory.mktemp("four_steps") / "run")
+  return c, workdir, jax.device_get(train_lib.train(c, workdir, devices=one_device()).state)
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing", "manifest", "flipped", "data_state"])
+def test_a_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, how,
+                                                                 four_steps):
+  c, template, straight_state = four_steps
   workdir = str(tmp_path / "run")
-  train_lib.train(c, workdir, devices=one_device())
+  shutil.copytree(template, workdir)
   _corrupt(os.path.join(workdir, "checkpoints", "4"), how)
   capsys.readouterr()
 
@@ -317,7 +329,7 @@ def test_a_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsy
   assert "checkpoint step 4 cannot be restored" in line and moved in line
   assert os.path.isdir(moved)
   assert resumed.step == 4
-  _assert_same_params(resumed.state, straight.state)
+  _assert_same_params(resumed.state, straight_state)
 
 
 def test_every_checkpoint_broken_is_an_error_not_a_fresh_start(tmp_path):
