@@ -28,6 +28,7 @@ from fox_jax import loading
 from fox_jax import rundir
 from fox_jax import train as train_lib
 from fox_jax.data import corpus_from_config, datasets
+from fox_jax.data.packing import check_token_ids
 from fox_jax.errors import UsageError
 from fox_jax.evals.per_token_loss import loss_by_position, smooth, summary
 from fox_jax.evals.per_token_loss import plot_results as plot
@@ -126,6 +127,9 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True
   corpus = _heldout(c, workdir)
   try:
     heldout = datasets.heldout_rows(c.data, c.run.val_rows)
+    check_token_ids(heldout.rows(0, int(c.run.val_rows)), setup.model_cfg.vocab_size,
+                    "a held-out row")
+    check_token_ids(corpus.tokens, setup.model_cfg.vocab_size, "a held-out document")
   except (ValueError, OSError) as e:
     raise UsageError(f"{rundir.config_path(workdir)}: config.data: {e}") from None
   tokenizer = loading.run_tokenizer(c, workdir)

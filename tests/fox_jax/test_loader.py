@@ -223,3 +223,28 @@ def test_first_rows_of_an_empty_split_is_one_line():
 
   with pytest.raises(ValueError, match="heldout split has no documents of two tokens"):
     loader_lib.first_rows(Empty(), "bytes", 8, 2)
+
+
+def test_token_ids_outside_the_vocabulary_are_an_error_not_clamped(tmp_path):
+  """An id >= vocab_size would be clamped by the embedding lookup (silently training on
+  other ids, a NaN validation loss): held-out rows are checked before the run directory is
+  made, training rows as they are read."""
+  from fox_jax.data.array_record import write_array_record
+  rng = np.random.default_rng(0)
+  good = [rng.integers(0, 100, 40) for _ in range(8)]
+  bad = [d.copy() for d in good]
+  bad[0][5] = 5000
+  for name, docs in (("bad", bad), ("good", good)):
+    (tmp_path / name).mkdir()
+    write_array_record(str(tmp_path / name / "train-0.array_record"), docs)
+  c = tiny_config(seq_len=32, batch=4)
+  c.data.update({"source": "array_record", "path": str(tmp_path / "bad"), "vocab_size": 128,
+                 "heldout_path": str(tmp_path / "bad")})
+  with pytest.raises(UsageError, match="a held-out row holds token id 5000, outside the "
+                                       "model's vocabulary of 128"):
+    train_lib.train(c, str(tmp_path / "held"), devices=one_device())
+  assert not os.path.exists(tmp_path / "held")
+  c.data.heldout_path = str(tmp_path / "good")
+  c.optim.total_tokens = 8 * 32 * 4  # the bad document is read by step 5
+  with pytest.raises(UsageError, match="a training row holds token id 5000"):
+    train_lib.train(c, str(tmp_path / "train"), devices=one_device())
