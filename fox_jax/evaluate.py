@@ -90,6 +90,22 @@ def _check_text(c, workdir: str, task: str) -> None:
                                                   " if there is one") + ")")
 
 
+# Tasks that write their prompts as text, through the run's tokenizer.
+_TEXT_PROMPT_TASKS = ("passkey", "lm_eval")
+
+
+def _check_prompt_tokenizer(c, workdir: str, task: str) -> None:
+  """UsageError unless the run's tokenizer is the one its ids came from: a run trained on
+  token ids (array_record, longcrawl64, a synthetic task) without ``data.tokenizer`` has
+  none, and the byte tokenizer's ids would mean other tokens to its model."""
+  if datasets.source(c.data).text or (c.data.get("tokenizer") or "bytes") != "bytes":
+    return
+  raise UsageError(f"--task {task} writes text prompts, and {workdir} trained on the token "
+                   f"ids of data.source {c.data.source!r} without naming their tokenizer "
+                   f"(data.tokenizer in {rundir.config_path(workdir)}); the byte tokenizer's "
+                   f"ids are not the ones it was trained on")
+
+
 def _heldout(c, workdir: str):
   try:
     return corpus_from_config(c.data, "heldout")
@@ -235,6 +251,8 @@ def run_task(task: str, workdir: str, *, step: Optional[int] = None,
                        f"config's data.seq_len); drop the flag")
     if takes_corpus:
       _check_text(c, workdir, task)
+    elif task in _TEXT_PROMPT_TASKS:
+      _check_prompt_tokenizer(c, workdir, task)
     if hasattr(module, "run_defaults"):
       options = {**module.run_defaults(c), **options}
   opts = module.Options(train_length=T, **options)  # checked before loading
