@@ -28,6 +28,7 @@ from fox_jax import loading
 from fox_jax import rundir
 from fox_jax import train as train_lib
 from fox_jax.data import corpus_from_config, datasets
+from fox_jax.data.packing import check_token_ids
 from fox_jax.errors import UsageError
 from fox_jax.evals.per_token_loss import loss_by_position, smooth, summary
 from fox_jax.evals.per_token_loss import plot_results as plot
@@ -89,6 +90,22 @@ def _check_text(c, workdir: str, task: str) -> None:
                                                   " if there is one") + ")")
 
 
+# Tasks that write their prompts as text, through the run's tokenizer.
+_TEXT_PROMPT_TASKS = ("passkey", "lm_eval")
+
+
+def _check_prompt_tokenizer(c, workdir: str, task: str) -> None:
+  """UsageError unless the run's tokenizer is the one its ids came from: a run trained on
+  token ids (array_record, longcrawl64, a synthetic task) without ``data.tokenizer`` has
+  none, and the byte tokenizer's ids would mean other tokens to its model."""
+  if datasets.source(c.data).text or (c.data.get("tokenizer") or "bytes") != "bytes":
+    return
+  raise UsageError(f"--task {task} writes text prompts, and {workdir} trained on the token "
+                   f"ids of data.source {c.data.source!r} without naming their tokenizer "
+                   f"(data.tokenizer in {rundir.config_path(workdir)}); the byte tokenizer's "
+                   f"ids are not the ones it was trained on")
+
+
 def _heldout(c, workdir: str):
   try:
     return corpus_from_config(c.data, "heldout")
@@ -126,6 +143,9 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True
   corpus = _heldout(c, workdir)
   try:
     heldout = datasets.heldout_rows(c.data, c.run.val_rows)
+    check_token_ids(heldout.rows(0, int(c.run.val_rows)), setup.model_cfg.vocab_size,
+                    "a held-out row")
+    check_token_ids(corpus.tokens, setup.model_cfg.vocab_size, "a held-out document")
   except (ValueError, OSError) as e:
     raise UsageError(f"{rundir.config_path(workdir)}: config.data: {e}") from None
   tokenizer = loading.run_tokenizer(c, workdir)
@@ -231,6 +251,8 @@ def run_task(task: str, workdir: str, *, step: Optional[int] = None,
                        f"config's data.seq_len); drop the flag")
     if takes_corpus:
       _check_text(c, workdir, task)
+    elif task in _TEXT_PROMPT_TASKS:
+      _check_prompt_tokenizer(c, workdir, task)
     if hasattr(module, "run_defaults"):
       options = {**module.run_defaults(c), **options}
   opts = module.Options(train_length=T, **options)  # checked before loading

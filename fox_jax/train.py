@@ -49,6 +49,7 @@ from fox_jax import rundir
 from fox_jax import sharding
 from fox_jax.config import ModelConfig, get_preset
 from fox_jax.data import Batch, datasets
+from fox_jax.data.packing import check_token_ids
 from fox_jax.errors import RunError, UsageError
 from fox_jax.signals import Interrupted, StopSignals
 from fox_jax.model import DecoderLM, cross_entropy
@@ -354,6 +355,10 @@ def load_batch(setup: Setup, loader, global_batch: int, micro: int) -> Batch:
   """The next step's rows from ``loader`` (``fox_jax.data.loader``; this process's
   :func:`local_lanes`) as global arrays [micro, B / micro, T]."""
   rows = next(loader)
+  try:
+    check_token_ids(rows, setup.model_cfg.vocab_size, "a training row")
+  except ValueError as e:
+    raise UsageError(f"config.data: {e}") from None
   T = rows.inputs.shape[-1]
   per_micro = global_batch // micro
   sh = setup.batch_sharding()
@@ -407,6 +412,8 @@ def _data(c: ml_collections.ConfigDict, lanes: list[int]):
   ``config.data`` (``fox_jax.data.datasets``)."""
   try:
     heldout = datasets.heldout_rows(c.data, c.run.val_rows)
+    check_token_ids(heldout.rows(0, int(c.run.val_rows)), int(c.model.overrides.vocab_size),
+                    "a held-out row")
     return datasets.train_loader(c.data, lanes), heldout
   except (ValueError, OSError) as e:
     raise UsageError(f"config.data ({c.data.source}"

@@ -184,11 +184,13 @@ class GrainLoader:
   def set_state(self, state: bytes) -> None:
     """Continues exactly from ``state`` (ValueError if it is another loader's)."""
     got = json.loads(state)
+    if not isinstance(got, dict) or "grain" not in got or not isinstance(got.get("seed"), int):
+      raise ValueError("it is not the grain loader's" + (
+          f" but the packed loader's (row {got['position']})"
+          if isinstance(got, dict) and "position" in got else ""))
     for key, mine in (("lanes", self.lanes), ("workers", self.workers)):
       if got.get(key) != mine:
         raise ValueError(f"it was saved for {key} {got.get(key)}, this run has {mine}")
-    if "grain" not in got or not isinstance(got.get("seed"), int):
-      raise ValueError("it is not the grain loader's")
     if got["seed"] != self.seed:
       self._build(got["seed"])
     self._it.set_state(got["grain"])
@@ -202,7 +204,7 @@ class GrainLoader:
       try:
         self.set_state(state)
         return None
-      except (ValueError, KeyError, TypeError) as e:
+      except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         why = f"the checkpoint's data-loader state does not fit ({e})"
     else:
       why = "the checkpoint holds no grain data-loader state"
@@ -259,8 +261,18 @@ class RowsLoader:
     self._before_last = self.position
 
   def restore(self, state: Optional[bytes], position: int, seed: int) -> Optional[str]:
-    """Continues from the checkpoint's row ``position`` (the state says the same)."""
+    """Continues from the checkpoint's row ``position`` (the state says the same); says so
+    when the state is another loader's (a run that read the grain loader), whose stream
+    this one does not continue."""
     self.position = self._before_last = int(position)
+    try:
+      got = json.loads(state) if state is not None else None
+    except ValueError:
+      got = None
+    if isinstance(got, dict) and "grain" in got:
+      return (f"the checkpoint's data-loader state is the grain loader's, which this loader "
+              f"does not continue; it reads its own stream from row {position}, so documents "
+              f"of the current epoch may repeat")
     return None
 
   def start_prefetch(self) -> None:

@@ -40,6 +40,24 @@ class Batch(NamedTuple):
   weights: np.ndarray
 
 
+def check_token_ids(ids, vocab_size: int, what: str) -> None:
+  """ValueError if ``ids`` (a :class:`Batch`, whose inputs and targets are checked, or an
+  array of ids, on the host) holds an id outside [0, ``vocab_size``): an embedding lookup
+  would clamp it silently and train on wrong rows (and the loss of such a target is not a
+  number)."""
+  for x in ((ids.inputs, ids.targets) if isinstance(ids, Batch) else (ids,)):
+    x = np.asarray(x)
+    if not x.size:
+      continue
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi >= int(vocab_size):
+      bad = hi if hi >= int(vocab_size) else lo
+      raise ValueError(f"{what} holds token id {bad}, outside the model's vocabulary of "
+                       f"{int(vocab_size)} ids: the data's ids must be below "
+                       f"model.overrides.vocab_size (give data.vocab_size as the number of "
+                       f"ids the data holds)")
+
+
 class _Plan(NamedTuple):
   row_ptr: np.ndarray      # [R + 1] int64: pieces of row r are row_ptr[r]:row_ptr[r+1]
   piece_start: np.ndarray  # [P] int64 offset of the piece's first input token in the corpus

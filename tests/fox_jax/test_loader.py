@@ -223,3 +223,55 @@ def test_first_rows_of_an_empty_split_is_one_line():
 
   with pytest.raises(ValueError, match="heldout split has no documents of two tokens"):
     loader_lib.first_rows(Empty(), "bytes", 8, 2)
+
+
+def test_token_ids_outside_the_vocabulary_are_an_error_not_clamped(tmp_path):
+  """An id >= vocab_size would be clamped by the embedding lookup (silently training on
+  other ids, a NaN validation loss): held-out rows are checked before the run directory is
+  made, training rows as they are read."""
+  from fox_jax.data.array_record import write_array_record
+  rng = np.random.default_rng(0)
+  good = [rng.integers(0, 100, 40) for _ in range(8)]
+  bad = [d.copy() for d in good]
+  bad[0][5] = 5000
+  for name, docs in (("bad", bad), ("good", good)):
+    (tmp_path / name).mkdir()
+    write_array_record(str(tmp_path / name / "train-0.array_record"), docs)
+  c = tiny_config(seq_len=32, batch=4)
+  c.data.update({"source": "array_record", "path": str(tmp_path / "bad"), "vocab_size": 128,
+                 "heldout_path": str(tmp_path / "bad")})
+  with pytest.raises(UsageError, match="a held-out row holds token id 5000, outside the "
+                                       "model's vocabulary of 128"):
+    train_lib.train(c, str(tmp_path / "held"), devices=one_device())
+  assert not os.path.exists(tmp_path / "held")
+  c.data.heldout_path = str(tmp_path / "good")
+  c.optim.total_tokens = 8 * 32 * 4  # the bad document is read by step 5
+  with pytest.raises(UsageError, match="a training row holds token id 5000"):
+    train_lib.train(c, str(tmp_path / "train"), devices=one_device())
+
+
+@pytest.mark.parametrize("state", [b"[]", b"null", b'"x"', b'{"position": 12}', b"{",
+                                   b'{"lanes": [0, 1, 2, 3], "workers": 0, "seed": 0, '
+                                   b'"grain": {"parents": "x"}}'])
+def test_a_loader_state_that_is_not_the_grain_loaders_restarts_with_a_note(tmp_path, state):
+  """A checkpoint's data state that another loader wrote, or an unrecorded damaged one:
+  a note and a new shuffle, not a traceback."""
+  c = _text_config(_corpus(tmp_path / "c", n=8))
+  a = datasets.train_loader(c.data, range(4))
+  note = a.restore(state, 12, c.data.seed)
+  assert "restarts at row 12 with a new shuffle" in note
+  assert "lanes None" not in note
+  if b"position" in state:
+    assert "packed loader's (row 12)" in note
+  next(a)
+
+
+def test_the_packed_loader_says_when_it_does_not_continue_a_grain_state(tmp_path):
+  c = _text_config(_corpus(tmp_path / "c", n=8))
+  grain_state = datasets.train_loader(c.data, range(4)).get_state()
+  c.data.loader = "packed"
+  packed = datasets.train_loader(c.data, range(4))
+  assert "is the grain loader's" in packed.restore(grain_state, 8, c.data.seed)
+  assert packed.position == 8
+  assert packed.restore(b'{"position": 8}', 8, c.data.seed) is None
+  assert packed.restore(None, 8, c.data.seed) is None

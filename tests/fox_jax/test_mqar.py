@@ -316,6 +316,7 @@ def test_fox_eval_task_mqar_on_a_run(mqar_run, tmp_path, capsys):
       (["--task", "mqar", "--depths", "0"], "task mqar takes no depths"),
       (["--task", "mqar", "--vocab", "64"], "mqar vocab 64 needs ids 0..63, past the model's"),
       (["--task", "needle"], "--task needle reads held-out text"),
+      (["--task", "passkey"], "--task passkey writes text prompts, and"),
       ([], "--task per_token_loss reads held-out text"),
   ]:
     assert eval_main([workdir, "--out", out] + args) == 2
