@@ -84,10 +84,14 @@ def _setup(c, workdir: str, devices):
 def _check_text(c, workdir: str, task: str) -> None:
   """UsageError unless the run trained on text: ``task`` reads its held-out documents."""
   if not datasets.source(c.data).text:
+    if c.data.source in evals.EVALS:
+      hint = f" (evaluate it with --task {c.data.source})"
+    elif datasets.source(c.data).documents:
+      hint = " (its documents' loss against position: --task per_token_loss)"
+    else:
+      hint = ""
     raise UsageError(f"--task {task} reads held-out text, and {workdir} trained on "
-                     f"data.source {c.data.source!r}, which has none (evaluate it with "
-                     f"--task {c.data.source}" + ("" if c.data.source in evals.EVALS else
-                                                  " if there is one") + ")")
+                     f"data.source {c.data.source!r}, which has none{hint}")
 
 
 # Tasks that write their prompts as text, through the run's tokenizer.
@@ -159,8 +163,10 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, write: bool = True
   except ValueError as e:
     raise UsageError(f"{workdir}: {what} is too long for the held-out documents ({e})"
                      ) from None
+  unit = ("nats per byte" if datasets.source(c.data).text and tokenizer.name == "bytes"
+          else "nats per token")
   result = {"run": os.path.abspath(workdir), "label": run_label(c, workdir), "step": int(step),
-            "val_loss": val, **curve}
+            "val_loss": val, "unit": unit, **curve}
   if write:
     write_result(result)
   return result
@@ -330,16 +336,19 @@ def report_markdown(results: Sequence[dict]) -> str:
       out.append(f"pos {max(T, L - T) + 1}-{L}")
     return out
 
+  units = sorted({r.get("unit", "nats per byte") for r in results})
+  unit = units[0] if len(units) == 1 else "nats per token; " + ", ".join(
+      f"{r['label']}: {r.get('unit', 'nats per byte')}" for r in results)
   if shared:
     T, L = next(iter(lengths))
-    intro = (f"Held-out loss (nats per byte). Training length T = {T}; loss against position "
+    intro = (f"Held-out loss ({unit}). Training length T = {T}; loss against position "
              f"over {results[0]['num_docs']} held-out documents read from their start, up to "
              f"{L} tokens.")
     names = spans(results[0])
     header = (f"| run | step | validation loss | early ({names[0]}) | late ({names[1]}) |"
               + (f" beyond ({names[2]}) |" if beyond else ""))
   else:
-    intro = ("Held-out loss (nats per byte). The runs differ in training length T: early is "
+    intro = (f"Held-out loss ({unit}). The runs differ in training length T: early is "
              "the first T/8 positions, late the last T/8 up to T, beyond the last T "
              "positions evaluated, each of its own run (the positions column).")
     header = ("| run | step | validation loss | early | late |" + (" beyond |" if beyond else "")

@@ -99,9 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_train_split = "train"
   c.data.tfds_heldout_split = ""
   c.data.array_record_dtype = "uint32"
-  # "grain" (streamed, packed per row lane; fox_jax.data.loader) or "packed" (the whole
-  # split in memory, as runs before config version 3 read it).
-  c.data.loader = "grain"
+  # "grain" (streamed, packed per row lane; fox_jax.data.loader), "packed" (the whole split
+  # in memory, as runs before config version 3 read it) or "auto": a resumed run's own
+  # loader, grain for a new run (resolve_loader).
+  c.data.loader = "auto"
   c.data.workers = 0           # grain worker processes (part of the data order)
   c.data.packing_bins = 8      # rows each lane packs at once (first fit)
   c.data.read_threads = 0      # threads per lane reading documents ahead (not the data order)
@@ -148,6 +149,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8
   c.eval.smooth = 21
   return c
+
+
+def resolve_loader(c: ml_collections.ConfigDict,
+                   saved: Optional[ml_collections.ConfigDict]) -> None:
+  """Resolves ``data.loader = "auto"``: the loader the saved run in the directory read (so
+  resuming an old run with its original command keeps its data stream), else "grain"."""
+  if c.data.get("loader", "auto") == "auto":
+    c.data.loader = (saved.data.get("loader") if saved is not None else None) or "grain"
+    if c.data.loader == "auto":
+      c.data.loader = "grain"
 
 
 def data_vocab_size(c: ml_collections.ConfigDict) -> int:
@@ -294,8 +305,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise UsageError(f"config.data.path is given ({d.path}) but data.source is 'builtin' (this "
                      f"interpreter's standard library), which reads no path; set "
                      f"data.source='text' to train on it")
-  _check(d.get("loader", "grain") in ("grain", "packed"), "data.loader", "'grain' or 'packed'",
-         d.get("loader"))
+  _check(d.get("loader", "auto") in ("auto", "grain", "packed"), "data.loader",
+         "'auto', 'grain' or 'packed'", d.get("loader"))
   for name, low in (("workers", 0), ("packing_bins", 1), ("vocab_size", 0), ("read_threads", 0)):
     if name in d:
       _check(_is_int(d[name]) and d[name] >= low, f"data.{name}", f"an int >= {low}", d[name])

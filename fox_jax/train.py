@@ -508,6 +508,13 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, max_steps: Optional[int
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UsageError(f"--workdir {workdir} exists and is not a directory")
+  saved = None
+  if os.path.isfile(rundir.config_path(workdir)):
+    try:
+      saved = rundir.load_config(workdir)
+    except UsageError:
+      pass  # _start reports it
+  run_config.resolve_loader(c, saved)
   setup = build(c, devices)
   mesh = setup.mesh
   if c.data.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"] * c.optim.grad_accum):

@@ -203,8 +203,9 @@ def dataset_from_config(data_cfg, split: str):
 
 def _loader_name(data_cfg) -> str:
   name = data_cfg.get("loader") or "grain"
-  if name not in LOADERS:
-    raise ValueError(f"data.loader must be one of {tuple(LOADERS)}, got {name!r}")
+  name = "grain" if name == "auto" else name   # a new run's (run_config.resolve_loader)
+  if name not in LOADERS or name == "rows":
+    raise ValueError(f"data.loader must be 'grain' or 'packed', got {name!r}")
   return name if source(data_cfg).documents else "rows"
 
 

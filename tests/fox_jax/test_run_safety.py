@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -118,13 +119,18 @@ def test_a_version_1_transformer_keeps_the_attention_it_ran(preset, gate, pinned
   assert loaded.model.overrides.get("plain_attn_impl") == pinned
   assert loaded.data.loader == "packed"   # the stream it read (config version < 3)
   run_config.check_fields(loaded)
-  changes = run_config.resume_changes(loaded, c)
+  c_resumed = ml_collections.ConfigDict(c.to_dict())
+  run_config.resolve_loader(c_resumed, loaded)   # "auto": the run's own loader
+  assert c_resumed.data.loader == "packed"
+  changes = run_config.resume_changes(loaded, c_resumed)
   if pinned is None:
-    assert list(changes) == ["data.loader"], changes
+    assert changes == {}, changes
   else:
-    assert list(changes) == ["data.loader", "model.plain_attn_impl"], changes
+    assert list(changes) == ["model.plain_attn_impl"], changes
     assert train_lib.model_config(loaded).plain_attn_impl == "forgetting"
   # A config saved now reads back as it was.
+  run_config.resolve_loader(c, None)
+  assert c.data.loader == "grain"
   again = run_config.config_from_json(run_config.config_to_json(c), "config.json")
   assert run_config.resume_changes(again, c) == {}
   assert again.model.overrides.get("plain_attn_impl") is None
