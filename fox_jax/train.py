@@ -49,7 +49,10 @@ from fox_jax import rundir
 from fox_jax import sharding
 from fox_jax.config import ModelConfig, get_preset
 from fox_jax.data import Batch, datasets
-from fox_jax.data.packing import check_token_ids
+# The data side of the loop (a process's rows, the global batch, the validation loss),
+# re-exported: ``train.load_batch`` etc. stay where callers found them.
+from fox_jax.train_data import (data_for_run, load_batch, local_lanes, local_row_range,  # noqa: F401
+                                replicate, rows_loader, validation_loss)
 from fox_jax.errors import RunError, UsageError
 from fox_jax.signals import Interrupted, StopSignals
 from fox_jax.model import DecoderLM, cross_entropy
@@ -331,68 +334,6 @@ def make_eval_fn(setup: Setup) -> Callable:
   return run
 
 
-def local_row_range(setup: Setup, global_batch: int, micro: int, seq_len: int) -> tuple[int, int]:
-  """[lo, hi): the rows of each micro-batch that this process's devices hold.
-
-  On one process that is every row; with several, each host reads only its share.
-  """
-  shape = (micro, global_batch // micro, seq_len)
-  index = setup.batch_sharding().addressable_devices_indices_map(shape)
-  lo = min(idx[1].start or 0 for idx in index.values())
-  hi = max(shape[1] if idx[1].stop is None else idx[1].stop for idx in index.values())
-  return lo, hi
-
-
-def local_lanes(setup: Setup, global_batch: int, micro: int, seq_len: int) -> list[int]:
-  """The rows of each step's global batch (row a * B / micro + r is row r of micro-batch a)
-  that this process holds, in the order :func:`load_batch` lays them out."""
-  per_micro = global_batch // micro
-  lo, hi = local_row_range(setup, global_batch, micro, seq_len)
-  return [a * per_micro + r for a in range(micro) for r in range(lo, hi)]
-
-
-def load_batch(setup: Setup, loader, global_batch: int, micro: int) -> Batch:
-  """The next step's rows from ``loader`` (``fox_jax.data.loader``; this process's
-  :func:`local_lanes`) as global arrays [micro, B / micro, T]."""
-  rows = next(loader)
-  try:
-    check_token_ids(rows, setup.model_cfg.vocab_size, "a training row")
-  except ValueError as e:
-    raise UsageError(f"config.data: {e}") from None
-  T = rows.inputs.shape[-1]
-  per_micro = global_batch // micro
-  sh = setup.batch_sharding()
-  return Batch(*(jax.make_array_from_process_local_data(
-      sh, np.asarray(x).reshape(micro, -1, T), (micro, per_micro, T)) for x in rows))
-
-
-def rows_loader(setup: Setup, dataset, position: int, global_batch: int, micro: int):
-  """A loader of a random-access stream's rows from ``position`` on, for this process."""
-  from fox_jax.data.loader import RowsLoader
-  return RowsLoader(dataset, global_batch,
-                    local_lanes(setup, global_batch, micro, dataset.seq_len), position)
-
-
-def replicate(setup: Setup, x: np.ndarray) -> jax.Array:
-  """Host data that every process holds in full, as one array replicated on the mesh."""
-  return jax.make_array_from_callback(x.shape, sharding.replicated(setup.mesh),
-                                      lambda index: x[index])
-
-
-def validation_loss(setup: Setup, eval_fn, params, dataset, rows: int,
-                    batch_size: int) -> float:
-  """Weighted mean token loss over the first ``rows`` held-out rows (for packed text the
-  mean over real tokens; for a synthetic task over its answers)."""
-  total = count = 0.0
-  for start in range(0, rows, batch_size):
-    n = min(batch_size, rows - start)
-    b = dataset.rows(start, n)
-    losses = np.asarray(eval_fn(params, Batch(*(replicate(setup, x) for x in b))))
-    total += float(losses.sum())
-    count += float(np.sum(b.weights, dtype=np.float64))
-  return total / max(count, 1.0)
-
-
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config saved by a run in ``workdir`` (UsageError if there is none)."""
   return rundir.load_config(workdir)
@@ -405,19 +346,6 @@ class TrainResult:
   state: Any
   val_loss: Optional[float]
   signal: Optional[str] = None  # "SIGTERM" | "SIGINT" when preempted
-
-
-def _data(c: ml_collections.ConfigDict, lanes: list[int]):
-  """The training loader of this process's ``lanes`` and the held-out rows of
-  ``config.data`` (``fox_jax.data.datasets``)."""
-  try:
-    heldout = datasets.heldout_rows(c.data, c.run.val_rows)
-    check_token_ids(heldout.rows(0, int(c.run.val_rows)), int(c.model.overrides.vocab_size),
-                    "a held-out row")
-    return datasets.train_loader(c.data, lanes), heldout
-  except (ValueError, OSError) as e:
-    raise UsageError(f"config.data ({c.data.source}"
-                     f"{': ' + c.data.path if c.data.path else ''}): {e}") from None
 
 
 def _note(message: str) -> None:
@@ -525,7 +453,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, max_steps: Optional[int
   signals.check()
   lanes = local_lanes(setup, int(c.data.global_batch), int(c.optim.grad_accum),
                       int(c.data.seq_len))
-  train_data, heldout = _data(c, lanes)
+  train_data, heldout = data_for_run(c, lanes)
   try:
     signals.check()
     lock = rundir.RunLock(workdir) if jax.process_index() == 0 else None
