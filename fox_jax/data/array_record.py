@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from fox_jax.data.source import SPLITS, DataSource, hash_split
+from fox_jax.data.source import SPLITS, DataSource, ReopensLazily, checked_index, hash_split
 
 DTYPES = ("uint16", "uint32", "int32")
 FILE_GLOB = "*.array_record*"
@@ -135,7 +135,7 @@ def _count_records(path: str) -> int:
       pass
 
 
-class ArrayRecordSource:
+class ArrayRecordSource(ReopensLazily):
   """The documents of a set of ArrayRecord shards (module docstring), read lazily.
 
   Attributes:
@@ -153,34 +153,21 @@ class ArrayRecordSource:
     self.dtype = _dtype(dtype).name
     self.split = split
     self._ends = np.cumsum(self.counts).tolist()
-    self._source = None
 
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    state["_source"] = None  # reopened lazily in the process that reads
-    return state
-
-  def _data_source(self):
-    if self._source is None:
-      try:  # grain's adds its pipeline statistics to array_record's
-        from grain.sources import ArrayRecordDataSource
-      except ImportError:
-        from array_record.python.array_record_data_source import ArrayRecordDataSource
-      self._source = ArrayRecordDataSource(
-          [_Shard(p, 0, c, c) for p, c in zip(self.paths, self.counts) if c])
-    return self._source
+  def _open(self):
+    try:  # grain's adds its pipeline statistics to array_record's
+      from grain.sources import ArrayRecordDataSource
+    except ImportError:
+      from array_record.python.array_record_data_source import ArrayRecordDataSource
+    return ArrayRecordDataSource(
+        [_Shard(p, 0, c, c) for p, c in zip(self.paths, self.counts) if c])
 
   def __len__(self) -> int:
     return self._ends[-1] if self._ends else 0
 
   def __getitem__(self, index: int) -> np.ndarray:
-    n = len(self)
-    index = int(index)
-    if index < 0:
-      index += n
-    if not 0 <= index < n:
-      raise IndexError(f"document {index} of {n}")
-    record = self._data_source()[index]
+    index = checked_index(index, len(self), "document")
+    record = self.handle()[index]
     dt = _dtype(self.dtype)
     if len(record) % dt.itemsize:
       shard = bisect.bisect_right(self._ends, index)

@@ -44,7 +44,7 @@ from typing import Optional
 
 import numpy as np
 
-from fox_jax.data.source import SPLITS
+from fox_jax.data.source import SPLITS, ReopensLazily, checked_index
 from fox_jax.errors import UsageError
 
 EOT_ID = 50256        # GPT-2 <|endoftext|>: the first input of every row
@@ -78,7 +78,7 @@ def _open_array(store: str):
   return array
 
 
-class LongCrawl64Source:
+class LongCrawl64Source(ReopensLazily):
   """The T + 1-token windows of a LongCrawl64 store (module docstring), read lazily.
 
   Attributes:
@@ -100,29 +100,20 @@ class LongCrawl64Source:
     self.num_docs = num_docs
     self.windows_per_doc = doc_len // seq_len
     self.dtype = np.promote_types(dtype, np.uint16)
-    self._array = array
+    self._handle = array
 
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    state["_array"] = None  # reopened lazily in the process that reads
-    return state
+  def _open(self):
+    return _open_array(self.store)
 
   def __len__(self) -> int:
     return self.num_docs * self.windows_per_doc
 
   def __getitem__(self, index: int) -> np.ndarray:
-    n = len(self)
-    index = int(index)
-    if index < 0:
-      index += n
-    if not 0 <= index < n:
-      raise IndexError(f"window {index} of {n}")
-    if self._array is None:
-      self._array = _open_array(self.store)
+    index = checked_index(index, len(self), "window")
     column, doc = divmod(index, self.num_docs)
     out = np.empty(self.seq_len + 1, self.dtype)
     out[0] = EOT_ID
-    out[1:] = self._array[doc, column * self.seq_len:(column + 1) * self.seq_len]
+    out[1:] = self.handle()[doc, column * self.seq_len:(column + 1) * self.seq_len]
     return out
 
 

@@ -45,6 +45,37 @@ class DataSource(Protocol):
     ...
 
 
+class ReopensLazily:
+  """Base of a source that reads through an open handle (a reader, a zarr array): pickling
+  drops the handle, and :meth:`handle` opens it again (``_open()``) in the process that
+  reads, so grain's worker processes get a source without an open file."""
+
+  _handle = None
+
+  def _open(self):
+    raise NotImplementedError
+
+  def handle(self):
+    if self._handle is None:
+      self._handle = self._open()
+    return self._handle
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    state["_handle"] = None
+    return state
+
+
+def checked_index(index: int, n: int, what: str) -> int:
+  """``index`` into ``n`` items (negative from the end); IndexError naming ``what``."""
+  index = int(index)
+  if index < 0:
+    index += n
+  if not 0 <= index < n:
+    raise IndexError(f"{what} {index} of {n}")
+  return index
+
+
 def heldout_fraction_of(key: str) -> float:
   """A number in [0, 1) fixed by ``key`` alone (first 8 bytes of its SHA-256)."""
   digest = hashlib.sha256(key.encode("utf-8")).digest()

@@ -25,7 +25,7 @@ import re
 
 import numpy as np
 
-from fox_jax.data.source import SPLITS, DataSource, hash_split
+from fox_jax.data.source import SPLITS, DataSource, ReopensLazily, hash_split
 from fox_jax.errors import UsageError
 
 _VERSION = re.compile(r"\d+\.\d+\.\d+")
@@ -89,7 +89,7 @@ def _split_names(split: str) -> list[str]:
   return [part.split("[", 1)[0].strip() for part in split.split("+")]
 
 
-class TfdsSource:
+class TfdsSource(ReopensLazily):
   """Document i = the ``feature`` of record i of one split of a prepared TFDS dataset.
 
   Attributes:
@@ -107,25 +107,17 @@ class TfdsSource:
     self.feature = feature
     self.tokenized = tokenized
     self.split = split
-    self._source = data_source
+    self._handle = data_source
 
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    state["_source"] = None  # reopened lazily in the process that reads
-    return state
-
-  def _data_source(self):
-    if self._source is None:
-      tfds = _import_tfds()
-      self._source = tfds.builder_from_directory(self.path).as_data_source(
-          split=self.tfds_split)
-    return self._source
+  def _open(self):
+    return _import_tfds().builder_from_directory(self.path).as_data_source(
+        split=self.tfds_split)
 
   def __len__(self) -> int:
-    return len(self._data_source())
+    return len(self.handle())
 
   def __getitem__(self, index: int):
-    value = self._data_source()[int(index)][self.feature]
+    value = self.handle()[int(index)][self.feature]
     if self.tokenized:
       return np.asarray(value)
     if isinstance(value, str):
