@@ -147,7 +147,7 @@ def _train(argv: Sequence[str], signals) -> int:
   if any(v is not None for v in explicit) and any(v is None for v in explicit):
     raise UsageError("--coordinator, --num_processes and --process_id go together")
   _quiet_logs()
-  from fox_jax import multihost, run_config, rundir
+  from fox_jax import config_flags, multihost, run_config, rundir
   # Before anything asks for devices: afterwards the backend is fixed to this process alone.
   if args.distributed or args.coordinator is not None:
     multihost.initialize(*explicit)
@@ -158,7 +158,7 @@ def _train(argv: Sequence[str], signals) -> int:
     if not os.path.exists(rundir.config_path(args.workdir)):
       raise UsageError(f"--config is required: {args.workdir} holds no saved config")
     config = rundir.load_config(args.workdir)
-  run_config.apply_overrides(config, overrides)
+  config_flags.apply_overrides(config, overrides)
   result = train_lib.train(config, args.workdir, max_steps=args.max_steps, signals=signals)
   if result.status == "preempted":
     msg = f"stopped by {result.signal} at step {result.step}; checkpoint saved, rerun to resume"

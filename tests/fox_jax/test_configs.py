@@ -6,7 +6,7 @@ import os
 import jax
 import pytest
 
-from fox_jax import run_config
+from fox_jax import config_flags, run_config
 from fox_jax import train as train_lib
 from fox_jax.cli import split_overrides
 from fox_jax.data import datasets
@@ -25,7 +25,7 @@ def _load(path, *overrides):
   c = run_config.load_config_file(path)
   rest, pairs = split_overrides(overrides)
   assert not rest
-  run_config.apply_overrides(c, pairs)
+  config_flags.apply_overrides(c, pairs)
   return c
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fox_jax import checkpoint as ckpt_lib
-from fox_jax import optim, run_config, rundir
+from fox_jax import config_flags, optim, run_config, rundir
 from fox_jax import train as train_lib
 from fox_jax.cli import eval_main, train_main
 from fox_jax.data import dataset_from_config
@@ -95,7 +95,7 @@ def test_unusable_fields_fail_at_start_naming_the_field(tmp_path, field, value):
 def test_overrides_of_a_saved_config_parse_like_the_file_s():
   """A config read back from config.json holds lists where the file had tuples."""
   c = run_config.config_from_json(run_config.config_to_json(tiny_config()), "config.json")
-  run_config.apply_overrides(c, [("eval.length_multiples", "(1,2)")])
+  config_flags.apply_overrides(c, [("eval.length_multiples", "(1,2)")])
   assert list(c.eval.length_multiples) == [1, 2]
 
 
@@ -167,7 +167,7 @@ def test_relative_data_path_is_saved_absolute(tmp_path, monkeypatch):
 
 def test_every_model_field_is_overridable_from_the_command_line():
   c = run_config.load_config_file(CONFIG)
-  run_config.apply_overrides(c, [("model.overrides.num_kv_heads", "2"),
+  config_flags.apply_overrides(c, [("model.overrides.num_kv_heads", "2"),
                                  ("model.overrides.head_dim", "None"),
                                  ("model.overrides.pruning.log_tolerance", "-8"),
                                  ("model.overrides.block_sizes.block_q", "64"),
@@ -175,12 +175,12 @@ def test_every_model_field_is_overridable_from_the_command_line():
   m = train_lib.model_config(c)
   assert m.num_kv_heads == 2 and m.pruning.log_tolerance == -8.0
   assert m.block_sizes.block_q == 64 and c.optim.total_tokens == 2_500_000
-  run_config.apply_overrides(c, [("model.overrides.pruning.qk_bound", "5.0")])
+  config_flags.apply_overrides(c, [("model.overrides.pruning.qk_bound", "5.0")])
   assert train_lib.model_config(c).pruning.qk_bound == 5.0
   with pytest.raises(UsageError, match=r"did you mean --config\.model\.overrides\.num_kv_heads\?"):
-    run_config.apply_overrides(c, [("model.overrides.num_kv_head", "2")])
+    config_flags.apply_overrides(c, [("model.overrides.num_kv_head", "2")])
   with pytest.raises(UsageError, match=r"--config\.data\.seq_len takes an int"):
-    run_config.apply_overrides(c, [("data.seq_len", "long")])
+    config_flags.apply_overrides(c, [("data.seq_len", "long")])
 
 
 # ----------------------------------------------------------------------------- resuming
