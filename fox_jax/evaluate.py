@@ -102,7 +102,7 @@ def _check_prompt_tokenizer(c, workdir: str, task: str) -> None:
   """UsageError unless the run's tokenizer is the one its ids came from: a run trained on
   token ids (array_record, longcrawl64, a synthetic task) without ``data.tokenizer`` has
   none, and the byte tokenizer's ids would mean other tokens to its model."""
-  if datasets.source(c.data).text or (c.data.get("tokenizer") or "bytes") != "bytes":
+  if datasets.source(c.data).text or datasets.tokenizer_spec(c.data) != "bytes":
     return
   raise UsageError(f"--task {task} writes text prompts, and {workdir} trained on the token "
                    f"ids of data.source {c.data.source!r} without naming their tokenizer "

@@ -31,7 +31,7 @@ import jax
 
 from fox_jax import converted as converted_lib
 from fox_jax import rundir
-from fox_jax.data import DATASETS
+from fox_jax.data import DATASETS, datasets
 from fox_jax.data import tokenizer as tokenizer_lib
 from fox_jax.errors import UsageError
 
@@ -128,7 +128,7 @@ def run_tokenizer(c, workdir: str):
   """The tokenizer a run trained with (its config's ``data.tokenizer``; the byte tokenizer
   for runs saved before the field, and for sources of token ids without one)."""
   try:
-    return tokenizer_lib.load_tokenizer(c.data.get("tokenizer") or "bytes")
+    return tokenizer_lib.load_tokenizer(datasets.tokenizer_spec(c.data))
   except (UsageError, ValueError, OSError) as e:
     raise UsageError(f"{rundir.config_path(workdir)}: data.tokenizer: {e}") from None
 

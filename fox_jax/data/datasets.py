@@ -95,9 +95,14 @@ def _open_array_record(data_cfg, split: str):
       heldout_fraction=data_cfg.heldout_fraction)
 
 
+def tokenizer_spec(data_cfg) -> str:
+  """``data.tokenizer``: 'bytes' (also for configs saved before the field) or a file."""
+  return data_cfg.get("tokenizer") or "bytes"
+
+
 def tokenizer_of(data_cfg) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer (``data.tokenizer``: 'bytes' or a tokenizer file)."""
-  return tokenizer_lib.load_tokenizer(data_cfg.get("tokenizer") or "bytes")
+  return tokenizer_lib.load_tokenizer(tokenizer_spec(data_cfg))
 
 
 def _tokenizer_vocab(data_cfg) -> tuple[int, str]:
@@ -112,7 +117,7 @@ def _ids_vocab(default: Optional[int]) -> Callable[[Any], tuple[int, str]]:
   def vocab(data_cfg) -> tuple[int, str]:
     if data_cfg.get("vocab_size"):
       return int(data_cfg.vocab_size), f"config.data.vocab_size={data_cfg.vocab_size}"
-    if (data_cfg.get("tokenizer") or "bytes") != "bytes":
+    if tokenizer_spec(data_cfg) != "bytes":
       return _tokenizer_vocab(data_cfg)
     if default is None:
       raise ValueError(f"data.source {data_cfg.source!r} holds token ids: give their number "
@@ -180,7 +185,7 @@ def open_documents(data_cfg, split: str) -> source_lib.DataSource:
 
 def pad_id(data_cfg) -> int:
   """The id that fills the unused end of a packed row (no loss there)."""
-  if not source(data_cfg).text and (data_cfg.get("tokenizer") or "bytes") == "bytes":
+  if not source(data_cfg).text and tokenizer_spec(data_cfg) == "bytes":
     return 0
   tok = tokenizer_of(data_cfg)
   for special in (tok.pad_id, tok.eos_id):
@@ -211,7 +216,7 @@ def _loader_name(data_cfg) -> str:
 
 def _grain_loader(data_cfg, lanes: Sequence[int]):
   return loader_lib.GrainLoader(
-      open_documents(data_cfg, "train"), data_cfg.get("tokenizer") or "bytes",
+      open_documents(data_cfg, "train"), tokenizer_spec(data_cfg),
       int(data_cfg.seq_len), int(data_cfg.global_batch), lanes, seed=int(data_cfg.seed),
       packing_bins=int(data_cfg.packing_bins), workers=int(data_cfg.workers),
       pad_id=pad_id(data_cfg), read_threads=int(data_cfg.get("read_threads", 0)))
@@ -224,7 +229,7 @@ def _rows_loader(data_cfg, lanes: Sequence[int]):
 
 def _grain_heldout(data_cfg, count: int):
   return loader_lib.first_rows(open_documents(data_cfg, "heldout"),
-                               data_cfg.get("tokenizer") or "bytes", int(data_cfg.seq_len),
+                               tokenizer_spec(data_cfg), int(data_cfg.seq_len),
                                count, packing_bins=int(data_cfg.packing_bins),
                                pad_id=pad_id(data_cfg))
 
@@ -262,7 +267,7 @@ def corpus_from_config(data_cfg, split: str, max_docs: Optional[int] = None) -> 
   """The documents of ``split`` tokenized into one in-memory :class:`Corpus` (the first
   ``max_docs`` when given; empty documents are left out)."""
   docs = open_documents(data_cfg, split)
-  tokens = loader_lib._Tokens(docs.tokenized, data_cfg.get("tokenizer") or "bytes")
+  tokens = loader_lib._Tokens(docs.tokenized, tokenizer_spec(data_cfg))
   n = len(docs) if max_docs is None else min(len(docs), int(max_docs))
   chunks, names = [], []
   for i in range(n):

@@ -33,12 +33,12 @@ Row streams (a synthetic task, ``fox_jax.data.mqar``) are read by position with
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from fox_jax.data import tokenizer
 from fox_jax.data.packing import Batch
 from fox_jax.data.source import DataSource
 
@@ -51,12 +51,6 @@ def _grain():
   if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
     flags.FLAGS.mark_as_parsed()
   return grain
-
-
-@functools.lru_cache(maxsize=8)
-def _load_tokenizer(spec: str):
-  from fox_jax.data import tokenizer
-  return tokenizer.load_tokenizer(spec)
 
 
 class _Tokens:
@@ -73,7 +67,7 @@ class _Tokens:
       return np.asarray(doc).reshape(-1)
     if not doc:
       return np.zeros(0, np.int32)
-    return _load_tokenizer(self.tokenizer_spec).encode_document(doc)
+    return tokenizer.load_tokenizer(self.tokenizer_spec).encode_document(doc)  # cached
 
 
 def pieces(tokens: np.ndarray, seq_len: int) -> list[dict[str, np.ndarray]]:
